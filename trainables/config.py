@@ -1,0 +1,314 @@
+"""One typed configuration for a training run, validated at the door.
+
+A :class:`TrainConfig` is built from a mapping (a YAML file, ``--set`` overrides,
+a Tune trial's sampled parameters) by :meth:`TrainConfig.from_dict`, which
+rejects unknown keys, coerces and checks every value and names the field, the
+bad value and what is allowed when something is wrong.
+
+Numbers may be written as fractions (``eps: 8/255``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainables.errors import ConfigError, UserError
+
+LR_SCHEDULES = ("onecycle", "cosine", "constant")
+AUGMENTS = ("auto", "none", "crop", "crop_flip")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Units are given per field."""
+
+    # --- method -------------------------------------------------------------
+    method: str = "weat_adv"  #: training method (see trainables.methods.METHODS)
+    beta: float | None = None  #: trade-off β ≥ 0; None = the method's default
+    weight_fn: str = "weat"  #: WEAT weighting shape (trainables.weighting.WEIGHT_FNS)
+    weight_params: dict[str, float] = field(default_factory=dict)  #: the shape's parameters
+    normalize: str = "none"  #: WEAT weight normalisation: none | mean
+    bias: float = 0.0  #: MAIL-TRADES margin bias
+    slope: float = 2.0  #: MAIL-TRADES sigmoid slope
+    burn_in: int | None = None  #: MAIL epochs of plain TRADES; None = 3/4 of epochs (paper)
+    # --- model and data -----------------------------------------------------
+    model: str = "small_cnn"  #: model name (trainables.models.MODELS)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  #: extra model arguments
+    dataset: str = "digits"  #: dataset name (trainables.data.DATASETS)
+    data_root: str | None = None  #: folder holding the dataset files (not for digits)
+    download: bool = False  #: let torchvision download the dataset (needs internet)
+    val_fraction: float = 0.1  #: fraction of training data held out for validation
+    val_npz: str | None = None  #: .npz validation set (x, y) instead of the held-out split
+    split_seed: int = 0  #: seed of the validation split (kept fixed across training seeds)
+    augment: str = "auto"  #: auto | none | crop | crop_flip
+    train_subset: int | None = None  #: use only this many training points (None = all)
+    # --- optimisation ---------------------------------------------------------
+    epochs: int = 10  #: training epochs
+    batch_size: int = 128  #: images per batch (per worker)
+    lr_max: float = 0.1  #: peak learning rate of the schedule
+    lr_schedule: str = "onecycle"  #: onecycle (linear 0 → lr_max at 40% → 0) | cosine | constant
+    momentum: float = 0.9  #: SGD momentum
+    weight_decay: float = 5e-4  #: SGD weight decay
+    seed: int = 0  #: seed of initialisation, data order, augmentation and attacks
+    # --- threat model (training attack) ------------------------------------
+    norm: str = "linf"  #: linf | l2
+    eps: float = 8 / 255  #: attack radius (inputs in [0, 1])
+    step_size: float = 2 / 255  #: training attack step size
+    attack_steps: int = 10  #: training attack steps K
+    # --- evaluation -----------------------------------------------------------
+    val_attack_steps: int = 10  #: PGD steps of the per-epoch validation attack
+    val_subset: int | None = 512  #: validation points evaluated per epoch (None = all)
+    eval_steps: int = 20  #: PGD steps of the final test attack (PGD-20)
+    eval_step_size: float = 2 / 255  #: step size of the evaluation attacks
+    test_subset: int | None = None  #: test points for clean/PGD (None = all)
+    aa_n: int = 200  #: test points for AutoAttack (0 = skip)
+    aa_version: str = "standard"  #: AutoAttack version: standard | custom
+    aa_attacks: list[str] | None = None  #: attack list when aa_version is custom
+    # --- runtime --------------------------------------------------------------
+    device: str = "auto"  #: auto | cpu | cuda
+    num_threads: int | None = None  #: torch intra-op threads (None = leave as is)
+    output_dir: str = "runs/train"  #: where checkpoints and metrics are written
+
+    # ------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """All configuration keys."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build and validate a config; unknown keys and bad values raise ConfigError."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"a training config must be a mapping of keys to values, got {values!r}"
+            )
+        names = cls.field_names()
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {k: _coerce(k, v, types[k]) for k, v in values.items()}
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data copy (YAML/JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def resolved_burn_in(self) -> int:
+        """MAIL burn-in in epochs (default: 3/4 of the run, the paper's 75 of 100)."""
+        return self.burn_in if self.burn_in is not None else (3 * self.epochs) // 4
+
+    def method_hparams(self) -> dict[str, Any]:
+        """The hyperparameters handed to ``compute_loss`` (epoch added by the loop)."""
+        return {
+            "beta": self.beta,
+            "weight_fn": self.weight_fn,
+            "weight_params": self.weight_params,
+            "normalize": self.normalize,
+            "bias": self.bias,
+            "slope": self.slope,
+            "burn_in": self.resolved_burn_in(),
+        }
+
+    def validate(self) -> None:
+        """Check names against the registries and values against their ranges."""
+        from trainables.data import DATASETS
+        from trainables.methods import METHODS
+        from trainables.models import MODELS
+        from trainables.weighting import NORMALIZATIONS, WEIGHT_FNS, resolve_weight_params
+
+        _choice("method", self.method, METHODS.names())
+        _choice("model", self.model, MODELS.names())
+        _choice("dataset", self.dataset, DATASETS.names())
+        _choice("weight_fn", self.weight_fn, WEIGHT_FNS.names())
+        _choice("normalize", self.normalize, NORMALIZATIONS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("augment", self.augment, AUGMENTS)
+        _choice("norm", self.norm, ("linf", "l2"))
+        _choice("device", self.device, DEVICES)
+        _choice("aa_version", self.aa_version, ("standard", "custom", "plus", "rand"))
+        resolve_weight_params(self.weight_fn, self.weight_params)
+        if self.beta is not None:
+            _range("beta", self.beta, lo=0.0)
+        _range("eps", self.eps, lo=0.0, hi=1.0 if self.norm == "linf" else math.inf)
+        _range("step_size", self.step_size, lo=0.0, lo_open=True)
+        _range("eval_step_size", self.eval_step_size, lo=0.0, lo_open=True)
+        _range("val_fraction", self.val_fraction, lo=0.0, hi=0.9)
+        _range("lr_max", self.lr_max, lo=0.0, lo_open=True)
+        _range("momentum", self.momentum, lo=0.0, hi=1.0)
+        _range("weight_decay", self.weight_decay, lo=0.0)
+        _range("slope", self.slope, lo=0.0)
+        for name in ("epochs", "batch_size"):
+            _range(name, getattr(self, name), lo=1)
+        for name in (
+            "attack_steps",
+            "val_attack_steps",
+            "eval_steps",
+            "aa_n",
+            "seed",
+            "split_seed",
+        ):
+            _range(name, getattr(self, name), lo=0)
+        for name in ("burn_in", "train_subset", "test_subset", "val_subset", "num_threads"):
+            value = getattr(self, name)
+            if value is not None:
+                _range(name, value, lo=0 if name == "burn_in" else 1)
+        if self.aa_version == "custom" and not self.aa_attacks:
+            raise ConfigError("aa_attacks must list the attacks when aa_version is 'custom'")
+        if self.dataset != "digits" and not self.data_root:
+            raise ConfigError(
+                f"data_root must be set for dataset {self.dataset!r} (the folder holding its files)"
+            )
+
+
+def _choice(name: str, value: Any, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _range(
+    name: str,
+    value: float,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> None:
+    bad = isinstance(value, float) and not math.isfinite(value)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        bad = True
+    if hi is not None and value > hi:
+        bad = True
+    if bad:
+        lo_txt = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_txt = "" if hi is None or math.isinf(hi) else f"<= {hi}"
+        allowed = " and ".join(t for t in (lo_txt, hi_txt) if t)
+        raise ConfigError(f"{name} = {value!r} is out of range; allowed: {allowed}")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} = {value!r}; expected a number")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                return float(num) / float(den)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ConfigError(f"{name} = {value!r}; expected a number (fractions like 8/255 are fine)")
+
+
+def _coerce(name: str, value: Any, type_text: Any) -> Any:
+    """Coerce ``value`` to the declared type of field ``name`` (types are strings here)."""
+    t = str(type_text)
+    optional = "None" in t
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be empty (null)")
+    base = t.replace(" | None", "")
+    if base == "float":
+        return _number(name, value)
+    if base == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} = {value!r}; expected an integer")
+        number = _number(name, value)
+        if number != int(number):
+            raise ConfigError(f"{name} = {value!r}; expected an integer")
+        return int(number)
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{name} = {value!r}; expected true or false")
+    if base == "str":
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{name} = {value!r}; expected a string")
+        return str(value)
+    if base.startswith("dict"):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} = {value!r}; expected a mapping")
+        if "float" in base:
+            return {str(k): _number(f"{name}.{k}", v) for k, v in value.items()}
+        return dict(value)
+    if base.startswith("list"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name} = {value!r}; expected a list")
+        return [str(v) for v in value]
+    return value  # pragma: no cover - every field type is handled above
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``--set key=value`` items; values are read as YAML (``eps=8/255`` stays a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        if "." in key:  # weight_params.temperature=2
+            head, sub = key.split(".", 1)
+            out.setdefault(head, {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping; a missing or unreadable file raises UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {str(p)!r} cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r} must hold a mapping of keys to values")
+    return data
+
+
+def build_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Config from an optional YAML file plus ``key=value`` overrides, validated."""
+    values: dict[str, Any] = load_config_file(path) if path else {}
+    for key, value in parse_overrides(overrides or []).items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return TrainConfig.from_dict(values)

@@ -1,0 +1,237 @@
+"""Training losses of the six methods (METHODS.md §3), registered by name.
+
+Each method is a pure function of logits: per-sample vectors in, a 0-dim loss
+and a dict of detached diagnostics out. The attack that produces ``x*`` is not
+part of the loss; :class:`MethodSpec` only says which training attack a
+method expects (objective and start), so the epoch loop can build it.
+
+Public entry point::
+
+    loss, diag = compute_loss("weat_adv", logits_nat, logits_adv, y, beta=6.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainables.energy import kl_per_sample, marginal_energy
+from trainables.errors import ConfigError
+from trainables.registry import Registry
+from trainables.weighting import energy_weights
+
+LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered training method.
+
+    Attributes:
+        loss: ``loss(logits_nat, logits_adv, y, **hparams) -> (loss, diagnostics)``.
+        attack_loss: objective of the training attack, ``"ce"`` or ``"kl"``; ``None``
+            for a method trained on natural inputs only (``standard``).
+        attack_start: ``"uniform"`` (noise in the ε-ball) or ``"normal"`` (0.001·N(0, I)).
+        needs_nat: whether the loss uses the logits of the natural input.
+        defaults: the method's hyperparameters and their defaults.
+    """
+
+    loss: LossFn
+    attack_loss: str | None
+    attack_start: str
+    needs_nat: bool
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+METHODS: Registry[MethodSpec] = Registry("method")
+
+#: Every hyperparameter name a method may take (others are rejected).
+HPARAM_NAMES = (
+    "beta",
+    "weight_fn",
+    "weight_params",
+    "normalize",
+    "bias",
+    "slope",
+    "burn_in",
+    "epoch",
+)
+
+
+def _detached(**values: Tensor) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in values.items()}
+
+
+def _standard(logits_nat: Tensor, logits_adv: Tensor | None, y: Tensor) -> tuple[Tensor, dict]:
+    ce = F.cross_entropy(logits_nat, y)
+    return ce, _detached(ce_nat=ce)
+
+
+def _sat(logits_nat: Tensor | None, logits_adv: Tensor, y: Tensor) -> tuple[Tensor, dict]:
+    ce = F.cross_entropy(logits_adv, y)
+    return ce, _detached(ce_adv=ce)
+
+
+def _trades(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> tuple[Tensor, dict]:
+    ce = F.cross_entropy(logits_nat, y)
+    kl = kl_per_sample(logits_nat, logits_adv).mean()
+    return ce + beta * kl, _detached(ce_nat=ce, kl=kl)
+
+
+def _mart(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> tuple[Tensor, dict]:
+    probs_adv = torch.softmax(logits_adv, dim=1)
+    others = probs_adv.scatter(1, y.view(-1, 1), float("-inf"))
+    max_other = others.max(dim=1).values
+    # BCE = CE(x*, y) - log(1 - max_{k≠y} p(k|x*)); clamp keeps the log finite.
+    bce = F.cross_entropy(logits_adv, y) - torch.log1p(-max_other.clamp(max=1 - 1e-6)).mean()
+    p_true_nat = torch.softmax(logits_nat, dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+    kl_i = kl_per_sample(logits_nat, logits_adv)
+    weight = 1.0 - p_true_nat
+    kl = (kl_i * weight).mean()
+    return bce + beta * kl, _detached(bce=bce, kl=kl, mean_weight=weight.mean())
+
+
+def _mail_trades(
+    logits_nat: Tensor,
+    logits_adv: Tensor,
+    y: Tensor,
+    beta: float,
+    bias: float,
+    slope: float,
+    burn_in: int,
+    epoch: int,
+) -> tuple[Tensor, dict]:
+    ce = F.cross_entropy(logits_nat, y)
+    kl_i = kl_per_sample(logits_nat, logits_adv)
+    if epoch < burn_in:
+        weight = torch.ones_like(kl_i)
+    else:
+        with torch.no_grad():
+            probs_adv = torch.softmax(logits_adv, dim=1)
+            p_true = probs_adv.gather(1, y.view(-1, 1)).squeeze(1)
+            max_other = probs_adv.scatter(1, y.view(-1, 1), float("-inf")).max(dim=1).values
+            margin = max_other - p_true
+            weight = torch.sigmoid(slope * (margin + bias))
+    kl = (kl_i * weight).mean()
+    return ce + beta * kl, _detached(ce_nat=ce, kl=kl, mean_weight=weight.mean())
+
+
+def _weat(
+    logits_nat: Tensor,
+    logits_adv: Tensor,
+    y: Tensor,
+    *,
+    ce_on: str,
+    beta: float,
+    weight_fn: str,
+    weight_params: Mapping[str, float] | None,
+    normalize: str,
+) -> tuple[Tensor, dict]:
+    energy = marginal_energy(logits_nat).detach()
+    weight = energy_weights(energy, weight_fn, weight_params, normalize)
+    ce_logits = logits_nat if ce_on == "nat" else logits_adv
+    ce_i = F.cross_entropy(ce_logits, y, reduction="none")
+    kl_i = kl_per_sample(logits_nat, logits_adv)
+    # Weighted sums divided by B, not by Σw (reference code).
+    ce = (weight * ce_i).mean()
+    kl = (weight * kl_i).mean()
+    return ce + beta * kl, _detached(
+        **{f"ce_{ce_on}": ce}, kl=kl, mean_weight=weight.mean(), energy_nat=energy.mean()
+    )
+
+
+def _weat_nat(logits_nat, logits_adv, y, beta, weight_fn, weight_params, normalize):
+    return _weat(
+        logits_nat, logits_adv, y, ce_on="nat", beta=beta, weight_fn=weight_fn,
+        weight_params=weight_params, normalize=normalize,
+    )  # fmt: skip
+
+
+def _weat_adv(logits_nat, logits_adv, y, beta, weight_fn, weight_params, normalize):
+    return _weat(
+        logits_nat, logits_adv, y, ce_on="adv", beta=beta, weight_fn=weight_fn,
+        weight_params=weight_params, normalize=normalize,
+    )  # fmt: skip
+
+
+_WEAT_DEFAULTS = {"beta": 6.0, "weight_fn": "weat", "weight_params": None, "normalize": "none"}
+METHODS.add("standard", MethodSpec(_standard, None, "none", needs_nat=True))
+METHODS.add("sat", MethodSpec(_sat, "ce", "uniform", needs_nat=False))
+METHODS.add("trades", MethodSpec(_trades, "kl", "normal", True, {"beta": 6.0}))
+METHODS.add("mart", MethodSpec(_mart, "ce", "normal", True, {"beta": 5.0}))
+METHODS.add(
+    "mail_trades",
+    MethodSpec(
+        _mail_trades,
+        "kl",
+        "normal",
+        True,
+        {"beta": 5.0, "bias": 0.0, "slope": 2.0, "burn_in": 0, "epoch": 0},
+    ),
+)
+METHODS.add("weat_nat", MethodSpec(_weat_nat, "kl", "normal", True, _WEAT_DEFAULTS))
+METHODS.add("weat_adv", MethodSpec(_weat_adv, "kl", "normal", True, _WEAT_DEFAULTS))
+
+
+def method_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters method ``name`` takes: its defaults overridden by ``hparams``.
+
+    Names in :data:`HPARAM_NAMES` that the method does not use are dropped;
+    ``None`` values mean "the method's default". Any other name is an error.
+    """
+    spec = METHODS.get(name)
+    unknown = sorted(set(hparams) - set(HPARAM_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"unknown hyperparameter(s) {unknown} for method {name!r}; "
+            f"allowed: {', '.join(HPARAM_NAMES)}"
+        )
+    out = dict(spec.defaults)
+    for k, v in hparams.items():
+        if k in out and v is not None:
+            out[k] = v
+    beta = out.get("beta")
+    if beta is not None and not beta >= 0:
+        raise ConfigError(f"beta = {beta} for method {name!r}; must be >= 0")
+    return out
+
+
+def compute_loss(
+    name: str,
+    logits_nat: Tensor | None,
+    logits_adv: Tensor | None,
+    y: Tensor,
+    **hparams: Any,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss of method ``name``.
+
+    Args:
+        name: one of :data:`METHODS` (``sat``, ``trades``, ``mart``, ``mail_trades``,
+            ``weat_nat``, ``weat_adv``, and the non-robust baseline ``standard``).
+        logits_nat: ``[B, K]`` train-mode logits of the natural inputs (may be
+            ``None`` for ``sat``).
+        logits_adv: ``[B, K]`` train-mode logits of the adversarial inputs (``None``
+            for ``standard``).
+        y: ``[B]`` labels.
+        **hparams: ``beta`` (trade-off, ≥ 0), ``weight_fn``/``weight_params``/
+            ``normalize`` (WEAT), ``bias``/``slope``/``burn_in``/``epoch`` (MAIL);
+            names a method does not use are ignored, unknown names rejected.
+
+    Returns:
+        ``(loss, diagnostics)``: a 0-dim loss and detached 0-dim tensors, including
+        ``mean_weight`` for the methods that weight samples.
+
+    Example:
+        >>> loss, diag = compute_loss("trades", ln, la, y, beta=6.0)
+    """
+    spec = METHODS.get(name)
+    if spec.needs_nat and logits_nat is None:
+        raise ConfigError(f"method {name!r} needs the natural logits (logits_nat is None)")
+    if spec.attack_loss is not None and logits_adv is None:
+        raise ConfigError(f"method {name!r} needs the adversarial logits (logits_adv is None)")
+    return spec.loss(logits_nat, logits_adv, y, **method_hparams(name, hparams))

@@ -1,0 +1,131 @@
+"""Where per-epoch metrics go: the loop calls a :class:`Reporter`, nothing else.
+
+Ray, MLflow or a plain console each implement the same three calls, so the
+epoch loop never knows who is listening. Metric names are one namespaced
+vocabulary (``train/loss``, ``val/pgd_acc``, ``test/aa_acc``, ``lr`` …).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+
+class Reporter(Protocol):
+    """Receives what a training run produces."""
+
+    def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        """Called once per finished epoch (``epoch`` counts from 1) with that epoch's
+        metrics and the path of the checkpoint written for it (or None)."""
+
+    def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        """Called once at the end with the test metrics and the files worth keeping."""
+
+
+class NullReporter:
+    """Drops everything."""
+
+    def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        pass
+
+    def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        pass
+
+
+class MultiReporter:
+    """Forwards every call to several reporters."""
+
+    def __init__(self, *reporters: Reporter) -> None:
+        self.reporters = reporters
+
+    def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        for r in self.reporters:
+            r.report(epoch, metrics, checkpoint)
+
+    def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        for r in self.reporters:
+            r.final(metrics, artifacts)
+
+
+class JsonlReporter:
+    """Appends one JSON line per epoch to ``path`` and writes ``final.json`` beside it."""
+
+    def __init__(self, path: str | Path, *, resume_epoch: int = 0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Keep only the lines of epochs that the resumed checkpoint contains.
+        kept: list[str] = []
+        if resume_epoch and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("epoch", 0) <= resume_epoch:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+
+    def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        out = self.path.with_name("final.json")
+        payload: dict[str, Any] = {
+            "metrics": metrics,
+            "artifacts": {k: str(v) for k, v in artifacts.items()},
+        }
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+class ConsoleReporter:
+    """Prints an epoch table (one row per epoch) and the final test metrics."""
+
+    COLUMNS = (
+        ("epoch", "epoch", "{:>5d}"),
+        ("train/loss", "loss", "{:>7.4f}"),
+        ("train/clean_acc", "train", "{:>6.3f}"),
+        ("val/clean_acc", "val", "{:>6.3f}"),
+        ("val/pgd_acc", "val pgd", "{:>7.3f}"),
+        ("val/delta_energy", "ΔE(x)", "{:>8.3f}"),
+        ("train/mean_weight", "mean w", "{:>7.4f}"),
+        ("lr", "lr", "{:>8.5f}"),
+        ("time/epoch_s", "sec", "{:>6.1f}"),
+    )
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self._header_done = False
+
+    def _cell(self, fmt: str, value: Any) -> str:
+        width = int("".join(c for c in fmt if c.isdigit()).split(".")[0] or 6)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-".rjust(width)
+        return fmt.format(value)
+
+    def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if not self._header_done:
+            head = "  ".join(
+                title.rjust(len(self._cell(fmt, 0 if key == "epoch" else 0.0)))
+                for key, title, fmt in self.COLUMNS
+            )
+            print(head, file=self.stream)
+            self._header_done = True
+        row = {"epoch": epoch, **metrics}
+        print(
+            "  ".join(self._cell(fmt, row.get(key)) for key, _, fmt in self.COLUMNS),
+            file=self.stream,
+            flush=True,
+        )
+
+    def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        print("final test metrics:", file=self.stream)
+        for key in sorted(metrics):
+            value = metrics[key]
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            print(f"  {key:<28s} {text}", file=self.stream)
+        for key, path in artifacts.items():
+            print(f"  {key:<28s} {path}", file=self.stream)
+        self.stream.flush()
