@@ -4,7 +4,8 @@
 defines them; ``version="custom"`` runs the ``attacks`` given. The model runs in
 eval mode on its own device; the library's log output stays quiet unless
 ``verbose``. Targeted attacks use at most ``num_classes - 1`` target classes, so
-datasets with fewer than 10 classes work.
+datasets with fewer than 10 classes work; APGD-T (targeted DLR loss, which
+needs 4 classes) is left out below 4 classes.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def autoattack_accuracy(
             adversary.apgd_targeted.n_target_classes, targets
         )
         adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, targets)
+        if num_classes < 4 and "apgd-t" in adversary.attacks_to_run:
+            # The targeted DLR loss needs 4 classes; the library would fail inside it.
+            adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a != "apgd-t"]
         x, y = x.to(device), y.to(device)
         x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
         with torch.no_grad():
