@@ -334,18 +334,16 @@ def load_space(name_or_path: str | Path) -> SearchSpace:
     return parse_space(path.read_text(), source=str(path))
 
 
-def compile_space(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]]:
-    """An Optuna define-by-run function for ``OptunaSearch(space=...)``.
+class DefineByRun:
+    """A picklable define-by-run function (Tune pickles its searcher to resume studies)."""
 
-    It samples the active parameters in order (conditional ones only when their
-    condition holds) and returns the space's fixed values and its ``fixed``
-    parameters as constants.
-    """
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
 
-    def define(trial: optuna.Trial) -> dict[str, Any]:
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         sampled: dict[str, Any] = {}
-        constants: dict[str, Any] = dict(space.fixed)
-        for p in space.params:
+        constants: dict[str, Any] = dict(self.space.fixed)
+        for p in self.space.params:
             if not p.active(sampled):
                 continue
             value = p.suggest(trial)
@@ -354,7 +352,15 @@ def compile_space(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]
                 constants[p.name] = value
         return constants
 
-    return define
+
+def compile_space(space: SearchSpace) -> Callable[[optuna.Trial], dict[str, Any]]:
+    """An Optuna define-by-run function for ``OptunaSearch(space=...)``.
+
+    It samples the active parameters in order (conditional ones only when their
+    condition holds) and returns the space's fixed values and its ``fixed``
+    parameters as constants.
+    """
+    return DefineByRun(space)
 
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:

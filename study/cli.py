@@ -2,8 +2,14 @@
 
 Sub-commands:
 
-* ``study train``: one training run in this process, with a progress bar and an
-  epoch table; checkpoints and metrics go to an output folder.
+* ``study run``: a Ray Tune + Optuna study whose trials train through Ray Train,
+  recorded in MLflow (no arguments: a small WEAT study on the bundled digits).
+* ``study resume NAME``: continue an interrupted study.
+* ``study export NAME -o best.yaml``: the best config(s) for final training.
+* ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
+* ``study ui``: the MLflow UI on 127.0.0.1 for the store in use.
+* ``study train``: one training run (in this process, or through Ray Train with
+  ``--workers N``), recorded in MLflow as a study of one.
 
 Errors the user can fix (a bad config value, a missing dataset, a corrupt
 checkpoint) are printed as one paragraph, with no traceback, and exit with 2.
@@ -12,12 +18,35 @@ checkpoint) are printed as one paragraph, with no traceback, and exit with 2.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainables.errors import UserError
+from trainables.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from study.spec import StudySpec
+
+#: The default study (``study run`` with no arguments): sized to finish in well
+#: under 5 minutes on 2 CPU cores (two trials at once, ~1 s per digits epoch).
+DEFAULT_TRIALS = 12
+DEFAULT_EPOCHS = 8
+DEFAULT_GRACE = 3
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from study.tracking import default_tracking_uri
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _storage(args: argparse.Namespace) -> str:
+    return str(Path(args.storage or "studies").resolve())
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -35,30 +64,302 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(args.config, args.set)
         start_epoch = int(load_checkpoint(args.resume)["epoch"]) if args.resume else 0
     out = Path(args.output or cfg.output_dir)
+    if args.workers > 1 or args.gpus > 0:
+        return _train_on_ray(args, cfg)
     print(
         f"training {cfg.method} on {cfg.dataset} with {cfg.model} for {cfg.epochs} epochs "
         f"(eps={cfg.eps:.4g}, {cfg.norm}); writing to {out}",
         flush=True,
     )
-    reporter = MultiReporter(
-        ConsoleReporter(), JsonlReporter(out / "metrics.jsonl", resume_epoch=start_epoch)
-    )
+    reporters: list = [
+        ConsoleReporter(),
+        JsonlReporter(out / "metrics.jsonl", resume_epoch=start_epoch),
+    ]
+    mlflow_reporter = None
+    if not args.no_mlflow:
+        from study.tracking import MlflowRunReporter, MlflowTracker
+
+        tracker = MlflowTracker(_tracking_uri(args), args.experiment)
+        mlflow_reporter = MlflowRunReporter(tracker, cfg.to_dict(), out.name)
+        reporters.append(mlflow_reporter)
     try:
         result = train(
             cfg,
-            reporter=reporter,
+            reporter=MultiReporter(*reporters),
             output_dir=out,
             resume=args.resume,
             progress=not args.no_progress,
         )
     except KeyboardInterrupt:
+        if mlflow_reporter is not None:
+            mlflow_reporter.end("KILLED")
         print(
             f"\ninterrupted; continue with: study train --resume {out / 'checkpoints' / 'last.pt'}",
             file=sys.stderr,
         )
         return 130
+    except Exception:
+        if mlflow_reporter is not None:
+            mlflow_reporter.end("FAILED")
+        raise
     print(f"best epoch {result.best_epoch}; outputs in {result.output_dir}")
+    if mlflow_reporter is not None:
+        print(f"MLflow: experiment {args.experiment!r}, run {mlflow_reporter.run_id}")
     return 0
+
+
+def _train_on_ray(args: argparse.Namespace, cfg) -> int:
+    """``study train --workers N``: a study of one through Ray Train (DDP when N > 1)."""
+    from study.runner import run_study
+    from study.spec import StudySpec
+
+    name = (
+        args.experiment if args.experiment != "train" else f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    spec = StudySpec(
+        name=name,
+        space="fixed",
+        base=cfg.to_dict(),
+        trials=1,
+        asha=False,
+        workers_per_trial=args.workers,
+        gpus_per_trial=args.gpus,
+        backend="train",
+        tracking_uri=_tracking_uri(args),
+        storage=_storage(args),
+        address=args.address,
+    )
+    outcome = run_study(spec)
+    trial = outcome.trials[0]
+    print(f"trial {trial.trial_id}: {trial.status}")
+    for key in sorted(k for k in trial.metrics if k.startswith("test/")):
+        print(f"  {key:<28s} {trial.metrics[key]:.4f}")
+    if trial.error:
+        print(f"error: {trial.error}", file=sys.stderr)
+    return 0 if trial.status == "FINISHED" else 1
+
+
+def _spec_from_args(args: argparse.Namespace) -> StudySpec:
+    from search_spaces import load_space
+    from search_spaces.space import SpaceError
+    from study.spec import DEFAULT_SPACE, StudySpec, base_config
+
+    space_name = args.space or DEFAULT_SPACE
+    try:
+        defaults = dict(load_space(space_name).study)
+    except SpaceError as exc:
+        raise ConfigError(str(exc)) from None
+    metrics = args.metric or _as_list(defaults.get("metric", "val/pgd_acc"))
+    modes = args.mode or _as_list(defaults.get("mode", "max"))
+    if len(modes) == 1 and len(metrics) > 1:
+        modes = modes * len(metrics)
+    base = base_config(args.config)
+    for key, value in _parse_sets(args.set).items():
+        base[key] = value
+    stem = Path(space_name).stem
+    return StudySpec(
+        name=args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+        space=space_name,
+        base=base,
+        trials=args.trials or int(defaults.get("trials", DEFAULT_TRIALS)),
+        epochs=args.epochs or defaults.get("epochs") or (None if args.config else DEFAULT_EPOCHS),
+        metrics=metrics,
+        modes=modes,
+        asha=args.asha if args.asha is not None else bool(defaults.get("asha", True)),
+        grace_period=args.grace_period or int(defaults.get("grace_period", DEFAULT_GRACE)),
+        max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures,
+        seed=args.seed,
+        workers_per_trial=args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_trial=args.gpus_per_trial,
+        backend=args.backend,
+        tracking_uri=_tracking_uri(args),
+        storage=_storage(args),
+        address=args.address,
+        optuna_storage=args.optuna_storage,
+    )
+
+
+def _as_list(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _parse_sets(items: list[str]) -> dict:
+    from trainables.config import parse_overrides
+
+    return parse_overrides(items)
+
+
+def _print_outcome(outcome) -> None:
+    spec = outcome.spec
+    counts = {}
+    for t in outcome.trials:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    print(
+        f"\nstudy {spec.name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    )
+    columns = [*spec.metrics]
+    for extra in ("val/clean_acc", "test/clean_acc", "test/pgd_acc", "test/aa_acc"):
+        if extra not in columns:
+            columns.append(extra)
+    if spec.multi_objective:
+        rows = outcome.pareto()
+        objectives = " & ".join(f"{m} {o}" for m, o in zip(spec.metrics, spec.modes))
+        title = f"Pareto-optimal trials ({objectives})"
+    else:
+        rows = [t for t in outcome.ranked() if t.status == "FINISHED"][:5]
+        title = f"best trials by {spec.metrics[0]} ({spec.modes[0]})"
+    print(title + ":")
+    header = ["trial", *columns, "config"]
+    print(
+        "  ".join(f"{h:>14s}" if i else f"{h:<12s}" for i, h in enumerate(header[:-1])) + "  config"
+    )
+    for t in rows:
+        cells = [f"{t.trial_id:<12s}"] + [
+            f"{t.metrics[c]:>14.4f}" if c in t.metrics else f"{'-':>14s}" for c in columns
+        ]
+        conf = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in sorted(t.config.items())
+        )
+        print("  ".join(cells) + "  " + conf)
+    for t in outcome.trials:
+        if t.status == "FAILED":
+            print(f"failed: trial {t.trial_id}: {t.error}")
+    store = f" --tracking-uri {spec.tracking_uri}"
+    print("\nlook at it:")
+    print(f"  study ui{store}")
+    print(f"  study show {spec.name}{store}")
+    print(
+        f"  study export {spec.name}{store} -o best.yaml"
+        "   # then: study train --config best.yaml --set epochs=100"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from study.runner import run_study
+
+    spec = _spec_from_args(args)
+    spec.validate()  # before any Ray process starts
+    print(
+        f"study {spec.name}: {spec.trials} trials of {spec.space} "
+        f"(objective {', '.join(f'{m} {o}' for m, o in zip(spec.metrics, spec.modes))}); "
+        f"MLflow {spec.tracking_uri}; storage {spec.folder}",
+        flush=True,
+    )
+    outcome = run_study(spec, verbose=args.verbose)
+    _print_outcome(outcome)
+    return 0 if any(t.status == "FINISHED" for t in outcome.trials) else 1
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from study.runner import can_resume, run_study
+    from study.spec import StudySpec
+
+    spec = StudySpec.load(_storage(args), args.name)
+    if args.address:
+        spec.address = args.address
+    if not can_resume(spec):
+        raise UserError(f"study {args.name!r} has no Tune state under {spec.folder} to resume")
+    print(f"resuming study {spec.name} from {spec.folder}", flush=True)
+    outcome = run_study(spec, resume=True, verbose=args.verbose)
+    _print_outcome(outcome)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from study.export import export_best
+    from study.spec import StudySpec
+    from study.tracking import MlflowTracker
+
+    metric, mode = args.metric, args.mode
+    spec_path = Path(_storage(args)) / args.name / "study.yaml"
+    if spec_path.is_file():
+        spec = StudySpec.load(_storage(args), args.name)
+        metric = metric or spec.metrics[0]
+        if mode is None and metric in spec.metrics:
+            mode = spec.modes[spec.metrics.index(metric)]
+    tracker = MlflowTracker(_tracking_uri(args), args.name)
+    files = export_best(
+        tracker,
+        args.name,
+        args.output,
+        metric=metric or "val/pgd_acc",
+        mode=mode or "max",
+        top=args.top,
+    )
+    for f in files:
+        print(f"wrote {f}")
+    if len(files) < args.top:
+        print(
+            f"only {len(files)} trial(s) trained to the end (early-stopped and failed "
+            "trials are not exported)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import quiet_mlflow
+
+    quiet_mlflow()
+    client = MlflowClient(_tracking_uri(args))
+    found = False
+    for exp in client.search_experiments():
+        runs = client.search_runs([exp.experiment_id], "tags.`energy_study.role` = 'trial'")
+        if not runs:
+            continue
+        found = True
+        states = {}
+        for r in runs:
+            states[r.info.status] = states.get(r.info.status, 0) + 1
+        text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items()))
+        print(f"{exp.name:<32s} {len(runs):>3d} trials ({text})")
+    if not found:
+        print(f"no studies in {_tracking_uri(args)}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from study.export import trial_runs
+    from study.tracking import TAG_TRIAL, MlflowTracker
+
+    tracker = MlflowTracker(_tracking_uri(args), args.name)
+    runs = trial_runs(tracker, args.name)
+    if not runs:
+        raise UserError(f"study {args.name!r} has no trials in {_tracking_uri(args)}")
+    keys = ["val/pgd_acc", "val/clean_acc", "test/pgd_acc", "test/aa_acc"]
+    print(f"{'trial':<12s} {'status':<9s} {'method':<12s} " + " ".join(f"{k:>13s}" for k in keys))
+    for r in sorted(runs, key=lambda r: r.data.tags.get(TAG_TRIAL, "")):
+        m = r.data.metrics
+        cells = " ".join(f"{m[k]:>13.4f}" if k in m else f"{'-':>13s}" for k in keys)
+        method = r.data.params.get("method", "?")
+        print(f"{r.data.tags.get(TAG_TRIAL, '?'):<12s} {r.info.status:<9s} {method:<12s} {cells}")
+        reason = r.data.tags.get("energy_study.failure_reason")
+        if reason:
+            print(f"    failure: {reason}")
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    uri = _tracking_uri(args)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _add_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    p.add_argument(
+        "--storage", help="folder of studies' Ray state and outputs (default: ./studies)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +370,70 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("run", help="run a Ray Tune + Optuna study (default: small WEAT on digits)")
+    p.add_argument("--space", help="search space YAML or shipped name (default: weat)")
+    p.add_argument("--config", help="base training config YAML (default: digits settings)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config key (repeatable)")  # fmt: skip
+    p.add_argument("--trials", type=int, help="number of trials (default: the space's, else 12)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default 8 on the digits default)")
+    p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (3)")
+    p.add_argument("--name", help="study name (default: <space>-<date>-<time>)")
+    p.add_argument("--metric", action="append", help="objective (repeat: multi-objective)")
+    p.add_argument("--mode", action="append", choices=["max", "min"], help="per --metric")
+    p.add_argument("--asha", dest="asha", action="store_true", default=None, help="ASHA on")
+    p.add_argument("--no-asha", dest="asha", action="store_false", help="ASHA off")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: no limit)")
+    p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
+    p.add_argument("--address", help="join this Ray cluster instead of starting one")
+    p.add_argument(
+        "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions ok)"
+    )
+    p.add_argument(
+        "--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP if > 1)"
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Train worker")
+    p.add_argument("--backend", choices=["auto", "train", "direct"], default="auto",
+                   help="train: TorchTrainer per trial; direct: loop in the trial")  # fmt: skip
+    p.add_argument("--optuna-storage", help="Optuna RDB URL, e.g. sqlite:///optuna.db")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output")
+    _add_store_args(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("resume", help="continue an interrupted study")
+    p.add_argument("name")
+    p.add_argument("--address", help="join this Ray cluster instead of starting one")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output")
+    _add_store_args(p)
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("export", help="write the best config(s) of a study as YAML")
+    p.add_argument("name")
+    p.add_argument("--metric", help="rank by this metric (default: the study's objective)")
+    p.add_argument("--mode", choices=["max", "min"], help="default: the objective's mode, or max")
+    p.add_argument("--top", type=int, default=1, help="how many configs")
+    p.add_argument("-o", "--output", default="best.yaml", help="output YAML file")
+    _add_store_args(p)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("list", help="studies in the MLflow store")
+    _add_store_args(p)
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("show", help="the trials of a study")
+    p.add_argument("name")
+    _add_store_args(p)
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    _add_store_args(p)
+    p.set_defaults(func=_cmd_ui)
+
     p = sub.add_parser(
         "train",
-        help="train one model in this process",
+        help="train one model (in this process, or on Ray Train with --workers)",
         description="Train one robust classifier; config keys are those of "
         "trainables.config.TrainConfig.",
     )
@@ -86,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output folder (default: the config's output_dir)")
     p.add_argument("--resume", help="checkpoint (checkpoints/last.pt) to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not record in MLflow")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP if > 1)")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs for the Ray Train run")
+    p.add_argument("--address", help="Ray cluster to join (with --workers)")
+    _add_store_args(p)
     p.set_defaults(func=_cmd_train)
     return parser
 

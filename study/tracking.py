@@ -47,6 +47,7 @@ def artifact_root_for(tracking_uri: str) -> str | None:
 def quiet_mlflow() -> None:
     """Silence MLflow's and alembic's start-up chatter on the console."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("alembic", "mlflow", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -188,3 +189,57 @@ class MlflowTracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED, FAILED or KILLED."""
         _retry(lambda: self.client.set_terminated(run_id, status=status), "end run")
+
+
+class MlflowRunReporter:
+    """A loop reporter that records one in-process training as a study of one.
+
+    Creates (or finds) the experiment ``experiment``, a parent run and one child
+    run with the config as params; logs every epoch's metrics with the epoch as
+    step, and at the end the test metrics, checkpoints and energies.
+    """
+
+    def __init__(self, tracker: MlflowTracker, config: Mapping[str, Any], run_name: str) -> None:
+        import yaml
+
+        self.tracker = tracker
+        parent = tracker.client.create_run(
+            tracker.experiment_id,
+            run_name=run_name,
+            tags={TAG_STUDY: tracker.experiment, TAG_ROLE: "study", "energy_study.parent": "true"},
+        )
+        self.parent_id = parent.info.run_id
+        child = tracker.client.create_run(
+            tracker.experiment_id,
+            run_name=f"{run_name}-train",
+            tags={
+                PARENT_TAG: self.parent_id,
+                TAG_STUDY: tracker.experiment,
+                TAG_ROLE: "trial",
+                TAG_TRIAL: "train",
+            },
+        )
+        self.run_id = child.info.run_id
+        tracker.log_params(self.run_id, flatten(config))
+        tracker.log_text(self.run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
+
+    def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        self.tracker.log_metrics(self.run_id, {"epoch": epoch, **metrics}, step=epoch)
+
+    def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        last = self.tracker.client.get_run(self.run_id).data.metrics.get("epoch", 0)
+        self.tracker.log_metrics(self.run_id, metrics, step=int(last))
+        for name, path in artifacts.items():
+            self.tracker.log_artifact(
+                self.run_id, path, "checkpoints" if name.startswith("checkpoint") else None
+            )
+        out = Path(next(iter(artifacts.values()))).parent if artifacts else None
+        if out is not None:
+            self.tracker.log_artifact(self.run_id, out / "metrics.jsonl")
+        self.tracker.set_tags(self.run_id, {"energy_study.early_stopped": "false"})
+        self.end("FINISHED")
+
+    def end(self, status: str) -> None:
+        """Close the child and the parent run."""
+        self.tracker.end_run(self.run_id, status)
+        self.tracker.end_run(self.parent_id, status)

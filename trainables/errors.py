@@ -17,3 +17,7 @@ class DataNotFoundError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError):
     """A checkpoint cannot be read (missing, truncated or not ours)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the message names the epoch."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from trainables.data import (
     to_float,
 )
 from trainables.energy import joint_energy, marginal_energy
-from trainables.errors import CheckpointError
+from trainables.errors import CheckpointError, TrainingDiverged
 from trainables.methods import METHODS, compute_loss, method_hparams
 from trainables.models import create_model
 from trainables.reporting import NullReporter, Reporter
@@ -197,6 +198,9 @@ def train(
     resume: str | Path | None = None,
     progress: bool = False,
     data: DataBundle | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
 ) -> TrainResult:
     """Train one model with ``cfg``, evaluate it, and return the result.
 
@@ -210,6 +214,11 @@ def train(
             would (bit for bit on the CPU).
         progress: show a progress bar over batches (stderr).
         data: an already loaded dataset bundle (else loaded from ``cfg``).
+        rank, world_size: this worker's place in a data-parallel group (each rank
+            trains on its shard of every epoch; only rank 0 writes files and runs
+            the final test evaluation).
+        wrap_model: wraps the model for the training forward pass (e.g. in
+            ``DistributedDataParallel``); attacks and evaluation use the bare model.
     """
     reporter = reporter or NullReporter()
     out = Path(output_dir or cfg.output_dir)
@@ -237,7 +246,9 @@ def train(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    steps_per_epoch = num_batches(len(data.train), cfg.batch_size)
+    net = wrap_model(model) if wrap_model is not None else model
+    writer = rank == 0
+    steps_per_epoch = num_batches(len(data.train), cfg.batch_size, world_size=world_size)
     total_steps = cfg.epochs * steps_per_epoch
     attack = training_attack(cfg)
     val_attack = eval_attack(cfg, cfg.val_attack_steps)
@@ -259,13 +270,20 @@ def train(
         history = list(state["history"])
         best_epoch, best_score = int(state["best"]["epoch"]), float(state["best"]["score"])
         set_rng_state(state["rng"])
-    _write_config(cfg, out)
+    if writer:
+        _write_config(cfg, out)
 
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=step, unit="batch", leave=False, dynamic_ncols=True)
+
+    if resume is not None and start_epoch >= cfg.epochs and history:
+        # the run had finished its epochs: say its last epoch again, so that a
+        # reporter that joined late (a restarted trial) still sees the metrics
+        last_epoch = {k: v for k, v in history[-1].items() if k != "epoch"}
+        reporter.report(cfg.epochs, last_epoch, Path(resume) if writer else None)
 
     # --- epochs ---------------------------------------------------------------
     for epoch in range(start_epoch, cfg.epochs):
@@ -280,6 +298,8 @@ def train(
             epoch=epoch,
             device=device,
             augment=data.augment,
+            rank=rank,
+            world_size=world_size,
         )
         for x, y in batches:
             lr = lr_at(step, total_steps, cfg)
@@ -288,8 +308,8 @@ def train(
 
             # the algorithm: attack, forward, loss, step
             x_adv = attack(model, x, y) if attack is not None else None
-            logits_nat = model(x) if spec.needs_nat else None
-            logits_adv = model(x_adv) if x_adv is not None else None
+            logits_nat = net(x) if spec.needs_nat else None
+            logits_adv = net(x_adv) if x_adv is not None else None
             loss, diag = compute_loss(cfg.method, logits_nat, logits_adv, y, **hparams, epoch=epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -316,6 +336,11 @@ def train(
         val, _ = evaluate(model, val_data, val_attack, batch_size=cfg.batch_size, device=device)
         val_s = time.perf_counter() - t1
         loss_sum, correct_nat, correct_adv, weight_sum, count = sums.tolist()
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(
+                f"training diverged: train/loss is {loss_sum / count} in epoch {epoch + 1} "
+                f"(method {cfg.method}, lr_max {cfg.lr_max}); lower lr_max or beta"
+            )
         metrics: dict[str, float] = {
             "train/loss": loss_sum / count,
             "train/mean_weight": weight_sum / count,
@@ -338,6 +363,10 @@ def train(
         improved = metrics["val/pgd_acc"] > best_score
         if improved:
             best_epoch, best_score = epoch + 1, metrics["val/pgd_acc"]
+        if not writer:
+            reporter.report(epoch + 1, metrics, None)
+            continue
+        if improved:
             save_checkpoint(
                 ckpt_dir / "best.pt",
                 {"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict()},
@@ -360,6 +389,9 @@ def train(
         bar.close()
 
     # --- final test evaluation of the best checkpoint ------------------------
+    if not writer:
+        reporter.final({}, {})
+        return TrainResult(out, best_epoch, history, {}, {})
     test_metrics, artifacts = final_evaluation(cfg, model, data, out, device=device)
     test_metrics["best_epoch"] = float(best_epoch)
     test_metrics["best/val_pgd_acc"] = best_score

@@ -1,0 +1,236 @@
+"""Driver-side Tune callbacks: the MLflow writer and the console progress.
+
+Both run in the driver process, so the SQLite store has exactly one writer no
+matter how many trials run at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+from ray.tune import Callback
+
+from study.spec import StudySpec
+from study.tracking import PARENT_TAG, TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker, flatten
+from study.trial import trial_output_dir
+
+#: Result keys that are ours (the loop's namespaced metrics), as opposed to Tune's.
+PLAIN_METRICS = {"lr", "epoch", "best_epoch"}
+TRIAL_ARTIFACTS = (
+    ("checkpoints/best.pt", "checkpoints"),
+    ("checkpoints/last.pt", "checkpoints"),
+    ("energies.npz", None),
+    ("metrics.jsonl", None),
+    ("config.yaml", None),
+)
+
+
+def our_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The loop's metrics in a Tune result (``train/…``, ``val/…``, ``test/…``, ``lr`` …)."""
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if ("/" in k or k in PLAIN_METRICS)
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and k != "checkpoint_path"
+    }
+
+
+def trial_error_text(trial: Any) -> str:
+    """The last lines of a failed trial's error (what to tell the user)."""
+    path = getattr(trial, "error_file", None) or ""
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line or "diverged" in line:
+            return line.strip()[:1000]
+    return (lines[-1] if lines else "unknown error")[:1000]
+
+
+class MlflowCallback(Callback):
+    """Logs every trial as a child run of the study's parent run.
+
+    Args:
+        spec: the study spec as plain data.
+        parent_run_id: the study's parent MLflow run.
+    """
+
+    def __init__(self, spec: dict[str, Any], parent_run_id: str) -> None:
+        self.spec = spec
+        self.parent_run_id = parent_run_id
+        self._tracker: MlflowTracker | None = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "parent_run_id": self.parent_run_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spec"], state["parent_run_id"])  # type: ignore[misc]
+
+    @property
+    def tracker(self) -> MlflowTracker:
+        if self._tracker is None:
+            self._tracker = MlflowTracker(self.spec["tracking_uri"], self.spec["name"])
+        return self._tracker
+
+    def run_id(self, trial: Any) -> str:
+        """The trial's child run (found again after a resume, never duplicated)."""
+        if trial.trial_id not in self._runs:
+            study = StudySpec(**self.spec)
+            run_id, created = self.tracker.get_or_create_run(
+                run_name=f"{study.name}-{trial.trial_id}",
+                tags={PARENT_TAG: self.parent_run_id, TAG_ROLE: "trial"},
+                key_tags={TAG_STUDY: study.name, TAG_TRIAL: trial.trial_id},
+            )
+            if created:
+                cfg = study.trial_config(trial.config)
+                self.tracker.log_params(run_id, flatten(cfg.to_dict()))
+                self.tracker.set_tags(
+                    run_id,
+                    {
+                        "energy_study.searched": ",".join(sorted(trial.config)),
+                        "energy_study.method": cfg.method,
+                    },
+                )
+                self.tracker.log_text(
+                    run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml"
+                )
+            self._runs[trial.trial_id] = run_id
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        metrics = our_metrics(result)
+        step = int(metrics.get("epoch", result.get("training_iteration", 0)))
+        self.tracker.log_metrics(self.run_id(trial), metrics, step=step)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        out = trial_output_dir(StudySpec(**self.spec), trial.trial_id)
+        for rel, folder in TRIAL_ARTIFACTS:
+            self.tracker.log_artifact(run_id, out / rel, folder)
+        last = trial.last_result or {}
+        epochs = StudySpec(**self.spec).trial_config(trial.config).epochs
+        done = int(last.get("epoch", 0)) >= epochs and "test/clean_acc" in last
+        self.tracker.set_tags(run_id, {"energy_study.early_stopped": str(not done).lower()})
+        self.tracker.end_run(run_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        self.tracker.set_tags(run_id, {"energy_study.failure_reason": trial_error_text(trial)})
+        self.tracker.end_run(run_id, "FAILED")
+
+
+class ProgressCallback(Callback):
+    """One console line per trial epoch and per finished trial."""
+
+    def __init__(self, metrics: list[str], trials: int, stream: TextIO | None = None) -> None:
+        self.metrics = metrics
+        self.trials = trials
+        self.stream = stream
+        self.t0 = time.time()
+        self._done = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "trials": self.trials}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["metrics"], state["trials"])  # type: ignore[misc]
+
+    def _print(self, text: str) -> None:
+        stream = self.stream or sys.stdout
+        print(f"[{time.time() - self.t0:6.0f}s] {text}", file=stream, flush=True)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in sorted(trial.config.items()))
+        self._print(f"trial {trial.trial_id} started: {shown}")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        values = "  ".join(f"{m} {result[m]:.3f}" for m in self.metrics if m in result)
+        self._print(f"trial {trial.trial_id} epoch {result.get('epoch', '?')}: {values}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._done += 1
+        self._print(f"trial {trial.trial_id} finished ({self._done}/{self.trials} done)")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._done += 1
+        self._print(f"trial {trial.trial_id} FAILED: {trial_error_text(trial)}")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating actor is dead; returns how many.
+
+    When Tune stops a trial (ASHA, or ASHA's stop at ``max_t``) while its
+    function is inside ``TorchTrainer.fit``, the Train controller dies with the
+    trial but the placement group of its workers stays reserved: Ray Core does
+    not free a group when its creator actor dies, and Ray Train's own cleaner
+    needs the dashboard's state API, which this platform does not start. The
+    leaked CPUs then starve every later trial. Groups created by the driver
+    (Tune's trial bundles: nil creator id) and detached groups are left alone.
+    Uses Ray's GCS table (a private API): on any failure nothing is removed.
+    """
+    import ray
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    try:
+        accessor = ray._private.state.state._connect_and_get_accessor()
+        table = accessor.get_placement_group_table()
+    except Exception:  # noqa: BLE001 - a best-effort sweep must never end a study
+        return 0
+    removed = 0
+    for raw in table:
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        by_actor = pg.creator_actor_id not in (b"", b"\xff" * len(pg.creator_actor_id))
+        if (
+            by_actor
+            and pg.creator_actor_dead
+            and not pg.is_detached
+            and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+        ):
+            try:
+                ray.util.remove_placement_group(
+                    PlacementGroup(ray.PlacementGroupID(pg.placement_group_id))
+                )
+                removed += 1
+            except Exception:  # noqa: BLE001
+                continue
+    return removed
+
+
+class PlacementGroupSweeper(Callback):
+    """Frees the worker placement groups of TorchTrainer runs whose trial Tune stopped.
+
+    Args:
+        every_s: seconds between two sweeps of the placement-group table.
+    """
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
+        self._last = 0.0
+        self.removed = 0
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self._last = now
+            self.removed += remove_orphaned_placement_groups()

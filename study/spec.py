@@ -1,0 +1,180 @@
+"""The study spec: everything ``study run`` needs, validated before Ray starts.
+
+A spec is saved as ``<storage>/<name>/study.yaml`` so that ``study resume``
+and ``study export`` find the tracking URI, the space and the objective again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search_spaces import SearchSpace, load_space
+from search_spaces.space import SpaceError, nest
+from trainables.config import TrainConfig, load_config_file
+from trainables.errors import ConfigError
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_BASE = HERE / "default.yaml"
+DEFAULT_SPACE = "weat"
+BACKENDS = ("auto", "train", "direct")
+SPEC_FILE = "study.yaml"
+
+
+@dataclass
+class StudySpec:
+    """One study.
+
+    Attributes:
+        name: study name (MLflow experiment name, Tune run name); letters, digits, ``-_.``.
+        space: search-space file or shipped space name.
+        base: base training config (mapping) every trial starts from.
+        trials: number of trials Optuna proposes.
+        epochs: epochs per trial (overrides the base config when set).
+        metrics: objective metric name(s); several make the study multi-objective.
+        modes: ``max``/``min`` per metric.
+        asha: early stopping of poor trials with ASHA (single objective only).
+        grace_period: epochs every trial runs before ASHA may stop it.
+        reduction_factor: ASHA keeps the best 1/reduction_factor of trials at each rung.
+        max_concurrent: trials run at once (0 = as many as resources allow).
+        max_failures: retries of a failed trial.
+        seed: seed of the Optuna sampler (trial seeds come from the base config).
+        workers_per_trial: Ray Train workers per trial (DDP when > 1).
+        cpus_per_worker: CPUs reserved per worker (torch threads follow it).
+        gpus_per_trial: GPUs per trial, split over its workers (fractions allowed).
+        backend: ``train`` (a TorchTrainer per trial), ``direct`` (the loop runs in
+            the Tune trial; single CPU worker only) or ``auto`` (``direct`` for one
+            CPU worker without GPU, ``train`` otherwise).
+        tracking_uri: MLflow tracking URI.
+        storage: folder of Ray results, checkpoints and trial outputs.
+        address: Ray cluster address (None = start a local cluster).
+        optuna_storage: Optuna RDB URL (e.g. ``sqlite:///optuna.db``) for optuna-dashboard.
+    """
+
+    name: str
+    space: str = DEFAULT_SPACE
+    base: dict[str, Any] = field(default_factory=dict)
+    trials: int = 12
+    epochs: int | None = None
+    metrics: list[str] = field(default_factory=lambda: ["val/pgd_acc"])
+    modes: list[str] = field(default_factory=lambda: ["max"])
+    asha: bool = True
+    grace_period: int = 3
+    reduction_factor: int = 2
+    max_concurrent: int = 0
+    max_failures: int = 0
+    seed: int = 0
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_trial: float = 0.0
+    backend: str = "auto"
+    tracking_uri: str = ""
+    storage: str = ""
+    address: str | None = None
+    optuna_storage: str | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        """Whether the study has several objectives."""
+        return len(self.metrics) > 1
+
+    @property
+    def folder(self) -> Path:
+        """``<storage>/<name>``: Ray's experiment folder and the trials' outputs."""
+        return Path(self.storage) / self.name
+
+    def load_space(self) -> SearchSpace:
+        """The search space, validated against the training config's keys."""
+        space = load_space(self.space)
+        space.check_keys(TrainConfig.field_names())
+        return space
+
+    def trial_config(self, sampled: dict[str, Any]) -> TrainConfig:
+        """The validated training config of one trial: base < space fixed < sampled."""
+        space_fixed = nest(dict(self.load_space().fixed))
+        values = _merge(_merge(dict(self.base), space_fixed), nest(sampled))
+        if self.epochs is not None:
+            values["epochs"] = self.epochs
+        return TrainConfig.from_dict(values)
+
+    def validate(self) -> None:
+        """Check every field, the space, and one sampled trial config, before Ray starts."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(
+                f"study name {self.name!r}: use letters, digits, '-', '_' or '.' (no spaces)"
+            )
+        if self.trials < 1:
+            raise ConfigError(f"trials = {self.trials}; must be >= 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs = {self.epochs}; must be >= 1")
+        if len(self.metrics) != len(self.modes):
+            raise ConfigError(f"{len(self.metrics)} metric(s) but {len(self.modes)} mode(s)")
+        for mode in self.modes:
+            if mode not in ("max", "min"):
+                raise ConfigError(f"mode = {mode!r}; allowed: max, min")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend = {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if self.backend == "direct" and (self.workers_per_trial > 1 or self.gpus_per_trial > 0):
+            raise ConfigError("backend 'direct' runs one CPU worker; use 'train' for more")
+        for key in ("workers_per_trial",):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} = {getattr(self, key)}; must be >= 1")
+        if self.cpus_per_worker <= 0 or self.gpus_per_trial < 0:
+            raise ConfigError("cpus_per_worker must be > 0 and gpus_per_trial >= 0")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"reduction_factor = {self.reduction_factor}; must be >= 2")
+        if self.grace_period < 1 or self.max_failures < 0 or self.max_concurrent < 0:
+            raise ConfigError("grace_period >= 1, max_failures >= 0, max_concurrent >= 0")
+        try:
+            space = self.load_space()
+        except SpaceError as exc:
+            raise ConfigError(str(exc)) from None
+        known = {"val/", "train/", "test/", "best/", "lr", "epoch"}
+        for metric in self.metrics:
+            if not any(metric.startswith(k) for k in known):
+                raise ConfigError(
+                    f"metric {metric!r} is not one the trials report (e.g. val/pgd_acc, "
+                    "val/clean_acc, test/pgd_acc)"
+                )
+        # one config per branch of the space must build (bad base values fail here)
+        self.trial_config(space.sample_defaults())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for ``study.yaml`` and MLflow params)."""
+        return dataclasses.asdict(self)
+
+    def save(self) -> Path:
+        """Write ``<storage>/<name>/study.yaml``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / SPEC_FILE
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    @classmethod
+    def load(cls, storage: str | Path, name: str) -> StudySpec:
+        """Read a saved spec; a missing study is a ConfigError naming what exists."""
+        path = Path(storage) / name / SPEC_FILE
+        if not path.is_file():
+            existing = sorted(p.parent.name for p in Path(storage).glob(f"*/{SPEC_FILE}"))
+            raise ConfigError(
+                f"no study {name!r} under {Path(storage).resolve()}; "
+                f"studies there: {', '.join(existing) or 'none'} (use --storage to look elsewhere)"
+            )
+        return cls(**yaml.safe_load(path.read_text()))
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def base_config(path: str | None) -> dict[str, Any]:
+    """The base training config: a YAML file, or the default study's digits settings."""
+    return load_config_file(path or DEFAULT_BASE)
