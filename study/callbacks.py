@@ -68,6 +68,10 @@ class MlflowCallback(Callback):
         self.parent_run_id = parent_run_id
         self._tracker: MlflowTracker | None = None
         self._runs: dict[str, str] = {}
+        # last epoch logged per trial: a trial resumed from an older checkpoint
+        # repeats epochs the store already holds, and those are not logged twice
+        self._logged: dict[str, int] = {}
+        self._complete: set[str] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "parent_run_id": self.parent_run_id}
@@ -85,6 +89,17 @@ class MlflowCallback(Callback):
         """The trial's child run (found again after a resume, never duplicated)."""
         if trial.trial_id not in self._runs:
             study = StudySpec(**self.spec)
+            found = self.tracker.find_runs(**{TAG_STUDY: study.name, TAG_TRIAL: trial.trial_id})
+            if (
+                found
+                and found[0].info.status == "FINISHED"
+                and "test/clean_acc" in found[0].data.metrics
+            ):
+                # complete before the driver was killed; Tune's snapshot missed it:
+                # the run stays as it is (the trial only reports its stored result)
+                self._complete.add(trial.trial_id)
+                self._runs[trial.trial_id] = found[0].info.run_id
+                return found[0].info.run_id
             run_id, created = self.tracker.get_or_create_run(
                 run_name=f"{study.name}-{trial.trial_id}",
                 tags={PARENT_TAG: self.parent_run_id, TAG_ROLE: "trial"},
@@ -103,6 +118,8 @@ class MlflowCallback(Callback):
                 self.tracker.log_text(
                     run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml"
                 )
+            else:
+                self._logged[trial.trial_id] = self.tracker.last_step(run_id, "epoch")
             self._runs[trial.trial_id] = run_id
         return self._runs[trial.trial_id]
 
@@ -114,10 +131,21 @@ class MlflowCallback(Callback):
     ) -> None:
         metrics = our_metrics(result)
         step = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        self.tracker.log_metrics(self.run_id(trial), metrics, step=step)
+        run_id = self.run_id(trial)
+        if trial.trial_id in self._complete:
+            return
+        final = any(k.startswith("test/") for k in metrics)
+        if step <= self._logged.get(trial.trial_id, 0) and not final:
+            return  # an epoch the store already holds (trial resumed from an older checkpoint)
+        if step <= self._logged.get(trial.trial_id, 0):
+            metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "best"))}
+        self.tracker.log_metrics(run_id, metrics, step=step)
+        self._logged[trial.trial_id] = max(step, self._logged.get(trial.trial_id, 0))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
+        if trial.trial_id in self._complete:
+            return
         out = trial_output_dir(StudySpec(**self.spec), trial.trial_id)
         for rel, folder in TRIAL_ARTIFACTS:
             self.tracker.log_artifact(run_id, out / rel, folder)
@@ -176,23 +204,32 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def remove_orphaned_placement_groups() -> int:
-    """Remove placement groups whose creating actor is dead; returns how many.
+def remove_orphaned_placement_groups(*, all_of_this_job: bool = False) -> int:
+    """Remove the worker placement groups this study's trials left behind; returns how many.
 
     When Tune stops a trial (ASHA, or ASHA's stop at ``max_t``) while its
     function is inside ``TorchTrainer.fit``, the Train controller dies with the
     trial but the placement group of its workers stays reserved: Ray Core does
     not free a group when its creator actor dies, and Ray Train's own cleaner
     needs the dashboard's state API, which this platform does not start. The
-    leaked CPUs then starve every later trial. Groups created by the driver
-    (Tune's trial bundles: nil creator id) and detached groups are left alone.
-    Uses Ray's GCS table (a private API): on any failure nothing is removed.
+    leaked CPUs then starve every later trial.
+
+    Only groups created by an actor of this driver's job are considered (never
+    another job's on a shared cluster, never Tune's own trial bundles, which the
+    driver creates, never detached ones).
+
+    Args:
+        all_of_this_job: also remove groups whose creator is still alive (only
+            right after a study ended, when every trial of the job is over).
+
+    Uses Ray's GCS table (a private API); on any failure nothing is removed.
     """
     import ray
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup
 
     try:
+        job = bytes.fromhex(ray.get_runtime_context().get_job_id())
         accessor = ray._private.state.state._connect_and_get_accessor()
         table = accessor.get_placement_group_table()
     except Exception:  # noqa: BLE001 - a best-effort sweep must never end a study
@@ -203,7 +240,8 @@ def remove_orphaned_placement_groups() -> int:
         by_actor = pg.creator_actor_id not in (b"", b"\xff" * len(pg.creator_actor_id))
         if (
             by_actor
-            and pg.creator_actor_dead
+            and pg.creator_job_id == job
+            and (pg.creator_actor_dead or all_of_this_job)
             and not pg.is_detached
             and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
         ):

@@ -210,6 +210,7 @@ def _print_outcome(outcome) -> None:
     else:
         rows = [t for t in outcome.ranked() if t.status == "FINISHED"][:5]
         title = f"best trials by {spec.metrics[0]} ({spec.modes[0]})"
+    searched = {p.name for p in spec.load_space().params}
     print(title + ":")
     header = ["trial", *columns, "config"]
     print(
@@ -222,6 +223,7 @@ def _print_outcome(outcome) -> None:
         conf = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in sorted(t.config.items())
+            if k in searched
         )
         print("  ".join(cells) + "  " + conf)
     for t in outcome.trials:

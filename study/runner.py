@@ -17,6 +17,7 @@ import yaml
 from search_spaces import compile_space
 from study.spec import StudySpec
 from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker, flatten
+from study.trial import uses_train_backend
 
 #: Ray Train V2 polls its workers this often (seconds); its default of 2 s adds
 #: several seconds to every TorchTrainer start and finish.
@@ -151,7 +152,6 @@ def build_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     from study.callbacks import MlflowCallback, PlacementGroupSweeper, ProgressCallback
@@ -180,8 +180,6 @@ def build_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
         study_name=spec.name,
         storage=storage,
     )
-    if spec.max_concurrent:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent)
     scheduler = None
     epochs = spec.trial_config(space.sample_defaults()).epochs
     if spec.asha and not multi and epochs > spec.grace_period:
@@ -238,6 +236,12 @@ def run_study(spec: StudySpec, *, resume: bool = False, verbose: bool = False) -
     init_ray(spec.address, verbose)
     tuner = build_tuner(spec, parent, resume=resume, verbose=verbose)
     grid = tuner.fit()
+    if uses_train_backend(spec):
+        from study.callbacks import remove_orphaned_placement_groups
+
+        # the last trials Tune stopped inside TorchTrainer.fit left their workers'
+        # placement groups behind; the study is over, so every one of them goes
+        remove_orphaned_placement_groups(all_of_this_job=True)
     outcomes = []
     for result in grid:
         trial_id = result.metrics.get("trial_id") or _trial_id_from_path(result.path)

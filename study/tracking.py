@@ -164,6 +164,11 @@ class MlflowTracker:
             chunk = batch[i : i + 500]
             _retry(lambda c=chunk: self.client.log_batch(run_id, metrics=c), "log metrics")
 
+    def last_step(self, run_id: str, metric: str) -> int:
+        """The largest step logged for ``metric`` in a run (0 when none)."""
+        history = _retry(lambda: self.client.get_metric_history(run_id, metric), "history")
+        return max((int(m.step) for m in history), default=0)
+
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set (or overwrite) tags of a run."""
         from mlflow.entities import RunTag

@@ -17,6 +17,7 @@ metrics too, so the trial's last result is complete.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 
 from trainables.config import TrainConfig
 from trainables.loop import train
+from trainables.reporting import JsonlReporter, MultiReporter, Reporter
 
 CHECKPOINT_FILE = "last.pt"
 
@@ -80,6 +82,41 @@ def _resume_file(checkpoint: Any, into: Path) -> Path | None:
         return dst
 
 
+def finished_run(out: Path, cfg: TrainConfig) -> dict[str, float] | None:
+    """The complete last result of a run that already finished in ``out`` (else None).
+
+    A trial that finished just before its driver was killed can be started again
+    by ``study resume`` (Tune snapshots its state every half second). Its run is
+    then not trained or evaluated again: its last epoch and test metrics, read
+    from ``metrics.jsonl`` and ``final.json``, are reported once more.
+    """
+    final, lines, saved = out / "final.json", out / "metrics.jsonl", out / "config.yaml"
+    if not (final.is_file() and lines.is_file() and saved.is_file()):
+        return None
+    try:
+        import yaml
+
+        if TrainConfig.from_dict(yaml.safe_load(saved.read_text())) != cfg:
+            return None
+        epochs = [json.loads(ln) for ln in lines.read_text().splitlines() if ln.strip()]
+        test = json.loads(final.read_text())["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not epochs or int(epochs[-1].get("epoch", 0)) != cfg.epochs or not test:
+        return None
+    return {**epochs[-1], **test}
+
+
+def _reporters(out: Path, ray_reporter: RayReporter, rank: int, resume: Path | None) -> Reporter:
+    """Ray plus, on rank 0, ``metrics.jsonl``/``final.json`` in the trial's folder."""
+    if rank != 0:
+        return ray_reporter
+    start = 0
+    if resume is not None:
+        start = int(torch.load(resume, map_location="cpu", weights_only=False).get("epoch", 0))
+    return MultiReporter(ray_reporter, JsonlReporter(out / "metrics.jsonl", resume_epoch=start))
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for ``TorchTrainer``.
 
@@ -106,11 +143,15 @@ def train_worker(config: dict[str, Any]) -> None:
         from ray.train.torch import get_device
 
         cfg = cfg.replace(device=get_device().type)
+    done = finished_run(out, cfg)
+    if done is not None:
+        ray.train.report(done)
+        return
     resume = _resume_file(ray.train.get_checkpoint(), out / f".resume-rank{rank}")
     reporter = RayReporter(ray.train.report, Checkpoint, cfg.epochs)
     train(
         cfg,
-        reporter=reporter,
+        reporter=_reporters(out, reporter, rank, resume),
         output_dir=out,
         resume=resume,
         rank=rank,
@@ -126,10 +167,14 @@ def train_in_trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     out = Path(config["output_dir"])
+    done = finished_run(out, cfg)
+    if done is not None:
+        tune.report(done)
+        return
     resume = _resume_file(tune.get_checkpoint(), out / ".resume")
     train(
         cfg,
-        reporter=RayReporter(tune.report, tune.Checkpoint, cfg.epochs),
+        reporter=_reporters(out, RayReporter(tune.report, tune.Checkpoint, cfg.epochs), 0, resume),
         output_dir=out,
         resume=resume,
     )

@@ -1,0 +1,356 @@
+"""Studies end to end: real Ray (one local cluster per session), real Optuna, real MLflow (SQLite).
+
+Every number checked here is read back from the MLflow store the study wrote,
+and compared with what Tune and the trial outputs say.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study import cli
+from study.export import best_runs, export_best, trial_runs
+from study.runner import pareto_front, run_study
+from study.spec import StudySpec
+from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker
+from trainables.config import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+#: A base config that trains a digits trial in a few seconds on one core.
+BASE = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "eps": 0.1,
+    "step_size": 0.025,
+    "attack_steps": 3,
+    "val_attack_steps": 5,
+    "eval_steps": 5,
+    "eval_step_size": 0.025,
+    "batch_size": 64,
+    "aa_n": 0,
+    "test_subset": 300,
+}
+
+
+def make_spec(tmp_path: Path, name: str, **kw) -> StudySpec:
+    values = {
+        "name": name,
+        "space": "smoke",
+        "base": dict(BASE),
+        "trials": 2,
+        "epochs": 2,
+        "asha": False,
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "storage": str(tmp_path / "studies"),
+    }
+    values.update(kw)
+    return StudySpec(**values)
+
+
+def child_runs(spec: StudySpec) -> list:
+    return trial_runs(MlflowTracker(spec.tracking_uri, spec.name), spec.name)
+
+
+def history(spec: StudySpec, run_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowTracker(spec.tracking_uri, spec.name).client
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def artifacts(spec: StudySpec, run_id: str, path: str = "") -> set[str]:
+    client = MlflowTracker(spec.tracking_uri, spec.name).client
+    out = set()
+    for item in client.list_artifacts(run_id, path or None):
+        if item.is_dir:
+            out |= artifacts(spec, run_id, item.path)
+        else:
+            out.add(item.path)
+    return out
+
+
+def test_study_records_every_trial_in_mlflow_and_exports_a_trainable_config(tmp_path) -> None:
+    spec = make_spec(tmp_path, "smoke-a", trials=3, max_concurrent=2)
+    outcome = run_study(spec)
+
+    assert [t.status for t in outcome.trials] == ["FINISHED"] * 3
+    tracker = MlflowTracker(spec.tracking_uri, spec.name)
+    parents = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: "study"})
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.tags["git_commit"]
+    assert "version.torch" in parent.data.tags
+    assert {"spec/smoke.yaml", "spec/study.yaml"} <= artifacts(spec, parent.info.run_id)
+
+    runs = child_runs(spec)
+    assert len(runs) == 3
+    by_trial = {r.data.tags[TAG_TRIAL]: r for r in runs}
+    assert set(by_trial) == {t.trial_id for t in outcome.trials}
+    for trial in outcome.trials:
+        run = by_trial[trial.trial_id]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        # the full config as params, with the sampled values
+        assert run.data.params["method"] == trial.config["method"]
+        assert float(run.data.params["beta"]) == pytest.approx(trial.config["beta"])
+        assert run.data.params["epochs"] == "2" and run.data.params["eps"] == "0.1"
+        # every epoch's metrics, with the epoch as step; nothing lost with 2 trials at once
+        for key in ("val/pgd_acc", "val/clean_acc", "train/loss", "val/delta_energy", "lr"):
+            steps = [s for s, _ in history(spec, run.info.run_id, key)]
+            assert steps == [1, 2], (key, steps)
+        assert history(spec, run.info.run_id, "val/pgd_acc")[-1][1] == pytest.approx(
+            trial.metrics["val/pgd_acc"]
+        )
+        # final test metrics agree with what the trial wrote to disk
+        final = run.data.metrics
+        assert final["test/clean_acc"] == pytest.approx(trial.metrics["test/clean_acc"])
+        assert 0.0 <= final["test/pgd_acc"] <= final["test/clean_acc"] <= 1.0
+        assert {
+            "checkpoints/best.pt",
+            "checkpoints/last.pt",
+            "config.yaml",
+            "energies.npz",
+        } <= artifacts(spec, run.info.run_id)
+
+    # export: the best config by val/pgd_acc, usable as a training config
+    best = max(outcome.trials, key=lambda t: t.metrics["val/pgd_acc"])
+    (path,) = export_best(tracker, spec.name, tmp_path / "best.yaml", metric="val/pgd_acc")
+    exported = TrainConfig.from_dict({k: v for k, v in yaml.safe_load(path.read_text()).items()})
+    assert exported.method == best.config["method"]
+    assert exported.beta == pytest.approx(best.config["beta"])
+    assert exported.eps == 0.1 and exported.epochs == 2
+    assert best_runs(tracker, spec.name, "val/pgd_acc")[0].data.tags[TAG_TRIAL] == best.trial_id
+
+    # ... and `study train --config best.yaml` trains from it
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(path),
+            "--set",
+            "epochs=1",
+            "--no-mlflow",
+            "--no-progress",
+            "-o",
+            str(tmp_path / "final"),
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "final" / "checkpoints" / "last.pt").is_file()
+
+
+def test_multi_objective_study_reports_the_pareto_front(tmp_path, capsys) -> None:
+    spec = make_spec(
+        tmp_path,
+        "pareto",
+        trials=4,
+        epochs=1,
+        metrics=["val/clean_acc", "val/pgd_acc"],
+        modes=["max", "max"],
+    )
+    outcome = run_study(spec)
+    front = {t.trial_id for t in outcome.pareto()}
+    assert front
+    # recompute the front from what MLflow holds
+    runs = child_runs(spec)
+    points = {
+        r.data.tags[TAG_TRIAL]: (r.data.metrics["val/clean_acc"], r.data.metrics["val/pgd_acc"])
+        for r in runs
+    }
+    assert len(points) == 4
+    expected = {
+        a
+        for a, pa in points.items()
+        if not any(
+            pb[0] >= pa[0] and pb[1] >= pa[1] and pb != pa for b, pb in points.items() if b != a
+        )
+    }
+    assert front == expected
+
+
+def test_pareto_front_of_known_points() -> None:
+    from study.runner import TrialOutcome
+
+    def t(i: str, a: float, b: float) -> TrialOutcome:
+        return TrialOutcome(i, "FINISHED", {}, {"x": a, "y": b}, None)
+
+    trials = [t("a", 1, 0), t("b", 0, 1), t("c", 0.5, 0.5), t("d", 0.4, 0.4), t("e", 1, 0)]
+    assert {x.trial_id for x in pareto_front(trials, ["x", "y"], ["max", "max"])} == {
+        "a",
+        "b",
+        "c",
+        "e",
+    }
+    # minimising: c is dominated by d; a, b (and e, a's twin) hold the best of one axis
+    assert {x.trial_id for x in pareto_front(trials, ["x", "y"], ["min", "min"])} == {
+        "a",
+        "b",
+        "d",
+        "e",
+    }
+    assert {x.trial_id for x in pareto_front(trials, ["x", "y"], ["max", "min"])} == {"a", "e"}
+
+
+def test_a_diverging_trial_fails_alone_with_its_reason_in_mlflow(tmp_path) -> None:
+    # lr_max = 1e6 makes the loss non-finite in the first epoch: TrainingDiverged
+    spec = make_spec(
+        tmp_path,
+        "diverge",
+        trials=1,
+        epochs=1,
+        base={**BASE, "lr_max": 1.0e6, "lr_schedule": "constant"},
+    )
+    outcome = run_study(spec)
+    (trial,) = outcome.trials
+    assert trial.status == "FAILED"
+    assert "diverged" in (trial.error or "").lower()
+    (run,) = child_runs(spec)
+    assert run.info.status == "FAILED"
+    assert "diverged" in run.data.tags["energy_study.failure_reason"].lower()
+    with pytest.raises(Exception, match="no finished trial"):
+        best_runs(MlflowTracker(spec.tracking_uri, spec.name), spec.name, "val/pgd_acc")
+
+
+def test_torchtrainer_backend_with_asha_stops_frees_the_cores(tmp_path) -> None:
+    """Ray Train trials; ASHA stops some inside TorchTrainer.fit, later trials still start."""
+    import ray
+
+    spec = make_spec(
+        tmp_path,
+        "train-backend",
+        backend="train",
+        trials=3,
+        epochs=3,
+        asha=True,
+        grace_period=1,
+        max_concurrent=2,
+    )
+    outcome = run_study(spec)
+    assert len(outcome.trials) == 3
+    assert all(t.status in ("FINISHED", "STOPPED") for t in outcome.trials)
+    assert any(t.status == "FINISHED" for t in outcome.trials)
+    runs = child_runs(spec)
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        steps = [s for s, _ in history(spec, run.info.run_id, "val/pgd_acc")]
+        assert steps == list(range(1, len(steps) + 1))
+    # the Train checkpoints went to the study's storage
+    assert any((spec.folder / "train").rglob("checkpoint_*"))
+    deadline = time.time() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(2.0)
+
+
+def test_resume_after_the_driver_is_killed(tmp_path) -> None:
+    """Kill `study run` mid-study; `study resume` finishes it without duplicates."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    spec = make_spec(tmp_path, "resumable", trials=4, epochs=4, max_concurrent=2)
+    tracking = spec.tracking_uri
+    cmd = [
+        sys.executable, "-m", "study", "run", "--space", "smoke", "--name", spec.name,
+        "--trials", "4", "--epochs", "4", "--no-asha", "--max-concurrent", "2",
+        "--address", address, "--tracking-uri", tracking, "--storage", spec.storage,
+    ]  # fmt: skip
+    for key, value in BASE.items():
+        cmd += ["--set", f"{key}={value}"]
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finished_before: dict[str, int] = {}
+    deadline = time.time() + 240
+    try:
+        # wait until one trial is finished and another has reported an epoch
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            if not (spec.folder / "tune").is_dir():
+                continue  # the driver is still creating the store: don't race its migrations
+            runs = child_runs(spec)
+            done = {
+                r.data.tags[TAG_TRIAL]: r.info.end_time for r in runs if r.info.status == "FINISHED"
+            }
+            started = [r for r in runs if r.info.status == "RUNNING" and "epoch" in r.data.metrics]
+            if done and started:
+                finished_before = done
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert finished_before, (tmp_path / "driver.log").read_text()[-3000:]
+    time.sleep(1.0)  # let the killed driver's trials go away
+
+    assert cli.main(
+        ["resume", spec.name, "--address", address, "--tracking-uri", tracking,
+         "--storage", spec.storage]
+    ) == 0  # fmt: skip
+
+    runs = child_runs(spec)
+    ids = [r.data.tags[TAG_TRIAL] for r in runs]
+    assert len(ids) == len(set(ids)) == 4, ids  # no run duplicated, none missing
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    for run in runs:
+        tid = run.data.tags[TAG_TRIAL]
+        steps = [s for s, _ in history(spec, run.info.run_id, "val/pgd_acc")]
+        assert steps == [1, 2, 3, 4], (tid, steps)  # resumed, not restarted; no epoch twice
+        assert "test/clean_acc" in run.data.metrics
+        if tid in finished_before:  # finished before the kill: not rerun
+            assert run.info.end_time == finished_before[tid]
+    parents = MlflowTracker(tracking, spec.name).find_runs(
+        **{TAG_STUDY: spec.name, TAG_ROLE: "study"}
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_cli_run_prints_the_best_trials_and_the_commands(tmp_path, capsys) -> None:
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["run", "--space", "smoke", "--name", "cli-smoke", "--trials", "2", "--epochs", "1",
+            "--tracking-uri", tracking, "--storage", str(tmp_path / "studies")]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "best trials by val/pgd_acc (max)" in out
+    assert "study ui" in out and "study export cli-smoke" in out
+    assert cli.main(["show", "cli-smoke", "--tracking-uri", tracking]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("FINISHED") == 2
+    assert cli.main(["list", "--tracking-uri", tracking]) == 0
+    assert "cli-smoke" in capsys.readouterr().out
+
+
+def test_bad_inputs_fail_before_ray_starts(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  beta: {type: float, low: 5.0, high: 1.0}\n")
+    code = cli.main(["run", "--space", str(bad), "--storage", str(tmp_path / "s"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml:2:" in err and "beta" in err
+    assert not (tmp_path / "s").exists()
+
+    code = cli.main(["run", "--set", "eps=-1", "--storage", str(tmp_path / "s")])
+    assert code == 2
+    assert "eps" in capsys.readouterr().err
+
+    code = cli.main(["resume", "nope", "--storage", str(tmp_path / "s")])
+    assert code == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_metric_values_are_finite_numbers(tmp_path) -> None:
+    """Energies and gaps reach MLflow as finite floats (no NaN from the evaluation)."""
+    spec = make_spec(
+        tmp_path, "finite", trials=1, epochs=1, space="fixed", base={**BASE, "method": "weat_adv"}
+    )
+    run_study(spec)
+    (run,) = child_runs(spec)
+    for key in ("val/energy_nat", "val/energy_adv", "val/delta_energy", "test/delta_energy"):
+        assert math.isfinite(run.data.metrics[key]), key
