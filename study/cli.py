@@ -348,11 +348,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     uri = _tracking_uri(args)
+    if not uri.startswith("sqlite:///"):
+        raise UserError(
+            f"study ui serves a local SQLite store; {uri} is a server already: open it in a browser"
+        )
+    from study.tracking import artifact_root_for
+
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(args.port)]  # fmt: skip
+           "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]  # fmt: skip
+    root = artifact_root_for(uri)
+    if root:
+        # runs logged over HTTP to this UI keep their artifacts beside the store too
+        cmd += ["--artifacts-destination", root]
+    # no background job runner: the UI starts in ~5 s instead of ~13 s on 2 cores
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 0
 

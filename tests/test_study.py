@@ -354,3 +354,51 @@ def test_metric_values_are_finite_numbers(tmp_path) -> None:
     (run,) = child_runs(spec)
     for key in ("val/energy_nat", "val/energy_adv", "val/delta_energy", "test/delta_energy"):
         assert math.isfinite(run.data.metrics[key]), key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_study_logs_to_an_mlflow_server_started_by_study_ui(tmp_path) -> None:
+    """`study ui` serves the SQLite store on 127.0.0.1; a study logs to it over HTTP."""
+    import urllib.request
+
+    port = _free_port()
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "study", "ui", "--port", str(port), "--tracking-uri", db],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("study ui did not answer on /health within 90 s")
+        spec = make_spec(tmp_path, "over-http", trials=1, epochs=1, tracking_uri=url)
+        outcome = run_study(spec)
+        assert outcome.trials[0].status == "FINISHED"
+        (run,) = child_runs(spec)
+        assert run.info.status == "FINISHED"
+        assert [s for s, _ in history(spec, run.info.run_id, "val/pgd_acc")] == [1]
+        assert "checkpoints/last.pt" in artifacts(spec, run.info.run_id)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    # the same runs are in the SQLite file behind the server
+    (run_again,) = child_runs(make_spec(tmp_path, "over-http", tracking_uri=db))
+    assert run_again.info.run_id == run.info.run_id
