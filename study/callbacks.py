@@ -72,6 +72,7 @@ class MlflowCallback(Callback):
         # repeats epochs the store already holds, and those are not logged twice
         self._logged: dict[str, int] = {}
         self._complete: set[str] = set()
+        self._process: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec, "parent_run_id": self.parent_run_id}
@@ -134,6 +135,11 @@ class MlflowCallback(Callback):
         run_id = self.run_id(trial)
         if trial.trial_id in self._complete:
             return
+        process = f"{result.get('hostname', '?')}:{result.get('pid', '?')}"
+        if self._process.get(trial.trial_id) != process:
+            # where the trial runs now (it changes when a failed trial is restarted)
+            self._process[trial.trial_id] = process
+            self.tracker.set_tags(run_id, {"energy_study.process": process})
         final = any(k.startswith("test/") for k in metrics)
         if step <= self._logged.get(trial.trial_id, 0) and not final:
             return  # an epoch the store already holds (trial resumed from an older checkpoint)

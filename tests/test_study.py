@@ -78,10 +78,10 @@ def artifacts(spec: StudySpec, run_id: str, path: str = "") -> set[str]:
 
 
 def test_study_records_every_trial_in_mlflow_and_exports_a_trainable_config(tmp_path) -> None:
-    spec = make_spec(tmp_path, "smoke-a", trials=3, max_concurrent=2)
+    spec = make_spec(tmp_path, "smoke-a", trials=4, max_concurrent=2)
     outcome = run_study(spec)
 
-    assert [t.status for t in outcome.trials] == ["FINISHED"] * 3
+    assert [t.status for t in outcome.trials] == ["FINISHED"] * 4
     tracker = MlflowTracker(spec.tracking_uri, spec.name)
     parents = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: "study"})
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -91,7 +91,19 @@ def test_study_records_every_trial_in_mlflow_and_exports_a_trainable_config(tmp_
     assert {"spec/smoke.yaml", "spec/study.yaml"} <= artifacts(spec, parent.info.run_id)
 
     runs = child_runs(spec)
-    assert len(runs) == 3
+    assert len(runs) == 4
+    # two trials ran at once against the SQLite store
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+    # the conditional parameter exists exactly where its condition holds (smoke.yaml:
+    # weight_params.temperature only for weight_fn = exp), in Tune's configs and in MLflow
+    shapes = {t.config["weight_fn"] for t in outcome.trials}
+    assert shapes == {"weat", "exp"}, shapes  # seeded TPE: both branches are sampled
+    for trial in outcome.trials:
+        assert ("weight_params.temperature" in trial.config) == (trial.config["weight_fn"] == "exp")
+    for run in runs:
+        has_t = "weight_params.temperature" in run.data.params
+        assert has_t == (run.data.params["weight_fn"] == "exp"), run.data.params
     by_trial = {r.data.tags[TAG_TRIAL]: r for r in runs}
     assert set(by_trial) == {t.trial_id for t in outcome.trials}
     for trial in outcome.trials:
@@ -102,6 +114,10 @@ def test_study_records_every_trial_in_mlflow_and_exports_a_trainable_config(tmp_
         assert run.data.params["method"] == trial.config["method"]
         assert float(run.data.params["beta"]) == pytest.approx(trial.config["beta"])
         assert run.data.params["epochs"] == "2" and run.data.params["eps"] == "0.1"
+        if "weight_params.temperature" in trial.config:
+            assert float(run.data.params["weight_params.temperature"]) == pytest.approx(
+                trial.config["weight_params.temperature"]
+            )
         # every epoch's metrics, with the epoch as step; nothing lost with 2 trials at once
         for key in ("val/pgd_acc", "val/clean_acc", "train/loss", "val/delta_energy", "lr"):
             steps = [s for s, _ in history(spec, run.info.run_id, key)]
@@ -402,3 +418,42 @@ def test_study_logs_to_an_mlflow_server_started_by_study_ui(tmp_path) -> None:
     # the same runs are in the SQLite file behind the server
     (run_again,) = child_runs(make_spec(tmp_path, "over-http", tracking_uri=db))
     assert run_again.info.run_id == run.info.run_id
+
+
+def test_a_killed_trial_process_restarts_from_its_checkpoint(tmp_path) -> None:
+    """SIGKILL the trial's worker process mid-study: it restarts (max_failures=1) and finishes."""
+    import threading
+
+    spec = make_spec(tmp_path, "kill-worker", trials=1, epochs=5, max_failures=1)
+    killed: list[int] = []
+
+    def kill_after_two_epochs() -> None:
+        deadline = time.time() + 180
+        while time.time() < deadline and not killed:
+            time.sleep(0.3)
+            if not (spec.folder / "tune").is_dir():
+                continue
+            for run in child_runs(spec):
+                process = run.data.tags.get("energy_study.process", "")
+                if run.data.metrics.get("epoch", 0) >= 2 and process:
+                    pid = int(process.rsplit(":", 1)[1])
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+
+    killer = threading.Thread(target=kill_after_two_epochs, daemon=True)
+    killer.start()
+    outcome = run_study(spec)
+    killer.join(timeout=5)
+    assert killed, "the trial finished before its process could be killed"
+    (trial,) = outcome.trials
+    assert trial.status == "FINISHED", trial.error
+    # resumed from a checkpoint, not retrained from scratch: fewer than 5 epochs since restore
+    assert trial.metrics["iterations_since_restore"] < 5
+    (run,) = child_runs(spec)
+    assert run.info.status == "FINISHED"
+    assert [s for s, _ in history(spec, run.info.run_id, "val/pgd_acc")] == [1, 2, 3, 4, 5]
+    assert (
+        run.data.tags["energy_study.process"]
+        != f"{run.data.tags['energy_study.process'].rsplit(':', 1)[0]}:{killed[0]}"
+    )
