@@ -6,6 +6,7 @@ and compared with what Tune and the trial outputs say.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -457,3 +458,43 @@ def test_a_killed_trial_process_restarts_from_its_checkpoint(tmp_path) -> None:
         run.data.tags["energy_study.process"]
         != f"{run.data.tags['energy_study.process'].rsplit(':', 1)[0]}:{killed[0]}"
     )
+
+
+def _train_args(tmp_path: Path, *extra: str) -> list[str]:
+    args = ["train", "--no-progress", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--storage", str(tmp_path / "studies"), "--set", "epochs=2"]  # fmt: skip
+    for key, value in BASE.items():
+        args += ["--set", f"{key}={value}"]
+    return [*args, *extra]
+
+
+def test_study_train_records_a_study_of_one_in_mlflow(tmp_path) -> None:
+    out = tmp_path / "run"
+    assert cli.main(_train_args(tmp_path, "-o", str(out), "--experiment", "final")) == 0
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "final")
+    (run,) = trial_runs(tracker, "final")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method"] == "weat_adv" and run.data.params["eps"] == "0.1"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    got = history(
+        StudySpec(name="final", tracking_uri=tracker.tracking_uri), run.info.run_id, "val/pgd_acc"
+    )
+    assert got == [(line["epoch"], pytest.approx(line["val/pgd_acc"])) for line in lines]
+    final = json.loads((out / "final.json").read_text())["metrics"]
+    assert run.data.metrics["test/pgd_acc"] == pytest.approx(final["test/pgd_acc"])
+    assert {"checkpoints/best.pt", "checkpoints/last.pt", "config.yaml"} <= artifacts(
+        StudySpec(name="final", tracking_uri=tracker.tracking_uri), run.info.run_id
+    )
+
+
+def test_study_train_on_two_ray_train_workers(tmp_path, capsys) -> None:
+    """`study train --workers 2`: DDP over two 1-CPU Ray Train workers on the 2-CPU cluster."""
+    code = cli.main(_train_args(tmp_path, "--workers", "2", "--experiment", "ddp"))
+    assert code == 0, capsys.readouterr().err
+    assert "FINISHED" in capsys.readouterr().out
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ddp")
+    (run,) = trial_runs(tracker, "ddp")
+    assert run.info.status == "FINISHED"
+    spec = StudySpec(name="ddp", tracking_uri=tracker.tracking_uri)
+    assert [s for s, _ in history(spec, run.info.run_id, "val/pgd_acc")] == [1, 2]
+    assert 0.5 < run.data.metrics["test/clean_acc"] <= 1.0
