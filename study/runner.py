@@ -120,10 +120,9 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
         "runtime_env": {"env_vars": env},
         "configure_logging": verbose,
     }
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(**kwargs)
+    # no address: RAY_ADDRESS if set, else a new local cluster; never silently
+    # join some other cluster that `ray start` left running on this machine
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **kwargs)
 
 
 def open_parent_run(spec: StudySpec) -> tuple[MlflowTracker, str]:
