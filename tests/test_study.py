@@ -172,10 +172,20 @@ def test_multi_objective_study_reports_the_pareto_front(tmp_path, capsys) -> Non
         epochs=1,
         metrics=["val/clean_acc", "val/pgd_acc"],
         modes=["max", "max"],
+        optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}",
     )
     outcome = run_study(spec)
     front = {t.trial_id for t in outcome.pareto()}
     assert front
+    # Optuna's own study (in its RDB storage, as optuna-dashboard reads it) agrees
+    import optuna
+
+    study = optuna.load_study(study_name=spec.name, storage=spec.optuna_storage)
+    assert len(study.trials) == 4
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MAXIMIZE"]
+    optuna_front = {round(t.params["beta"], 9) for t in study.best_trials}
+    ours = {round(t.config["beta"], 9) for t in outcome.pareto()}
+    assert optuna_front == ours
     # recompute the front from what MLflow holds
     runs = child_runs(spec)
     points = {
