@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import random
 import urllib.error
@@ -26,7 +27,14 @@ from trainables.data import (
 )
 from trainables.errors import ConfigError, DataNotFoundError
 
-CIFAR_JPEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test-jpeg"
+# beside the checkout (../shared/data), as on the development and CI machines;
+# ENERGY_STUDY_CIFAR_JPEG points elsewhere
+_CANDIDATES = [
+    Path(os.environ.get("ENERGY_STUDY_CIFAR_JPEG", "/nonexistent")),
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test-jpeg",
+    Path("/work/shared/data/cifar10-test-jpeg"),
+]
+CIFAR_JPEG = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[1])
 CIFAR_CLASSES = [
     "airplane",
     "automobile",
