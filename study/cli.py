@@ -8,6 +8,8 @@ Sub-commands:
 * ``study export NAME -o best.yaml``: the best config(s) for final training.
 * ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
 * ``study ui``: the MLflow UI on 127.0.0.1 for the store in use.
+* ``study generate --from RUN``: sample images from a trained classifier with
+  SGLD, score them (IS/FID/KID), optionally search the sampler with Optuna.
 * ``study train``: one training run (in this process, or through Ray Train with
   ``--workers N``), recorded in MLflow as a study of one.
 
@@ -369,6 +371,66 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from study.generate import run_generation, validate_space
+    from trainables.config import parse_overrides
+
+    base = parse_overrides(args.set)
+    for key in ("samples", "feature_extractor", "inception_weights", "extractor_plugin"):
+        value = getattr(args, key)
+        if value is not None:
+            base[key] = value
+    if args.classes:
+        base["classes"] = [c for item in args.classes for c in str(item).split(",") if c]
+    if args.no_score:
+        base["score"] = False
+    defaults = dict(validate_space(args.space).study) if args.space else {}
+    metrics = args.metric or _as_list(defaults.get("metric", "gen/fid"))
+    modes = args.mode or _as_list(defaults.get("mode", "min"))
+    if len(modes) == 1 and len(metrics) > 1:
+        modes = modes * len(metrics)
+    if len(modes) != len(metrics):
+        raise ConfigError(f"{len(metrics)} metric(s) but {len(modes)} mode(s)")
+    name = args.name or f"gen-{time.strftime('%Y%m%d-%H%M%S')}"
+    trials = args.trials or int(defaults.get("trials", 8))
+    what = f"a study of {trials} trials over {args.space}" if args.space else "one sampling run"
+    print(f"generate {name}: {what} from {args.source}", flush=True)
+    outcomes = run_generation(
+        source_arg=args.source,
+        base=base,
+        space_name=args.space,
+        trials=trials,
+        metrics=metrics,
+        modes=modes,
+        name=name,
+        tracking_uri=_tracking_uri(args),
+        storage=Path(_storage(args)),
+        experiment=args.experiment,
+        address=args.address,
+        seed=args.seed,
+        max_concurrent=args.max_concurrent,
+    )
+    key, mode = metrics[0], modes[0]
+    done = [o for o in outcomes if key in o.metrics]
+    done.sort(key=lambda o: o.metrics[key], reverse=mode == "max")
+    cols = ["gen/fid", "gen/is", "gen/kid", "gen/energy_target_end"]
+    print(f"\n{'trial':<12s} " + " ".join(f"{c:>22s}" for c in cols) + "  config")
+    for o in done:
+        cells = " ".join(
+            f"{o.metrics[c]:>22.4f}" if c in o.metrics else f"{'-':>22s}" for c in cols
+        )
+        conf = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in sorted(o.config.items())
+        )
+        print(f"{o.trial_id:<12s} {cells}  {conf if args.space else ''}")
+    for o in outcomes:
+        if o.status == "FAILED":
+            print(f"failed: trial {o.trial_id}: {o.error}")
+    print(f"\nsample grids and energy traces: study ui --tracking-uri {_tracking_uri(args)}")
+    return 0 if done else 1
+
+
 def _add_store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
     p.add_argument(
@@ -444,6 +506,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     _add_store_args(p)
     p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser(
+        "generate",
+        help="sample images from a trained classifier (SGLD), score them, search the sampler",
+    )
+    p.add_argument("--from", dest="source", required=True,
+                   help="MLflow run id of a training run, or a checkpoint file")  # fmt: skip
+    p.add_argument("--space", help="sampler search space (e.g. sgld, sgld_smoke); none: one run")
+    p.add_argument("--trials", type=int, help="trials of the search (default: the space's)")
+    p.add_argument("--samples", type=int, help="images drawn per run (default 500)")
+    p.add_argument("--classes", action="append", help="class indices to sample (default all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="sampler setting, e.g. --set steps=20 --set momentum=0.5")  # fmt: skip
+    p.add_argument("--metric", action="append", help="objective (default gen/fid; repeatable)")
+    p.add_argument("--mode", action="append", choices=["max", "min"], help="per --metric")
+    p.add_argument("--name", help="name of the generation study (default gen-<date>-<time>)")
+    p.add_argument("--experiment", default="generation",
+                   help="MLflow experiment when --from is a file")  # fmt: skip
+    p.add_argument("--feature-extractor", help="torch-fidelity extractor name")
+    p.add_argument("--inception-weights", help="local Inception weights file")
+    p.add_argument("--extractor-plugin", help=".py file or module registering an extractor")
+    p.add_argument("--no-score", action="store_true", help="sample only, no IS/FID/KID")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: no limit)")
+    p.add_argument("--address", help="Ray cluster to join (with --space)")
+    _add_store_args(p)
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
         "train",
