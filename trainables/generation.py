@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -99,6 +100,24 @@ def _digest(images: Tensor, labels: Tensor, key: str) -> str:
     return h.hexdigest()[:20]
 
 
+def _centred_svd(centred: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Singular values ``[r]`` and right singular vectors ``[r, D]`` of a centred data matrix.
+
+    centred = U S V^T: the covariance's eigenvalues are S²/(n-1), its eigenvectors
+    the rows of V^T. With more images than pixels the D x D Gram matrix's
+    eigen-decomposition gives the same (and is much faster for CIFAR-sized classes).
+    """
+    n, d = centred.shape
+    if n > 2 * d:
+        evals, evecs = np.linalg.eigh(centred.T @ centred)
+        order = np.argsort(evals)[::-1]
+        s = np.sqrt(np.clip(evals[order], 0.0, None))
+        vt = evecs[:, order].T
+    else:
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    return torch.from_numpy(np.ascontiguousarray(s)), torch.from_numpy(np.ascontiguousarray(vt))
+
+
 def fit_class_stats(
     images: Tensor,
     labels: Tensor,
@@ -141,9 +160,7 @@ def fit_class_stats(
         if len(xc) == 0:
             raise ConfigError(f"class {c} has no training images; cannot fit its statistics")
         mu = xc.mean(0)
-        centred = xc - mu
-        # centred = U S V^T; covariance eigenvalues S²/(n-1), eigenvectors rows of V^T
-        _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+        s, vt = _centred_svd((xc - mu).numpy())
         denom = max(len(xc) - 1, 1)
         means.append(mu.float())
         singular.append(s.float())
