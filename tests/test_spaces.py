@@ -11,7 +11,9 @@ from search_spaces.space import nest, parse_space
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.mark.parametrize("name", ["weat", "trades", "mail", "attack", "smoke"])
+@pytest.mark.parametrize(
+    "name", ["weat", "trades", "mail", "attack", "smoke", "sgld", "sgld_smoke"]
+)
 def test_shipped_spaces_load_and_have_a_header(name: str) -> None:
     assert name in shipped_spaces()
     space = load_space(name)
@@ -94,3 +96,19 @@ def test_unknown_config_key_is_reported_with_its_line() -> None:
 def test_missing_space_file_lists_shipped_ones() -> None:
     with pytest.raises(SpaceError, match="weat"):
         load_space("no_such_space")
+
+
+@pytest.mark.parametrize("name", ["sgld", "sgld_smoke"])
+def test_sampler_spaces_use_sampler_keys_and_conditions(name: str) -> None:
+    from trainables.gen_config import SamplerConfig
+
+    space = load_space(name)
+    space.check_keys(SamplerConfig.field_names())
+    define = compile_space(space)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        fixed = define(trial) or {}
+        params = trial.params
+        assert ("pca_sigma" in params) == (params["init"] == "pca")
+        SamplerConfig.from_dict({**params, **fixed})  # every sample is a valid config
