@@ -235,6 +235,10 @@ def sample_and_score(
         from trainables.scores import generation_scores
 
         reference = data.train
+        ref_key = f"{key}-ref"
+        if len(classes) < data.num_classes:  # compare with the sampled classes only
+            reference = reference.take(torch.isin(reference.y, y.unique()).nonzero().squeeze(1))
+            ref_key += "-c" + "_".join(str(c) for c in classes)
         if cfg.reference_n is not None:
             reference = reference.subset(cfg.reference_n, seed=0)
         t1 = time.perf_counter()
@@ -242,7 +246,7 @@ def sample_and_score(
             generation_scores(
                 images,
                 to_float(reference.x),
-                reference_key=f"{key}-ref{len(reference)}",
+                reference_key=f"{ref_key}{len(reference)}",
                 labels=y,
                 feature_extractor=cfg.feature_extractor,
                 weights_path=cfg.inception_weights,
