@@ -7,6 +7,7 @@ Sub-commands:
 * ``study resume NAME``: continue an interrupted study.
 * ``study export NAME -o best.yaml``: the best config(s) for final training.
 * ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
+* ``study report NAME``: tables, figures and one HTML report read back from MLflow.
 * ``study ui``: the MLflow UI on 127.0.0.1 for the store in use.
 * ``study generate --from RUN``: sample images from a trained classifier with
   SGLD, score them (IS/FID/KID), optionally search the sampler with Optuna.
@@ -501,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     _add_store_args(p)
     p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("report", help="an HTML/Markdown report of a study, from MLflow")
+    from reports.cli import configure as configure_report
+
+    configure_report(p, store_args=False)
+    _add_store_args(p)
 
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)

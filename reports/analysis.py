@@ -1,0 +1,274 @@
+"""Aggregations of a study's runs: leaderboard, Pareto front, importances, generation scores.
+
+Pure functions of :class:`~reports.data.RunData` lists (no MLflow calls), so
+each number in the report can be recomputed from the store independently.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from reports.data import RunData
+
+#: Final test metrics of the leaderboard: (metric, column title).
+TEST_METRICS = (
+    ("test/clean_acc", "Clean"),
+    ("test/pgd_acc", "PGD"),
+    ("test/aa_acc", "AutoAttack"),
+)
+#: Params that never define a configuration group (repetitions differ only in them).
+NOT_A_GROUP_KEY = {"seed", "method"}
+#: Sampler params that do not change what is sampled (hardware, scoring plumbing).
+GEN_IGNORED = {
+    "seed",
+    "device",
+    "batch_size",
+    "score",
+    "feature_extractor",
+    "inception_weights",
+    "extractor_plugin",
+    "reference_n",
+    "classes",
+}
+#: Generation scores: (metric, column title, better).
+GEN_METRICS = (
+    ("gen/is", "IS", "max"),
+    ("gen/fid", "FID", "min"),
+    ("gen/kid", "KID", "min"),
+    ("gen/diversity", "Diversity", "max"),
+)
+
+
+def group_key(run: RunData) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A trial's configuration group: its method and its searched params (seed excluded)."""
+    searched = sorted(p for p in run.searched if p not in NOT_A_GROUP_KEY)
+    return run.method, tuple((p, run.params.get(p, "-")) for p in searched)
+
+
+def group_label(key: tuple[str, tuple[tuple[str, str], ...]]) -> str:
+    """``"weat_adv (beta=3.21, weight_fn=exp)"``."""
+    method, params = key
+    if not params:
+        return method
+    return f"{method} (" + ", ".join(f"{k}={_short(v)}" for k, v in params) + ")"
+
+
+def _short(value: str) -> str:
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if not number.is_integer() or "." in value else value
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for fewer than two values)."""
+    if not values:
+        return math.nan, math.nan
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return statistics.fmean(values), std
+
+
+def leaderboard(trials: Sequence[RunData]) -> pd.DataFrame:
+    """One row per configuration group of the finished trials with test metrics.
+
+    Columns: ``group``, ``method``, ``n`` (trials), ``trials`` (their ids), and
+    ``<metric> mean`` / ``<metric> std`` for each of :data:`TEST_METRICS` that
+    any trial has. Rows are sorted by the PGD mean, best first.
+    """
+    groups: dict[tuple, list[RunData]] = {}
+    for run in trials:
+        if run.status != "FINISHED" or run.metric("test/clean_acc") is None:
+            continue
+        groups.setdefault(group_key(run), []).append(run)
+    present = [m for m, _ in TEST_METRICS if any(r.metric(m) is not None for r in trials)]
+    rows = []
+    for key, runs in groups.items():
+        row: dict[str, object] = {
+            "group": group_label(key),
+            "method": key[0],
+            "n": len(runs),
+            "trials": " ".join(r.trial_id for r in runs),
+        }
+        for metric in present:
+            values = [v for r in runs if (v := r.metric(metric)) is not None]
+            row[f"{metric} mean"], row[f"{metric} std"] = mean_std(values)
+        rows.append(row)
+    columns = ["group", "method", "n", "trials"]
+    columns += [f"{m} {s}" for m in present for s in ("mean", "std")]
+    frame = pd.DataFrame(rows, columns=columns)
+    sort = "test/pgd_acc mean" if "test/pgd_acc mean" in frame else None
+    if sort and not frame.empty:
+        frame = frame.sort_values(sort, ascending=False, kind="stable").reset_index(drop=True)
+    return frame
+
+
+def best_rows(frame: pd.DataFrame, metrics: Sequence[str]) -> dict[str, int]:
+    """For each metric column ``<m> mean`` of ``frame``: the index of its best (largest) row."""
+    out = {}
+    for metric in metrics:
+        col = f"{metric} mean"
+        if col in frame and frame[col].notna().any():
+            out[metric] = int(frame[col].idxmax())
+    return out
+
+
+@dataclass
+class Point:
+    """One trial in the clean-vs-robust plane."""
+
+    trial_id: str
+    method: str
+    clean: float
+    robust: float
+    pareto: bool = False
+
+
+def pareto_points(
+    trials: Sequence[RunData], clean: str = "test/clean_acc", robust: str = "test/pgd_acc"
+) -> list[Point]:
+    """Every trial with both metrics; ``pareto`` marks the non-dominated ones (both maximised)."""
+    points = [
+        Point(r.trial_id, r.method, c, p)
+        for r in trials
+        if (c := r.metric(clean)) is not None and (p := r.metric(robust)) is not None
+    ]
+    for a in points:
+        a.pareto = not any(
+            b.clean >= a.clean
+            and b.robust >= a.robust
+            and (b.clean > a.clean or b.robust > a.robust)
+            for b in points
+        )
+    return points
+
+
+def objective_value(run: RunData, metric: str) -> float | None:
+    """A trial's objective: the last value of ``metric`` it reported (as Tune saw it)."""
+    return run.metric(metric)
+
+
+def best_per_method(trials: Sequence[RunData], metric: str, mode: str) -> dict[str, RunData]:
+    """The best trial of each method by ``metric`` (finished or early-stopped trials)."""
+    best: dict[str, RunData] = {}
+    sign = 1.0 if mode == "max" else -1.0
+    for run in trials:
+        value = run.metric(metric)
+        if run.status == "FAILED" or value is None:
+            continue
+        current = best.get(run.method)
+        if current is None or sign * value > sign * (current.metric(metric) or 0.0):
+            best[run.method] = run
+    return dict(sorted(best.items()))
+
+
+@dataclass
+class Importances:
+    """Parameter importances of the objective, or why there are none."""
+
+    values: dict[str, float]
+    evaluator: str
+    message: str = ""
+
+
+def _distribution(values: list[str]):  # noqa: ANN202 - an optuna distribution
+    import optuna
+
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return optuna.distributions.CategoricalDistribution(sorted(set(values))), None
+    if all(
+        n.is_integer() and "." not in v and "e" not in v.lower() for n, v in zip(numbers, values)
+    ):
+        return optuna.distributions.IntDistribution(int(min(numbers)), int(max(numbers))), int
+    return optuna.distributions.FloatDistribution(min(numbers), max(numbers)), float
+
+
+def importances(trials: Sequence[RunData], metric: str, mode: str) -> Importances:
+    """Importances of the searched params for ``metric``, by Optuna's evaluators.
+
+    An in-memory Optuna study is rebuilt from the MLflow trial runs (one
+    ``create_trial`` per trial with the objective, distributions inferred from
+    the values the params took); fANOVA first, mean decrease impurity if it
+    fails. Fewer than three scored trials give a message instead.
+    """
+    import optuna
+
+    scored = [r for r in trials if r.status != "FAILED" and objective_value(r, metric) is not None]
+    names = sorted({p for r in scored for p in r.searched})
+    if len(scored) < 3 or not names:
+        return Importances(
+            {}, "", f"{len(scored)} scored trial(s) with searched parameters: at least 3 are needed"
+        )
+    dists = {}
+    casts = {}
+    for name in names:
+        values = [r.params[name] for r in scored if name in r.params]
+        dists[name], casts[name] = _distribution(values)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for run in scored:
+        params = {}
+        used = {}
+        for name in names:
+            if name not in run.params:
+                continue
+            raw = run.params[name]
+            params[name] = casts[name](float(raw)) if casts[name] is not None else raw
+            used[name] = dists[name]
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params, distributions=used, value=objective_value(run, metric)
+            )
+        )
+    errors = []
+    for label, evaluator in (
+        ("fANOVA", optuna.importance.FanovaImportanceEvaluator(seed=0)),
+        (
+            "mean decrease impurity",
+            optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=0),
+        ),
+    ):
+        try:
+            values = optuna.importance.get_param_importances(study, evaluator=evaluator)
+        except Exception as exc:  # noqa: BLE001 - the next evaluator, then a message
+            errors.append(f"{label}: {exc}")
+            continue
+        if values:
+            return Importances({k: float(v) for k, v in values.items()}, label)
+    return Importances({}, "", "; ".join(errors) or "no parameter took more than one value")
+
+
+def generation_table(runs: Sequence[RunData]) -> pd.DataFrame:
+    """IS/FID/KID per sampler configuration (finished sampling runs with scores).
+
+    Columns: the sampler params that define a configuration (those not in
+    :data:`GEN_IGNORED`), ``n`` (runs), ``runs`` (run ids), and the mean of each
+    of :data:`GEN_METRICS` plus ``gen/is_std`` / ``gen/kid_std`` (means over the
+    group's runs). Sorted by FID, best first.
+    """
+    scored = [r for r in runs if r.status == "FINISHED" and r.metric("gen/fid") is not None]
+    keys = sorted({k for r in scored for k in r.params if k not in GEN_IGNORED})
+    groups: dict[tuple[str, ...], list[RunData]] = {}
+    for run in scored:
+        groups.setdefault(tuple(run.params.get(k, "-") for k in keys), []).append(run)
+    metrics = [m for m, _, _ in GEN_METRICS] + ["gen/is_std", "gen/kid_std"]
+    rows = []
+    for values, members in groups.items():
+        row: dict[str, object] = dict(zip(keys, values))
+        row["n"] = len(members)
+        row["runs"] = " ".join(r.run_id for r in members)
+        for metric in metrics:
+            found = [v for r in members if (v := r.metric(metric)) is not None]
+            row[metric] = statistics.fmean(found) if found else math.nan
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=[*keys, "n", "runs", *metrics])
+    if not frame.empty:
+        frame = frame.sort_values("gen/fid", kind="stable").reset_index(drop=True)
+    return frame

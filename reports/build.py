@@ -1,0 +1,480 @@
+"""``study report NAME``: one folder with ``index.html`` (and/or ``index.md``), PNGs and CSVs.
+
+Usage::
+
+    from reports.build import build_report
+    index = build_report("weat-20261124", "sqlite:///mlflow.db", Path("report"), fmt="both")
+
+Every section is built from MLflow alone; a section without data says so
+instead of breaking the report.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import shutil
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from reports import analysis, figures
+from reports.data import (
+    TAG_EARLY,
+    TAG_FAILURE,
+    TAG_PROCESS,
+    ReportError,
+    RunData,
+    StudyData,
+    client_for,
+    download,
+    load_study,
+    metric_history,
+)
+from reports.render import Cell, Image, Pre, Section, Table, num, render_html, render_markdown
+
+FORMATS = ("html", "md", "both")
+#: Panels of the training-dynamics figure: (metric, title).
+DYNAMICS = (
+    ("val/pgd_acc", "validation PGD accuracy"),
+    ("val/delta_energy", "ΔE(x) = E(x) − E(x*) (validation)"),
+    ("lr", "learning rate"),
+)
+
+
+class Context:
+    """What the section builders share: the data, the client, the output folder."""
+
+    def __init__(self, data: StudyData, out: Path, tmp: Path, energy_run: str | None) -> None:
+        self.data = data
+        self.out = out
+        self.tmp = tmp
+        self.client = client_for(data.tracking_uri)
+        self.energy_run = energy_run
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        (out / "tables").mkdir(parents=True, exist_ok=True)
+
+    def csv(self, frame: pd.DataFrame, name: str) -> str:
+        """Write ``tables/<name>.csv``; returns its relative path."""
+        rel = f"tables/{name}.csv"
+        frame.to_csv(self.out / rel, index=False)
+        return rel
+
+    def figure(self, name: str) -> tuple[Path, str]:
+        """Absolute path and relative src of ``figures/<name>.png``."""
+        rel = f"figures/{name}.png"
+        return self.out / rel, rel
+
+
+def _date(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(value, dict) and value:
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): str(value)}
+
+
+# --- sections ------------------------------------------------------------------------------
+def header_section(ctx: Context) -> Section:
+    """Spec, dates, versions, commit, hardware and the commands that reproduce each trial."""
+    data = ctx.data
+    sec = Section("header", "Study")
+    parent = data.parent
+    runs = data.trials + data.generations
+    start = min([r.start_ms for r in runs if r.start_ms] or [parent.start_ms if parent else 0])
+    end = max([r.end_ms or 0 for r in runs] or [parent.end_ms if parent else 0])
+    tags = parent.tags if parent else {}
+    counts: dict[str, int] = {}
+    for run in data.trials:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    hosts = sorted(
+        {r.tags[TAG_PROCESS].split(":")[0] for r in data.trials if TAG_PROCESS in r.tags}
+    )
+    facts = [
+        ("study", data.name),
+        ("tracking URI", data.tracking_uri),
+        ("objective", ", ".join(f"{m} ({o})" for m, o in zip(data.objective, data.modes))),
+        ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
+        ("sampling runs", str(len(data.generations))),
+        ("started", _date(start)),
+        ("ended", _date(end)),
+        ("git commit", tags.get("git_commit", "-")),
+        ("hardware", tags.get("version.platform", "-")),
+        ("trial hosts", ", ".join(hosts) or "-"),
+    ]
+    resources = {k: data.spec.get(k) for k in ("workers_per_trial", "cpus_per_worker")}
+    resources["gpus_per_trial"] = data.spec.get("gpus_per_trial")
+    if any(v is not None for v in resources.values()):
+        facts.append(("resources per trial", ", ".join(f"{k}={v}" for k, v in resources.items())))
+    for key in sorted(k for k in tags if k.startswith("version.") and k != "version.platform"):
+        facts.append((key.removeprefix("version."), tags[key]))
+    sec.blocks.append(
+        Table(["", "value"], [[Cell(k), Cell(str(v))] for k, v in facts], "facts", None)
+    )
+    if data.command:
+        sec.blocks += ["Command that started the study:", Pre(data.command)]
+    if data.spec:
+        sec.blocks += ["Study spec:", Pre(yaml.safe_dump(data.spec, sort_keys=False).strip())]
+    if parent is None:
+        sec.blocks.append("The study has no parent run in MLflow (spec, versions unknown).")
+    sec.blocks += trials_blocks(ctx)
+    return sec
+
+
+def _trial_config_file(ctx: Context, run: RunData) -> str:
+    """``configs/<trial>.yaml`` (the run's config.yaml artifact, else its params)."""
+    rel = f"configs/{run.trial_id}.yaml"
+    target = ctx.out / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    local = download(ctx.client, run.run_id, "config.yaml", ctx.tmp / "configs" / run.run_id)
+    if local is not None:
+        shutil.copyfile(local, target)
+    else:
+        nested: dict[str, Any] = {}
+        for key, raw in sorted(run.params.items()):
+            *parents, leaf = key.split(".")
+            node = nested
+            for p in parents:
+                node = node.setdefault(p, {})
+            try:
+                node[leaf] = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                node[leaf] = raw
+        target.write_text(yaml.safe_dump(nested, sort_keys=False))
+    return rel
+
+
+def trials_blocks(ctx: Context) -> list[object]:
+    """The table of every trial: status, searched values, objective, test metrics, command."""
+    data = ctx.data
+    if not data.trials:
+        return ["No training trials are recorded for this study."]
+    objective = data.objective[0]
+    cols = ["trial", "status", "method", "searched", objective, "test/clean_acc",
+            "test/pgd_acc", "test/aa_acc", "note", "reproduce"]  # fmt: skip
+    rows = []
+    records = []
+    for run in data.trials:
+        searched = ", ".join(f"{k}={run.params.get(k, '-')}" for k in run.searched if k != "method")
+        note = run.tags.get(TAG_FAILURE, "")
+        if not note and run.tags.get(TAG_EARLY) == "true":
+            note = "stopped early"
+        command = f"study train --config {_trial_config_file(ctx, run)}"
+        values = [run.metric(m) for m in cols[4:8]]
+        rows.append(
+            [Cell(run.trial_id), Cell(run.status), Cell(run.method), Cell(searched)]
+            + [Cell(num(v), v) for v in values]
+            + [Cell(note), Cell(command, code=True)]
+        )
+        records.append(
+            {"trial": run.trial_id, "run_id": run.run_id, "status": run.status,
+             "method": run.method, "searched": searched,
+             **dict(zip(cols[4:8], values)), "note": note, "command": command}
+        )  # fmt: skip
+    csv = ctx.csv(pd.DataFrame(records), "trials")
+    return ["Trials (each command retrains the trial from its exact config):",
+            Table(cols, rows, "trials", csv)]  # fmt: skip
+
+
+def leaderboard_section(ctx: Context) -> Section:
+    """Mean ± std of clean / PGD / AutoAttack accuracy per configuration group."""
+    sec = Section("leaderboard", "Leaderboard")
+    frame = analysis.leaderboard(ctx.data.trials)
+    if frame.empty:
+        sec.has_data = False
+        sec.empty = "no finished trial has test metrics (failed, stopped early, or not run)."
+        return sec
+    steps = {r.params.get("eval_steps") for r in ctx.data.trials if r.params.get("eval_steps")}
+    pgd = f"PGD-{steps.pop()}" if len(steps) == 1 else "PGD"
+    titles = {m: (pgd if m == "test/pgd_acc" else t) for m, t in analysis.TEST_METRICS}
+    metrics = [m for m, _ in analysis.TEST_METRICS if f"{m} mean" in frame]
+    best = analysis.best_rows(frame, metrics)
+    rows = []
+    for i, row in frame.iterrows():
+        cells = [Cell(str(row["group"])), Cell(str(int(row["n"])), float(row["n"]))]
+        for m in metrics:
+            mean, std = float(row[f"{m} mean"]), float(row[f"{m} std"])
+            text = num(mean) if math.isnan(std) else f"{num(mean)} ± {num(std)}"
+            cells.append(Cell(text, mean, best=best.get(m) == i))
+        cells.append(Cell(str(row["trials"])))
+        rows.append(cells)
+    cols = ["configuration", "n", *(f"{titles[m]} ({m})" for m in metrics), "trials"]
+    sec.blocks += [
+        "Test accuracy per configuration (method and its searched parameters), mean ± std "
+        "over the trials (seeds) of each group; ★ marks the best mean of each column.",
+        Table(cols, rows, "leaderboard-table", ctx.csv(frame, "leaderboard")),
+    ]
+    if "test/aa_acc mean" not in frame:
+        sec.blocks.append("No trial ran AutoAttack (aa_n = 0): that column is left out.")
+    return sec
+
+
+def pareto_section(ctx: Context) -> Section:
+    """Clean vs robust accuracy of all trials with the Pareto front labelled."""
+    sec = Section("pareto", "Pareto front: clean vs robust accuracy")
+    clean, robust = "test/clean_acc", "test/pgd_acc"
+    points = analysis.pareto_points(ctx.data.trials, clean, robust)
+    if not points:
+        clean, robust = "val/clean_acc", "val/pgd_acc"
+        points = analysis.pareto_points(ctx.data.trials, clean, robust)
+    if not points:
+        sec.has_data, sec.empty = False, "no trial reported clean and PGD accuracy."
+        return sec
+    path, rel = ctx.figure("pareto")
+    figures.pareto_figure(points, path, clean, robust)
+    frame = pd.DataFrame(
+        [{"trial": p.trial_id, "method": p.method, clean: p.clean, robust: p.robust,
+          "pareto": p.pareto} for p in points]
+    )  # fmt: skip
+    front = [p for p in points if p.pareto]
+    rows = [
+        [Cell(p.trial_id), Cell(p.method), Cell(num(p.clean), p.clean),
+         Cell(num(p.robust), p.robust)]
+        for p in sorted(front, key=lambda p: p.clean)
+    ]  # fmt: skip
+    sec.blocks += [
+        Image(rel, f"{robust} vs {clean} of {len(points)} trials; Pareto points labelled"),
+        "Pareto-optimal trials:",
+        Table(["trial", "method", clean, robust], rows, "pareto-table", ctx.csv(frame, "pareto")),
+    ]
+    return sec
+
+
+def dynamics_section(ctx: Context) -> Section:
+    """Per-epoch validation PGD accuracy, ΔE(x) and learning rate of each method's best trial."""
+    sec = Section("dynamics", "Training dynamics")
+    metric, mode = ctx.data.objective[0], ctx.data.modes[0]
+    best = analysis.best_per_method(ctx.data.trials, metric, mode)
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    records = []
+    for method, run in best.items():
+        curves[method] = {}
+        for key, _ in DYNAMICS:
+            series = metric_history(ctx.client, run.run_id, key)
+            curves[method][key] = series
+            records += [
+                {"method": method, "trial": run.trial_id, "metric": key, "epoch": s, "value": v}
+                for s, v in series
+            ]
+    if not records:
+        sec.has_data, sec.empty = False, "no trial logged per-epoch metrics."
+        return sec
+    labels = {m: f"{m} ({r.trial_id})" for m, r in best.items()}
+    path, rel = ctx.figure("dynamics")
+    figures.dynamics_figure(curves, labels, path, DYNAMICS)
+    chosen = ", ".join(f"{m}: {r.trial_id}" for m, r in best.items())
+    sec.blocks += [
+        f"Best trial of each method by {metric} ({chosen}).",
+        Image(rel, "validation PGD accuracy, ΔE(x) and learning rate per epoch"),
+        f"Per-epoch values: {ctx.csv(pd.DataFrame(records), 'dynamics')}",
+    ]
+    return sec
+
+
+def energy_section(ctx: Context) -> Section:
+    """Histograms of E(x) and E(x, y), natural vs adversarial, from a run's energies.npz."""
+    sec = Section("energy", "Energy distributions")
+    metric, mode = ctx.data.objective[0], ctx.data.modes[0]
+    sign = 1.0 if mode == "max" else -1.0
+    candidates = [r for r in ctx.data.trials if r.status != "FAILED"]
+    if ctx.energy_run:
+        candidates = [r for r in ctx.data.trials if ctx.energy_run in (r.run_id, r.trial_id)]
+        if not candidates:
+            raise ReportError(f"--energy-run {ctx.energy_run!r} is not a trial of this study")
+    candidates.sort(key=lambda r: -sign * (r.metric(metric) or -sign * math.inf))
+    for run in candidates:
+        local = download(ctx.client, run.run_id, "energies.npz", ctx.tmp / "energies" / run.run_id)
+        if local is None:
+            continue
+        with np.load(local) as z:
+            arrays = {k: z[k] for k in z.files}
+        path, rel = ctx.figure("energy")
+        title = f"trial {run.trial_id} ({run.method}), final test evaluation"
+        figures.energy_figure(arrays, title, path)
+        stats = []
+        for key in ("energy_nat", "energy_adv", "joint_energy_nat", "joint_energy_adv"):
+            if key in arrays:
+                a = np.asarray(arrays[key], float)
+                stats.append({"array": key, "n": a.size, "mean": a.mean(), "std": a.std()})
+        frame = pd.DataFrame(stats)
+        rows = [
+            [Cell(s["array"]), Cell(str(s["n"]), float(s["n"])), Cell(num(s["mean"]), s["mean"]),
+             Cell(num(s["std"]), s["std"])]
+            for s in stats
+        ]  # fmt: skip
+        sec.blocks += [
+            f"Run {run.run_id} (trial {run.trial_id}, the best by {metric} with energies).",
+            Image(rel, "E(x) and E(x, y) of natural vs adversarial test points"),
+            Table(["array", "n", "mean", "std"], rows, "energy-table", ctx.csv(frame, "energy")),
+        ]
+        return sec
+    sec.has_data, sec.empty = False, "no trial has an energies.npz artifact."
+    return sec
+
+
+def importance_section(ctx: Context) -> Section:
+    """Parameter importances of the objective and a parallel coordinates plot."""
+    sec = Section("importance", "What mattered")
+    metric, mode = ctx.data.objective[0], ctx.data.modes[0]
+    scored = [
+        r for r in ctx.data.trials
+        if r.status != "FAILED" and r.metric(metric) is not None and r.searched
+    ]  # fmt: skip
+    if not scored:
+        sec.has_data, sec.empty = False, f"no trial with searched parameters reported {metric}."
+        return sec
+    if len(ctx.data.objective) > 1:
+        sec.blocks.append(f"Multi-objective study: importances are for the first, {metric}.")
+    imp = analysis.importances(ctx.data.trials, metric, mode)
+    if imp.values:
+        path, rel = ctx.figure("importance")
+        figures.importance_figure(imp.values, imp.evaluator, path)
+        frame = pd.DataFrame([{"param": k, "importance": v} for k, v in imp.values.items()]).assign(
+            evaluator=imp.evaluator
+        )
+        rows = [[Cell(k), Cell(num(v, 3), v)] for k, v in imp.values.items()]
+        sec.blocks += [
+            f"Importances of the searched parameters for {metric} ({imp.evaluator}, Optuna; "
+            f"{len(scored)} trials; conditional parameters only where all trials have them).",
+            Image(rel, f"parameter importances for {metric}"),
+            Table(["parameter", "importance"], rows, "importance-table",
+                  ctx.csv(frame, "importance")),
+        ]  # fmt: skip
+    else:
+        sec.blocks.append(f"Importances not computed: {imp.message}.")
+    params = [{k: r.params[k] for k in r.searched if k in r.params} for r in scored]
+    values = [r.metric(metric) or math.nan for r in scored]
+    path, rel = ctx.figure("parallel")
+    figures.parallel_figure(params, values, metric, path)
+    sec.blocks.append(Image(rel, f"parallel coordinates of the searched parameters ({metric})"))
+    return sec
+
+
+def generation_section(ctx: Context) -> Section:
+    """IS/FID/KID per sampler configuration and the best sample grids."""
+    sec = Section("generation", "Generation")
+    runs = ctx.data.generations
+    frame = analysis.generation_table(runs)
+    if frame.empty:
+        failed = sum(r.status == "FAILED" for r in runs)
+        sec.has_data = False
+        sec.empty = (
+            "no sampling run of this study has scores"
+            + (f" ({failed} failed)" if failed else "")
+            + " (study generate --from RUN_ID records them)."
+        )
+        return sec
+    keys = [c for c in frame.columns if c not in ("n", "runs") and not c.startswith("gen/")]
+    varying = [k for k in keys if frame[k].nunique() > 1] or keys
+    metrics = [*analysis.GEN_METRICS, ("gen/is_std", "IS std", ""), ("gen/kid_std", "KID std", "")]
+    best_idx = {}
+    for m, _, better in analysis.GEN_METRICS:
+        if frame[m].notna().any():
+            best_idx[m] = int(frame[m].idxmax() if better == "max" else frame[m].idxmin())
+    rows = []
+    for i, row in frame.iterrows():
+        cells = [Cell(str(row[k])) for k in varying]
+        cells.append(Cell(str(int(row["n"])), float(row["n"])))
+        for m, _, _ in metrics:
+            value = float(row[m])
+            cells.append(Cell(num(value), None if math.isnan(value) else value,
+                              best=best_idx.get(m) == i))  # fmt: skip
+        rows.append(cells)
+    cols = [*varying, "n", *(f"{t} ({m})" for m, t, _ in metrics)]
+    fixed = {k: frame[k].iloc[0] for k in keys if k not in varying}
+    sec.blocks += [
+        "Scores per sampler configuration (mean over its runs; ★ best: IS max, FID/KID min)."
+        + (" Same in all: " + ", ".join(f"{k}={v}" for k, v in fixed.items()) if fixed else ""),
+        Table(cols, rows, "generation-table", ctx.csv(frame, "generation")),
+    ]
+    by_id = {r.run_id: r for r in runs}
+    best_runs = sorted(
+        (by_id[rid] for rids in frame["runs"] for rid in str(rids).split()),
+        key=lambda r: r.metric("gen/fid") or math.inf,
+    )[:3]
+    for run in best_runs:
+        local = download(
+            ctx.client, run.run_id, "generation/samples.png", ctx.tmp / "gen" / run.run_id
+        )
+        if local is None:
+            continue
+        path, rel = ctx.figure(f"samples-{run.run_id[:12]}")
+        shutil.copyfile(local, path)
+        fid = run.metric("gen/fid")
+        sec.blocks.append(Image(rel, f"samples of run {run.run_id} (FID {num(fid)})"))
+    return sec
+
+
+SECTIONS: tuple[Callable[[Context], Section], ...] = (
+    header_section,
+    leaderboard_section,
+    pareto_section,
+    dynamics_section,
+    energy_section,
+    importance_section,
+    generation_section,
+)
+
+
+def build_report(
+    name: str,
+    tracking_uri: str,
+    out_dir: Path,
+    fmt: str = "html",
+    *,
+    energy_run: str | None = None,
+) -> Path:
+    """Write the report of study ``name`` into ``out_dir``; returns the index file.
+
+    Args:
+        name: the study (MLflow experiment) name, or a generation study's name.
+        tracking_uri: any MLflow tracking URI (``sqlite:///mlflow.db``, ``http://host:5000``).
+        out_dir: output folder (created): ``index.html`` and/or ``index.md``,
+            ``figures/*.png``, ``tables/*.csv``, ``configs/<trial>.yaml``.
+        fmt: ``html``, ``md`` or ``both`` (the returned index is the HTML one then).
+        energy_run: run id or trial id whose energies are histogrammed (default:
+            the best trial by the objective that has ``energies.npz``).
+
+    Raises:
+        ReportError: unknown study, unknown format or energy run.
+    """
+    if fmt not in FORMATS:
+        raise ReportError(f"format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="energy-report-") as scratch:
+        tmp = Path(scratch)
+        data = load_study(name, tracking_uri, tmp)
+        ctx = Context(data, out, tmp, energy_run)
+        sections = []
+        for builder in SECTIONS:
+            try:
+                sections.append(builder(ctx))
+            except ReportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one broken section never hides the rest
+                sec = Section(builder.__name__.removesuffix("_section"), builder.__name__)
+                sec.has_data, sec.empty = False, f"this section failed: {exc!r}"
+                sec.blocks.append(Pre(traceback.format_exc()))
+                sections.append(sec)
+    title = f"Study report: {name}"
+    subtitle = f"Generated {_date(int(dt.datetime.now(dt.UTC).timestamp() * 1000))} from MLflow"
+    index = out / ("index.md" if fmt == "md" else "index.html")
+    if fmt in ("md", "both"):
+        (out / "index.md").write_text(render_markdown(title, subtitle, sections))
+    if fmt in ("html", "both"):
+        (out / "index.html").write_text(render_html(title, subtitle, sections))
+    return index
