@@ -113,6 +113,11 @@ def header_section(ctx: Context) -> Section:
         ("ended", _date(end)),
         ("git commit", tags.get("git_commit", "-")),
         ("hardware", tags.get("version.platform", "-")),
+        *[
+            (f"hardware: {k.removeprefix('hardware.')}", tags[k])
+            for k in sorted(tags)
+            if k.startswith("hardware.")
+        ],
         ("trial hosts", ", ".join(hosts) or "-"),
     ]
     resources = {k: data.spec.get(k) for k in ("workers_per_trial", "cpus_per_worker")}

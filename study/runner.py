@@ -103,6 +103,33 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _hardware() -> dict[str, str]:
+    """The driver machine: CPU model, cores, memory and GPUs (for reports)."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": str(os.cpu_count() or "?")}
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        out["memory_gib"] = f"{pages / 2**30:.1f}"
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        out["gpus"] = ", ".join(
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        )
+    else:
+        out["gpus"] = "none"
+    return out
+
+
 def init_ray(address: str | None, verbose: bool = False) -> None:
     """Join ``address`` or start a local cluster; workers get the faster health check."""
     import ray
@@ -137,7 +164,11 @@ def open_parent_run(spec: StudySpec) -> tuple[MlflowTracker, str]:
         tracker.log_params(run_id, flatten({k: v for k, v in spec.to_dict().items()}))
         tracker.set_tags(
             run_id,
-            {"git_commit": _git_commit(), **{f"version.{k}": v for k, v in _versions().items()}},
+            {
+                "git_commit": _git_commit(),
+                **{f"version.{k}": v for k, v in _versions().items()},
+                **{f"hardware.{k}": v for k, v in _hardware().items()},
+            },
         )
         space_file = spec.load_space().source
         tracker.log_artifact(run_id, space_file, "spec")

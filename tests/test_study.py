@@ -88,7 +88,7 @@ def test_study_records_every_trial_in_mlflow_and_exports_a_trainable_config(tmp_
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     assert parent.data.tags["git_commit"]
-    assert "version.torch" in parent.data.tags
+    assert "version.torch" in parent.data.tags and "hardware.cpu" in parent.data.tags
     assert {"spec/smoke.yaml", "spec/study.yaml"} <= artifacts(spec, parent.info.run_id)
 
     runs = child_runs(spec)
