@@ -12,7 +12,8 @@ afterwards. After every step the point is projected onto the ε-ball and
 clamped to [0, 1]. For ``kl``, ``p(·|x)`` is computed once per batch (the
 TRADES reference code recomputes it at every step). Input gradients come from
 ``torch.autograd.grad`` so no parameter gradient is computed or accumulated,
-and there is no host synchronisation inside the step loop.
+and there is no host synchronisation inside the step loop. Under an autocast
+context (bf16 training) the model runs in bf16 and the objective in fp32.
 """
 
 from __future__ import annotations
@@ -99,11 +100,11 @@ class PGD:
             logp_nat = None
             if self.objective == "kl" and self.steps > 0:
                 with torch.no_grad():
-                    logp_nat = F.log_softmax(model(x), dim=1)
+                    logp_nat = F.log_softmax(model(x).float(), dim=1)
             x_adv = self._start(x)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
-                logits = model(x_adv)
+                logits = model(x_adv).float()  # under autocast: the loss in fp32
                 if logp_nat is None:
                     loss = F.cross_entropy(logits, y, reduction="sum")
                 else:

@@ -25,6 +25,7 @@ from trainables.errors import ConfigError, UserError
 LR_SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -76,6 +77,15 @@ class TrainConfig:
     # --- runtime --------------------------------------------------------------
     device: str = "auto"  #: auto | cpu | cuda
     num_threads: int | None = None  #: torch intra-op threads (None = leave as is)
+    #: precision of the training attack and training step: ``auto`` (bf16 autocast on
+    #: CUDA for methods whose numerics allow it, ``MethodSpec.bf16``; fp32 on the CPU),
+    #: ``bf16`` (autocast wherever the device supports it) or ``fp32``. Evaluation
+    #: (validation, test, AutoAttack) always runs in fp32.
+    precision: str = "auto"
+    #: channels_last (NHWC) memory format for model and inputs; None = auto (on for
+    #: CUDA, off on the CPU)
+    channels_last: bool | None = None
+    compile: bool = False  #: torch.compile the model for attacks, training and evaluation
     output_dir: str = "runs/train"  #: where checkpoints and metrics are written
 
     # ------------------------------------------------------------------------
@@ -145,6 +155,7 @@ class TrainConfig:
         _choice("augment", self.augment, AUGMENTS)
         _choice("norm", self.norm, ("linf", "l2"))
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
         _choice("aa_version", self.aa_version, ("standard", "custom", "plus", "rand"))
         resolve_weight_params(self.weight_fn, self.weight_params)
         if self.beta is not None:

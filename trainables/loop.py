@@ -9,10 +9,17 @@ one train-mode forward of ``x`` (if the method uses it) and of ``x*``, the
 method's loss, one backward, one SGD step, one learning-rate update. Running
 sums stay on the device; they are read once per epoch (no host sync in the
 inner loop).
+
+Speed options (config keys ``precision``, ``channels_last``, ``compile``): the
+training attack and training step may run under bf16 autocast, the model in
+channels_last format and through ``torch.compile``; evaluation always runs in
+fp32. Datasets stay in host memory as tensors (no loader processes); on CUDA
+each batch is gathered there, pinned and copied asynchronously.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -39,12 +46,23 @@ from trainables.data import (
 from trainables.energy import joint_energy, marginal_energy
 from trainables.errors import CheckpointError, TrainingDiverged
 from trainables.methods import METHODS, compute_loss, method_hparams
-from trainables.models import create_model
+from trainables.models import accelerate, create_model
 from trainables.reporting import NullReporter, Reporter
 
 #: Config keys that may differ between a checkpoint and the run resuming it.
 RUNTIME_KEYS = frozenset(
-    {"device", "num_threads", "output_dir", "aa_n", "aa_version", "aa_attacks", "test_subset"}
+    {
+        "device",
+        "num_threads",
+        "output_dir",
+        "aa_n",
+        "aa_version",
+        "aa_attacks",
+        "test_subset",
+        "precision",
+        "channels_last",
+        "compile",
+    }
 )
 
 
@@ -76,6 +94,35 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError("device = 'cuda' but no CUDA device is available; use auto or cpu")
     return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the training attack and step (None = fp32).
+
+    ``auto`` is bf16 on CUDA devices that support it, for methods whose numerics
+    allow it (``MethodSpec.bf16``), and fp32 on the CPU; ``bf16`` asks for it on
+    any device (CPU autocast works too; whether it pays depends on the CPU's bf16
+    support, see bench/README.md).
+    """
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and METHODS.get(cfg.method).bf16 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
+    """``channels_last`` as set, or by default on for CUDA and off on the CPU."""
+    return device.type == "cuda" if cfg.channels_last is None else bool(cfg.channels_last)
+
+
+def precision_context(dtype: torch.dtype | None, device: torch.device):
+    """Autocast to ``dtype`` on ``device`` (a no-op context for None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -134,7 +181,11 @@ def evaluate(
     sums = torch.zeros(7, dtype=torch.float64, device=device)
     kept: dict[str, list[Tensor]] = {}
     n = len(data)
-    for x, y in iterate_batches(data, batch_size, shuffle=False, seed=0, epoch=0, device=device):
+    pin = device.type == "cuda"
+    batches = iterate_batches(
+        data, batch_size, shuffle=False, seed=0, epoch=0, device=device, pin_memory=pin
+    )
+    for x, y in batches:
         with torch.no_grad():
             logits = model(x)
         if attack is not None:
@@ -168,7 +219,7 @@ def evaluate(
                 ("joint_energy_nat", ej_nat),
                 ("joint_energy_adv", ej_adv),
             ):
-                kept.setdefault(k, []).append(v.detach().cpu())
+                kept.setdefault(k, []).append(v.detach())  # read once, at the end
     model.train(was_training)
     s = (sums / max(n, 1)).tolist()
     var = max(s[5] - s[4] ** 2, 0.0)
@@ -181,7 +232,7 @@ def evaluate(
         "delta_energy_std": math.sqrt(var),
         "delta_energy_joint": s[6],
     }
-    samples = {k: torch.cat(v).numpy() for k, v in kept.items()} if keep_samples else None
+    samples = {k: torch.cat(v).cpu().numpy() for k, v in kept.items()} if keep_samples else None
     return metrics, samples
 
 
@@ -243,10 +294,17 @@ def train(
     model = create_model(
         cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.model_kwargs
     ).to(device)
+    # speed options: `fast` shares the model's parameters (checkpoints come from `model`)
+    channels_last = use_channels_last(cfg, device)
+    fast = accelerate(model, channels_last=channels_last, compile=cfg.compile)
+    net = fast
+    if wrap_model is not None:
+        net = accelerate(wrap_model(model), channels_last=channels_last, compile=cfg.compile)
+    amp = autocast_dtype(cfg, device)
+    pin = device.type == "cuda"
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    net = wrap_model(model) if wrap_model is not None else model
     writer = rank == 0
     steps_per_epoch = num_batches(len(data.train), cfg.batch_size, world_size=world_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -289,7 +347,8 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
-        sums = torch.zeros(5, device=device)  # loss·B, correct nat, correct adv, weight·B, B
+        sums = torch.zeros(4, device=device)  # loss·B, correct nat, correct adv, weight·B
+        zero, one, count = sums.new_zeros(()), sums.new_ones(()), 0
         batches = iterate_batches(
             data.train,
             cfg.batch_size,
@@ -300,6 +359,7 @@ def train(
             augment=data.augment,
             rank=rank,
             world_size=world_size,
+            pin_memory=pin,
         )
         for x, y in batches:
             lr = lr_at(step, total_steps, cfg)
@@ -307,35 +367,36 @@ def train(
                 group["lr"] = lr
 
             # the algorithm: attack, forward, loss, step
-            x_adv = attack(model, x, y) if attack is not None else None
-            logits_nat = net(x) if spec.needs_nat else None
-            logits_adv = net(x_adv) if x_adv is not None else None
+            with precision_context(amp, device):
+                x_adv = attack(fast, x, y) if attack is not None else None
+                logits_nat = net(x).float() if spec.needs_nat else None
+                logits_adv = net(x_adv).float() if x_adv is not None else None
             loss, diag = compute_loss(cfg.method, logits_nat, logits_adv, y, **hparams, epoch=epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
 
-            # bookkeeping, on the device
-            b = y.new_tensor(y.shape[0], dtype=torch.float32)
+            # bookkeeping, on the device (the batch size is known on the host)
+            b = y.shape[0]
+            count += b
             with torch.no_grad():
                 sums += torch.stack(
                     [
                         loss.detach() * b,
-                        (logits_nat.argmax(1) == y).sum() if logits_nat is not None else b * 0,
-                        (logits_adv.argmax(1) == y).sum() if logits_adv is not None else b * 0,
-                        diag.get("mean_weight", b.new_ones(())) * b,
-                        b,
+                        (logits_nat.argmax(1) == y).sum() if logits_nat is not None else zero,
+                        (logits_adv.argmax(1) == y).sum() if logits_adv is not None else zero,
+                        diag.get("mean_weight", one) * b,
                     ]
                 ).float()
             if bar is not None:
                 bar.update(1)
+        loss_sum, correct_nat, correct_adv, weight_sum = sums.tolist()  # the epoch's one read
         train_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        val, _ = evaluate(model, val_data, val_attack, batch_size=cfg.batch_size, device=device)
+        val, _ = evaluate(fast, val_data, val_attack, batch_size=cfg.batch_size, device=device)
         val_s = time.perf_counter() - t1
-        loss_sum, correct_nat, correct_adv, weight_sum, count = sums.tolist()
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(
                 f"training diverged: train/loss is {loss_sum / count} in epoch {epoch + 1} "
@@ -392,7 +453,7 @@ def train(
     if not writer:
         reporter.final({}, {})
         return TrainResult(out, best_epoch, history, {}, {})
-    test_metrics, artifacts = final_evaluation(cfg, model, data, out, device=device)
+    test_metrics, artifacts = final_evaluation(cfg, model, data, out, device=device, view=fast)
     test_metrics["best_epoch"] = float(best_epoch)
     test_metrics["best/val_pgd_acc"] = best_score
     artifacts.update(
@@ -409,15 +470,20 @@ def final_evaluation(
     out: Path,
     *,
     device: torch.device,
+    view: nn.Module | None = None,
 ) -> tuple[dict[str, float], dict[str, Path]]:
     """Load ``best.pt`` into ``model`` and measure clean, PGD-``eval_steps`` and
     AutoAttack accuracy on the test set; writes per-sample energies to
-    ``energies.npz`` (for energy histograms)."""
+    ``energies.npz`` (for energy histograms).
+
+    ``view`` (from :func:`~trainables.models.accelerate`, sharing ``model``'s
+    parameters) runs the PGD evaluation; AutoAttack always gets the bare model.
+    """
     best = load_checkpoint(out / "checkpoints" / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
     test = data.test.subset(cfg.test_subset, seed=cfg.split_seed)
     metrics, samples = evaluate(
-        model,
+        view if view is not None else model,
         test,
         eval_attack(cfg, cfg.eval_steps),
         batch_size=cfg.batch_size,
