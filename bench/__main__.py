@@ -1,0 +1,459 @@
+"""``python -m bench [--quick] [--only 1,2,...] [--out FILE] [--no-wait]``.
+
+Runs the benchmarks of ``bench/README.md``, prints one table and writes every
+figure with the machine description to ``bench/results/<date>-<label>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    GUARD,
+    REPO,
+    OtherWork,
+    load_average,
+    machine,
+    wait_for_idle,
+    wait_for_quiet,
+)
+
+FIGURES = ("1", "2", "3", "4", "5", "6", "paths")
+
+
+def _x(v: float | None, digits: int = 2, unit: str = "") -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def _met(flag: bool | None) -> str:
+    return {True: "yes", False: "NO", None: ""}[flag]
+
+
+def table(res: dict[str, Any]) -> list[list[str]]:
+    """Rows: figure, what, value, target, met."""
+    rows: list[list[str]] = []
+    f = res.get("1")
+    if f:
+        rows.append(
+            [
+                "1",
+                "TRADES K=10 batch (s): ours / reference / floor",
+                " / ".join(
+                    f"{f[k]:.3f}" for k in ("ours_batch_s", "reference_batch_s", "floor_batch_s")
+                ),
+                "",
+                "",
+            ]
+        )
+        t = f["targets"]
+        rows.append(
+            [
+                "1",
+                "ours faster than the TRADES-style reference",
+                _x(f["speedup_vs_reference"], 2, "x"),
+                ">= 1.2x",
+                _met(t["speedup_vs_reference"]["met"]),
+            ]
+        )
+        rows.append(
+            [
+                "1",
+                "ours / arithmetic floor ((K+1) input-grad passes + 1 training step)",
+                _x(f["ours_over_floor"], 3),
+                "<= 1.1",
+                _met(t["ours_over_floor"]["met"]),
+            ]
+        )
+        rows.append(
+            [
+                "1",
+                "ours / TRADES floor (p(x) + K input-grad passes + TRADES step, bare)",
+                _x(f["ours_over_trades_floor"], 3),
+                "",
+                "",
+            ]
+        )
+        b = f.get("breakdown")
+        if b:
+            ms = list(b["ms"].values())
+            rows.append(
+                [
+                    "1",
+                    "ms: attack + TRADES step + batch | (K+1) input-grads + plain step",
+                    f"{ms[0]:.0f} + {ms[1]:.0f} + {ms[2]:.1f} | {ms[3]:.0f} + {ms[4]:.0f}",
+                    "",
+                    "",
+                ]
+            )
+    f = res.get("2")
+    if f:
+        t = f["targets"]
+        for backend in ("direct", "train"):
+            rows.append(
+                [
+                    "2",
+                    f"per-epoch time, study run ({backend}) / in-process",
+                    _x(t[f"{backend}_per_epoch_ratio"]["value"], 3),
+                    "<= 1.05",
+                    _met(t[f"{backend}_per_epoch_ratio"]["met"]),
+                ]
+            )
+            rows.append(
+                [
+                    "2",
+                    f"fixed start-up per trial, {backend} backend (s)",
+                    _x(t[f"{backend}_fixed_startup_s"]["value"], 1),
+                    "<= 15",
+                    _met(t[f"{backend}_fixed_startup_s"]["met"]),
+                ]
+            )
+        main = f["by_epochs"][str(f["setup"]["epochs"][-1])]
+        rows.append(
+            [
+                "2",
+                f"wall (s) of {f['setup']['epochs'][-1]} epochs: in-process / direct / train",
+                " / ".join(_x(main[k]["wall_s"], 1) for k in ("in_process", "direct", "train")),
+                "",
+                "",
+            ]
+        )
+        sb = f.get("startup_breakdown")
+        if sb:
+            tt = sb["torch_trainer_noop"]
+            rows.append(
+                [
+                    "2",
+                    "no-op TorchTrainer.fit (s): total = to worker process + worker start "
+                    "to loop + loop end to return",
+                    f"{tt['fit_s']:.1f} = {tt['until_worker_process_s']:.1f} + "
+                    f"{tt['worker_process_to_loop_s']:.1f} + {tt['loop_end_to_fit_return_s']:.1f}",
+                    "",
+                    "",
+                ]
+            )
+            imp = sb["fresh_interpreter_import_s"]
+            rows.append(
+                [
+                    "2",
+                    "no-op Tune function trial (s); fresh-process import of torch / "
+                    "trainables.loop / ray.train.torch (s)",
+                    f"{sb['tune_function_trial_noop_s']:.1f}; "
+                    + " / ".join(f"{v:.1f}" for v in imp.values()),
+                    "",
+                    "",
+                ]
+            )
+        once = f["once_per_study_s"]
+        rows.append(
+            [
+                "2",
+                "once per study (s): Ray cluster start / MLflow store creation",
+                f"{once['ray_cluster_start']:.1f} / {once['mlflow_store']:.1f}",
+                "",
+                "",
+            ]
+        )
+    f = res.get("3")
+    if f:
+        rows.append(
+            [
+                "3",
+                "2 one-CPU trials: throughput at once / one after the other",
+                _x(f["throughput_ratio"], 2, "x"),
+                ">= 1.7x",
+                _met(f["targets"]["throughput_ratio"]["met"]),
+            ]
+        )
+        rows.append(
+            [
+                "3",
+                "wall (s): sequential / concurrent; epoch-time slowdown when concurrent",
+                f"{f['sequential_wall_s']:.1f} / {f['concurrent_wall_s']:.1f}; "
+                f"{f['compute_slowdown_when_concurrent']:.2f}x",
+                "",
+                "",
+            ]
+        )
+        th = f["threads"]
+        utils = [u for r in f["runs"]["concurrent"] for u in r["trial_process_cpu_util"]]
+        rows.append(
+            [
+                "3",
+                "OMP_NUM_THREADS set by Ray (1/2-CPU actor); torch threads after adapter",
+                f"{th['1_cpu']['OMP_NUM_THREADS']}/{th['2_cpu']['OMP_NUM_THREADS']}; "
+                f"{th['1_cpu']['torch_threads_after_adapter']}/"
+                f"{th['2_cpu']['torch_threads_after_adapter']}",
+                "= CPUs",
+                _met(
+                    th["1_cpu"]["torch_threads_after_adapter"] == 1
+                    and th["2_cpu"]["torch_threads_after_adapter"] == 2
+                ),
+            ]
+        )
+        if utils:
+            rows.append(
+                [
+                    "3",
+                    "CPUs used by each concurrent 1-CPU trial process (avg)",
+                    ", ".join(f"{u:.2f}" for u in utils),
+                    "<= ~1",
+                    _met(max(utils) <= 1.1),
+                ]
+            )
+    f = res.get("4")
+    if f:
+        for key, label in (("cifar_jpeg", "CIFAR-10 JPEG"), ("digits_default", "digits default")):
+            name = "cifar_val_share" if key == "cifar_jpeg" else "digits_val_share"
+            rows.append(
+                [
+                    "4",
+                    f"validation share of an epoch, {label} (val {f['setup']['val_subset']}, "
+                    f"PGD-{f['setup']['val_attack_steps']})",
+                    _x(100 * f[key]["val_share"], 1, "%"),
+                    "<= 15%",
+                    _met(f["targets"][name]["met"]),
+                ]
+            )
+        fe = f["final_evaluation"]
+        rows.append(
+            [
+                "4",
+                f"final test evaluation once (PGD-{fe['eval_steps']} on {fe['test_points']}, "
+                f"AutoAttack on {fe['aa_n']}) (s)",
+                _x(fe["seconds"], 1),
+                "once",
+                "",
+            ]
+        )
+    f = res.get("5")
+    if f:
+        for steps, r in f["steps"].items():
+            rows.append(
+                [
+                    "5",
+                    f"SGLD N={steps} img/s: sampler / floor ({f['sampler'][:28]})",
+                    f"{r['sampler_images_per_s']:.0f} / {r['floor_images_per_s']:.0f} "
+                    f"({r['sampler_over_floor']:.2f}x floor time)",
+                    "",
+                    "",
+                ]
+            )
+    f = res.get("6")
+    if f:
+        rows.append(
+            [
+                "6",
+                "peak RSS (MiB): tiny trial process / same training in a fresh process",
+                f"{_x(f['trial_peak_rss_mib'], 0)} / {_x(f['in_process_peak_rss_mib'], 0)}",
+                "",
+                "",
+            ]
+        )
+        peaks = [
+            r.get("trial_peak_rss_mib")
+            for runs in res.get("2", {}).get("runs", {}).get("direct", {}).values()
+            for r in runs
+        ]
+        if any(peaks):
+            rows.append(
+                [
+                    "6",
+                    "peak RSS (MiB) of the figure-2 trial (CIFAR JPEG, direct)",
+                    _x(max(p for p in peaks if p), 0),
+                    "",
+                    "",
+                ]
+            )
+        rows.append(
+            [
+                "6",
+                f"driver RSS growth over a {f['setup']['trials']}-trial study (MiB/trial); peak",
+                f"{_x(f['driver_rss_growth_mib_per_trial'], 2)}; "
+                f"{_x(f['driver_peak_rss_mib'], 0)} MiB",
+                "~0",
+                _met(f["targets"]["driver_growth_per_trial_mib"]["met"]),
+            ]
+        )
+    f = res.get("paths")
+    if f:
+        for name, r in f["options"].items():
+            if name.startswith("default"):
+                rows.append(["P", f"TRADES batch, {name} (s)", _x(r["batch_s"], 3), "", ""])
+                continue
+            extra = ""
+            if "compile_overhead_s" in r:
+                extra = f"; compiling {r['compile_overhead_s']:.0f} s"
+            rows.append(
+                [
+                    "P",
+                    f"{name} on this CPU: speed-up per batch",
+                    f"{r['speedup']:.2f}x{extra}",
+                    "off on CPU",
+                    "",
+                ]
+            )
+        bk = f["bookkeeping_s_per_batch"]
+        rows.append(
+            [
+                "P",
+                "epoch bookkeeping per batch (us): before / after",
+                f"{1e6 * bk['before']:.0f} / {1e6 * bk['after']:.0f}",
+                "no sync",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "P",
+                "data: batches of an epoch from memory / epoch training time",
+                _x(100 * f["data"]["share"], 2, "%"),
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
+def render(rows: list[list[str]]) -> str:
+    head = ["fig", "measure", "value", "target", "met"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (about 10 min on 2 cores)")
+    ap.add_argument("--only", default=",".join(FIGURES), help="figures to run, e.g. 1,5,paths")
+    ap.add_argument("--out", default=None, help="JSON file (default bench/results/<date>-<label>)")
+    ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
+    ap.add_argument("--max-wait", type=float, default=20.0, help="minutes to wait (default 20)")
+    ap.add_argument("--load-threshold", type=float, default=0.7, help="1-min load to wait for")
+    args = ap.parse_args(argv)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(FIGURES)
+    if unknown:
+        ap.error(f"unknown figure(s) {sorted(unknown)}; choose from {', '.join(FIGURES)}")
+
+    import torch
+
+    torch.set_num_threads(2 if (torch.get_num_threads() >= 2) else 1)
+    wait = (
+        {"waited_s": 0.0, "quiet": None, "load_at_start": load_average()}
+        if args.no_wait
+        else wait_for_quiet(args.load_threshold, 60 * args.max_wait)
+    )
+    info = machine()
+    started = time.time()
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    loads: dict[str, list[float]] = {}
+
+    idle: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    GUARD.enabled = not args.no_wait
+
+    def settle(name: str) -> None:
+        if not args.no_wait:
+            idle[name] = wait_for_idle(60 * args.max_wait / 2)
+
+    def step(name: str, fn) -> None:
+        settle(name)
+        t = time.perf_counter()
+        print(f"[bench] figure {name} ...", flush=True)
+        with OtherWork() as work:
+            try:
+                results[name] = fn()
+            except Exception:  # noqa: BLE001 - report and go on with the other figures
+                errors[name] = traceback.format_exc()
+                print(errors[name], file=sys.stderr, flush=True)
+        other[name] = work.summary()
+        loads[name] = load_average()
+        print(f"[bench] figure {name}: {time.perf_counter() - t:.0f} s", flush=True)
+
+    if "1" in only:
+        from bench import attack_step
+
+        step("1", lambda: attack_step.run(args.quick))
+        if "1" in results:
+            results["1"]["passes"] = attack_step.passes_per_batch()
+    if "5" in only:
+        from bench import sampler
+
+        step("5", lambda: sampler.run(args.quick))
+    if "paths" in only:
+        from bench import paths
+
+        step("paths", lambda: paths.run(args.quick))
+    ray_figs = only & {"2", "3", "6"}
+    if ray_figs:
+        from bench import platform_overhead
+
+        settle("2,3,6")
+        t = time.perf_counter()
+        with OtherWork() as work:
+            try:
+                results.update(platform_overhead.run(args.quick, ray_figs))
+            except Exception:  # noqa: BLE001
+                errors["ray"] = traceback.format_exc()
+                print(errors["ray"], file=sys.stderr, flush=True)
+        other["2,3,6"] = work.summary()
+        loads["2,3,6"] = load_average()
+        print(f"[bench] figures {sorted(ray_figs)}: {time.perf_counter() - t:.0f} s", flush=True)
+    if "4" in only:
+        from bench import evaluation
+
+        history = results.get("2", {}).pop("history_in_process", None)
+        step("4", lambda: evaluation.run(args.quick, history))
+    results.get("2", {}).pop("history_in_process", None)
+
+    rows = table(results)
+    rows.append(
+        [
+            "-",
+            "CPU share other processes took during each figure",
+            ", ".join(f"{k}: {100 * v['other_share_of_machine']:.1f}%" for k, v in other.items()),
+            "~0",
+            _met(all(v["other_share_of_machine"] < 0.05 for v in other.values())),
+        ]
+    )
+    text = render(rows)
+    print(text)
+    date = dt.date.today().isoformat()
+    out = (
+        Path(args.out) if args.out else REPO / "bench" / "results" / f"{date}-{info['label']}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "date": date,
+        "mode": "quick" if args.quick else "full",
+        "machine": info,
+        "load": {
+            **wait,
+            "after_each_figure": loads,
+            "other_work_before_each_figure": idle,
+            "other_processes_during_each_figure": other,
+            "guard_between_timed_pieces": GUARD.summary(),
+            "at_end": load_average(),
+        },
+        "duration_s": round(time.time() - started, 1),
+        "table": [dict(zip(["fig", "measure", "value", "target", "met"], r)) for r in rows],
+        "figures": results,
+        "errors": errors,
+    }
+    out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"[bench] {time.time() - started:.0f} s; results in {out}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

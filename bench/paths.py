@@ -1,0 +1,141 @@
+"""The code paths of the issue, each measured before (option off) and after (on).
+
+Every row times the real epoch loop on the figure-1 workload (TRADES K = 10,
+small CNN, CIFAR-10 JPEG folder, batch 128), alternating the variants in the
+same process: seconds per batch of the epochs after the first.
+
+* ``channels_last`` and ``precision: bf16`` (autocast) are off on the CPU by
+  default; here they are forced on to measure what they do on this CPU.
+* ``compile``: ``torch.compile`` of the model; the first epoch pays the
+  compilation, reported separately.
+* Bookkeeping: the per-batch accumulation before (a tensor built from the batch
+  size, ``y.new_tensor(B)``: on CUDA a host-to-device copy that waits for the
+  GPU) and after (the batch size stays a host integer).
+* Data: time to iterate one epoch of batches (gather, to float, crop + flip)
+  against the epoch's training time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from bench.attack_step import base_config as fig1_config
+from bench.attack_step import ours_batch_seconds
+from bench.common import GUARD, alternate, cifar_jpeg, median
+from trainables.data import iterate_batches
+
+
+def _bookkeeping(repeats: int) -> dict[str, float]:
+    """Seconds per batch of the two ways to accumulate the epoch sums (CPU)."""
+    y = torch.randint(0, 10, (128,))
+    logits = torch.randn(128, 10)
+    loss = torch.tensor(1.0)
+    n = 2000
+
+    def before() -> float:
+        sums = torch.zeros(5)
+        t = time.perf_counter()
+        for _ in range(n):
+            b = y.new_tensor(y.shape[0], dtype=torch.float32)
+            sums += torch.stack(
+                [loss * b, (logits.argmax(1) == y).sum(), b * 0, b.new_ones(()) * b, b]
+            ).float()
+        return (time.perf_counter() - t) / n
+
+    def after() -> float:
+        sums = torch.zeros(4)
+        zero, one, count = sums.new_zeros(()), sums.new_ones(()), 0
+        t = time.perf_counter()
+        for _ in range(n):
+            b = y.shape[0]
+            count += b
+            sums += torch.stack([loss * b, (logits.argmax(1) == y).sum(), zero, one * b]).float()
+        return (time.perf_counter() - t) / n
+
+    times = alternate({"before": before, "after": after}, repeats)
+    return {k: median(v) for k, v in times.items()}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    data = cifar_jpeg()
+    n_batches, epochs = (6, 3) if quick else (10, 4)
+    repeats = 2 if quick else 5
+    variants = {
+        "default (fp32, NCHW, eager)": {},
+        "channels_last": {"channels_last": True},
+        "bf16 autocast": {"precision": "bf16"},
+    }
+    runs = {
+        name: (
+            lambda extra=extra: ours_batch_seconds(fig1_config(n_batches, epochs, **extra), data)[0]
+        )
+        for name, extra in variants.items()
+    }
+    times = alternate(runs, repeats)
+    base = median(times["default (fp32, NCHW, eager)"])
+    rows = {name: {"batch_s": median(t), "speedup": base / median(t)} for name, t in times.items()}
+
+    # torch.compile: the first epoch compiles; the steady state is what the option buys
+    compile_runs: dict[str, list[float]] = {"eager": [], "compile": []}
+    first_epoch: list[float] = []
+    for _ in range(1 if quick else 2):
+        GUARD.wait()
+        torch._dynamo.reset()  # a fresh cache per run (new model objects otherwise recompile)
+        with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
+            # a cold compilation: no kernels from earlier runs on this machine
+            old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            try:
+                t, per_epoch = ours_batch_seconds(
+                    fig1_config(n_batches, epochs, compile=True), data
+                )
+            finally:
+                if old is None:
+                    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+                else:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+        compile_runs["compile"].append(t)
+        first_epoch.append(per_epoch[0] * n_batches)
+        compile_runs["eager"].append(ours_batch_seconds(fig1_config(n_batches, epochs), data)[0])
+    eager, compiled = median(compile_runs["eager"]), median(compile_runs["compile"])
+    rows["torch.compile"] = {
+        "batch_s": compiled,
+        "speedup": eager / compiled,
+        "eager_batch_s": eager,
+        "first_epoch_s": median(first_epoch),
+        "compile_overhead_s": median(first_epoch) - compiled * n_batches,
+    }
+
+    # data: one epoch of batches from memory (full training set) vs the epoch's training
+    train = data.train
+    t_data = []
+    GUARD.wait()
+    for r in range(3):
+        t = time.perf_counter()
+        for _ in iterate_batches(train, 128, shuffle=True, seed=0, epoch=r, augment=data.augment):
+            pass
+        t_data.append(time.perf_counter() - t)
+    n_full = -(-len(train) // 128)
+    epoch_train_s = base * n_full
+    return {
+        "setup": {
+            "workload": "figure 1 (TRADES K=10, small_cnn, batch 128, CIFAR-10 JPEG)",
+            "batches_per_epoch": n_batches,
+            "epochs_per_run": epochs,
+            "repeats": repeats,
+        },
+        "options": rows,
+        "raw_s": {**times, **{f"compile/{k}": v for k, v in compile_runs.items()}},
+        "bookkeeping_s_per_batch": _bookkeeping(3),
+        "data": {
+            "epoch_iterate_s": median(t_data),
+            "epoch_train_s_estimate": epoch_train_s,
+            "share": median(t_data) / epoch_train_s,
+            "images": len(train),
+        },
+    }
