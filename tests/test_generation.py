@@ -18,15 +18,38 @@ from study.tracking import TAG_ROLE, TAG_STUDY, MlflowTracker
 from trainables.data import load_data, to_float
 from trainables.errors import ConfigError
 from trainables.generation import (
+    CACHE_ENV,
+    NOISE_IS_STD,
     fit_class_stats,
+    grid_to_uint8,
     initial_images,
+    sample_grid,
+    save_grid,
     sgld_sample,
     sgld_step,
 )
-from trainables.scores import INCEPTION_FILE, MissingWeightsError, generation_scores
+from trainables.models import create_model
+from trainables.scores import (
+    INCEPTION,
+    INCEPTION_FILE,
+    INCEPTION_URL,
+    MissingWeightsError,
+    generation_scores,
+)
 
 PLUGIN = str(Path(__file__).with_name("standin_extractor.py"))
 STANDIN = "energy-study-standin"
+
+
+@pytest.fixture(scope="module")
+def standin():
+    """Register the stand-in extractor with torch-fidelity (test-only; see its docstring)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("standin_extractor", PLUGIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NAME
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +90,50 @@ def trained(tmp_path_factory):
 def test_pca_component_counts_match_numpy(digits, stats) -> None:
     x = to_float(digits.train.x).flatten(1).double().numpy()
     y = digits.train.y.numpy()
-    for c in (0, 3, 7):
-        cov = np.cov(x[y == c], rowvar=False)
+    for c in (0, 3, 7, 9):
+        xc = x[y == c]
+        cov = np.cov(xc, rowvar=False)
         eig = np.sort(np.linalg.eigh(cov)[0])[::-1].clip(min=0)
         ratio = np.cumsum(eig) / eig.sum()
-        for frac in (0.5, 0.9, 0.95, 0.99, 1.0):
-            expected = int(np.searchsorted(ratio, frac - 1e-12) + 1)
+        for frac in (0.1, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0):
+            # smallest k with ratio[k - 1] >= frac (1e-12: round-off at exactly 1.0)
+            expected = int(np.argmax(ratio >= frac - 1e-12)) + 1
             assert stats.kept_components(c, frac) == expected, (c, frac)
-        np.testing.assert_allclose(stats.variances[c][:5].numpy(), eig[:5], rtol=1e-4)
+        assert stats.kept_components(c, 0.9) < stats.kept_components(c, 0.99) < 64
+        np.testing.assert_allclose(stats.variances[c][:10].numpy(), eig[:10], rtol=1e-4)
+        # λ_i: singular values of the centred data matrix, = sqrt((n - 1) eigenvalue)
+        sv = np.linalg.svd(xc - xc.mean(0), compute_uv=False)
+        np.testing.assert_allclose(stats.singular_values[c][:10].numpy(), sv[:10], rtol=1e-4)
+        np.testing.assert_allclose(sv[:10] ** 2 / (len(xc) - 1), eig[:10], rtol=1e-4)
+
+
+def test_gaussian_init_has_the_class_mean_and_covariance(digits, stats) -> None:
+    x = to_float(digits.train.x).flatten(1).double().numpy()
+    xc = x[digits.train.y.numpy() == 4]
+    mu, cov = xc.mean(0), np.cov(xc, rowvar=False)
+    y = torch.full((20000,), 4)
+    raw = initial_images("gaussian", stats, y, torch.Generator().manual_seed(1), clamp=False)
+    draws = raw.flatten(1).double().numpy()
+    assert np.abs(draws.mean(0) - mu).max() < 0.01
+    rel = np.linalg.norm(np.cov(draws, rowvar=False) - cov) / np.linalg.norm(cov)
+    assert rel < 0.05, rel
+    clamped = initial_images("gaussian", stats, y[:500], torch.Generator().manual_seed(1))
+    assert 0.0 <= clamped.min() and clamped.max() <= 1.0
+    torch.testing.assert_close(clamped, raw[:500].clamp(0, 1))  # same draws, then clamped
+
+
+def test_pca_init_scales_the_kept_components_by_sigma_times_singular_values(stats) -> None:
+    c, sigma = 6, 0.01
+    k = stats.kept_components(c, 0.9)
+    y = torch.full((20000,), c)
+    x0 = initial_images("pca", stats, y, torch.Generator().manual_seed(2), sigma=sigma,
+                        retained_variance=0.9, clamp=False).flatten(1).double()  # fmt: skip
+    centred = x0 - stats.means[c].double()
+    u = stats.components[c].double()
+    coef = centred @ u.T  # coordinates along every component
+    ratio = coef[:, :k].std(0) / (sigma * stats.singular_values[c][:k].double())
+    torch.testing.assert_close(ratio, torch.ones(k, dtype=ratio.dtype), atol=0.03, rtol=0)
+    assert coef[:, k:].abs().max() < 1e-5  # nothing beyond the k kept components
 
 
 def test_initialisations_have_the_claimed_shapes_and_statistics(digits, stats) -> None:
@@ -96,16 +155,26 @@ def test_initialisations_have_the_claimed_shapes_and_statistics(digits, stats) -
     assert abs(float(rnd.mean()) - 0.5) < 0.02
 
 
-def test_class_statistics_are_cached_on_disk(digits, tmp_path) -> None:
+def test_class_statistics_are_cached_on_disk(digits, tmp_path, monkeypatch) -> None:
     x, y = to_float(digits.train.x), digits.train.y
     first = fit_class_stats(x, y, cache_dir=tmp_path, key="digits")
     files = list((tmp_path / "class_stats").glob("digits-*.pt"))
-    assert len(files) == 1 and not first.from_cache
+    assert files == [first.path] and not first.from_cache
+    mtime = first.path.stat().st_mtime_ns
     again = fit_class_stats(x, y, cache_dir=tmp_path, key="digits")
-    assert again.from_cache
+    assert again.from_cache and again.path == first.path
+    assert first.path.stat().st_mtime_ns == mtime  # read, not rewritten
     torch.testing.assert_close(again.means, first.means)
+    for a, b in zip(again.components, first.components):
+        torch.testing.assert_close(a, b)
     other = fit_class_stats(x[:-10], y[:-10], cache_dir=tmp_path, key="digits")
     assert not other.from_cache  # different data, different entry
+    assert len(list((tmp_path / "class_stats").glob("*.pt"))) == 2
+    assert not list((tmp_path / "class_stats").glob("*.tmp"))
+    # the default location follows $ENERGY_STUDY_CACHE
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    from_env = fit_class_stats(x, y, key="digits")
+    assert from_env.path.parent == tmp_path / "env" / "class_stats"
 
 
 def test_bad_generation_inputs_fail_clearly(stats) -> None:
@@ -114,8 +183,19 @@ def test_bad_generation_inputs_fail_clearly(stats) -> None:
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="retained_variance"):
             initial_images("pca", stats, y, g, retained_variance=bad)
-    with pytest.raises(ConfigError, match="initialisation"):
+    with pytest.raises(ConfigError, match="unknown initialisation 'sobol'"):
         initial_images("sobol", stats, y, g)
+    with pytest.raises(ConfigError, match="class statistics"):
+        initial_images("pca", None, y, g)
+    with pytest.raises(ConfigError, match="shape"):
+        initial_images("random", None, y, g)
+    with pytest.raises(ConfigError, match="target classes"):
+        initial_images("gaussian", stats, torch.tensor([10]), g)
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    x0 = torch.rand(2, 1, 8, 8)
+    for bad in ({"momentum": 1.0}, {"noise": -0.1}, {"steps": -1}, {"record_every": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            sgld_sample(model, x0, y, **bad)
     from trainables.gen_config import SamplerConfig
 
     with pytest.raises(ConfigError, match="momentum"):
@@ -148,6 +228,65 @@ def test_one_sgld_step_is_eq7_by_hand(trained) -> None:
     assert not model.training
 
 
+def test_two_sgld_steps_carry_the_momentum_by_hand(trained) -> None:
+    model = trained["model"]
+    assert NOISE_IS_STD
+    x0 = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    y = torch.arange(6)
+    zeta, eta, gamma = 0.8, 0.05, 0.01
+
+    def grad(x):
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(-model(x).gather(1, y[:, None]).sum(), x)[0]
+
+    g = torch.Generator().manual_seed(5)
+    n0, n1 = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    v1 = -eta / 2 * grad(x0)
+    x1 = (x0 + v1 + gamma * n0).clamp(0, 1)
+    v2 = zeta * v1 - eta / 2 * grad(x1)
+    x2 = (x1 + v2 + gamma * n1).clamp(0, 1)  # ε_n = γ·N(0, I): γ is a standard deviation
+    got = sgld_sample(model, x0, y, steps=2, momentum=zeta, step_size=eta, noise=gamma,
+                      generator=torch.Generator().manual_seed(5))  # fmt: skip
+    torch.testing.assert_close(got.images, x2)
+    # ζ = 0, γ = 0: plain gradient descent on the energy
+    plain = sgld_sample(model, x0, y, steps=2, momentum=0.0, step_size=eta, noise=0.0)
+    p1 = (x0 - eta / 2 * grad(x0)).clamp(0, 1)
+    torch.testing.assert_close(plain.images, (p1 - eta / 2 * grad(p1)).clamp(0, 1))
+    e = [-model(x).gather(1, y[:, None]).squeeze(1).mean() for x in (x0, x1, x2)]
+    torch.testing.assert_close(got.energy_target, torch.stack(e).detach())
+
+
+def test_chains_are_per_image_restore_modes_and_leave_parameters_alone() -> None:
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1)
+    model.train()
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    x0 = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(10)
+    whole = sgld_sample(model, x0, y, steps=5, noise=0.0)
+    batched = sgld_sample(model, x0, y, steps=5, noise=0.0, batch_size=3)
+    torch.testing.assert_close(batched.images, whole.images)  # per-image gradients
+    torch.testing.assert_close(batched.energy_target, whole.energy_target)
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    seeded = [
+        sgld_sample(model, x0, y, steps=5, batch_size=4, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
+    torch.testing.assert_close(seeded[0].images, seeded[1].images)
+    sparse = sgld_sample(model, x0, y, steps=7, noise=0.0, record_every=3)
+    assert sparse.trace_steps.tolist() == [0, 3, 6, 7]
+    full = sgld_sample(model, x0, y, steps=7, noise=0.0)
+    assert full.trace_steps.tolist() == list(range(8)) and full.energy_target.shape == (8,)
+    torch.testing.assert_close(sparse.energy_target, full.energy_target[[0, 3, 6, 7]])
+    with torch.no_grad():  # the chain takes its own gradients even inside no_grad
+        inside = sgld_sample(model, x0, y, steps=5, noise=0.0)
+    torch.testing.assert_close(inside.images, whole.images)
+
+
 def test_target_energy_falls_along_the_chain(trained, stats) -> None:
     model = trained["model"]
     g = torch.Generator().manual_seed(0)
@@ -163,12 +302,9 @@ def test_target_energy_falls_along_the_chain(trained, stats) -> None:
     assert res.images.shape == x0.shape and 0 <= res.images.min() and res.images.max() <= 1
 
 
-def test_pca_momentum_sgld_beats_random_noise_on_fid(trained, stats, digits, tmp_path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("standin_extractor", PLUGIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_pca_momentum_sgld_beats_random_noise_on_fid(
+    trained, stats, digits, standin, tmp_path
+) -> None:
     model = trained["model"]
     y = torch.arange(10).repeat_interleave(20)
     ref = to_float(digits.train.x)
@@ -179,20 +315,65 @@ def test_pca_momentum_sgld_beats_random_noise_on_fid(trained, stats, digits, tmp
                             retained_variance=0.95)  # fmt: skip
         res = sgld_sample(model, x0, y, steps=40, momentum=0.8, step_size=0.05, generator=g)
         scores = generation_scores(res.images, ref, reference_key="digits-train", labels=y,
-                                   feature_extractor=STANDIN, cache_dir=tmp_path)  # fmt: skip
+                                   feature_extractor=standin, cache_dir=tmp_path)  # fmt: skip
         fids[init] = scores["gen/fid"]
         assert scores["gen/is"] >= 1.0 and scores["gen/diversity"] > 0
-        assert np.isfinite(scores["gen/kid"])
+        assert np.isfinite(scores["gen/kid"]) and np.isfinite(scores["gen/kid_std"])
     print(f"FID (stand-in extractor): pca+momentum {fids['pca']:.4f}, random {fids['random']:.4f}")
     assert fids["pca"] < fids["random"]
 
 
-def test_missing_inception_weights_say_which_file_and_where(tmp_path) -> None:
+def test_reference_features_are_cached_and_few_samples_score(digits, standin, tmp_path) -> None:
+    ref = to_float(digits.train.x)
+    fake = ref[:7].flip(-1)  # 7 samples: IS splits and KID subset size shrink to fit
+    first = generation_scores(fake, ref, reference_key="digits/train", feature_extractor=standin,
+                              cache_dir=tmp_path)  # fmt: skip
+    files = sorted((tmp_path / "fidelity").glob("digits_train-n*.pt"))
+    assert files, list((tmp_path / "fidelity").iterdir())  # features + FID statistics
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = generation_scores(fake, ref, reference_key="digits/train", feature_extractor=standin,
+                              cache_dir=tmp_path)  # fmt: skip
+    assert again == first and [f.stat().st_mtime_ns for f in files] == mtimes
+    assert all(np.isfinite(v) for v in first.values()), first
+    # another reference under the same key gets its own entry (pixel hash in the name)
+    generation_scores(fake, ref[:500], reference_key="digits/train", feature_extractor=standin,
+                      cache_dir=tmp_path, isc=False)  # fmt: skip
+    assert len(sorted((tmp_path / "fidelity").glob("digits_train-n500-*.pt"))) >= 1
+    with pytest.raises(ConfigError, match="too few"):
+        generation_scores(fake[:1], ref, reference_key="r", feature_extractor=standin,
+                          cache_dir=tmp_path)  # fmt: skip
+    only = generation_scores(fake, ref, reference_key="r", isc=False, fid=False, kid=False)
+    assert set(only) == {"gen/diversity"}  # no extractor, no weights needed
+
+
+def test_sample_grid_has_one_row_per_class(tmp_path) -> None:
+    images = torch.rand(13, 1, 8, 8)
+    labels = torch.tensor([0] * 5 + [3] * 8)
+    grid = sample_grid(images, labels, per_class=4)
+    assert grid.shape == (3, 2 * 9 + 1, 4 * 9 + 1)  # 2 classes x 4 tiles of 8 + 1 px padding
+    assert grid_to_uint8(grid).shape == (19, 37, 3)
+    path = save_grid(images, labels, tmp_path / "g" / "s.png", per_class=4)
+    from PIL import Image
+
+    assert Image.open(path).size == (37, 19)
+
+
+def test_missing_inception_weights_say_which_file_and_where(tmp_path, monkeypatch) -> None:
     x = torch.rand(4, 1, 8, 8)
-    with pytest.raises(MissingWeightsError) as err:
-        generation_scores(x, x, reference_key="r", weights_path=tmp_path / "none.pth")
-    text = str(err.value)
-    assert INCEPTION_FILE in text and "--inception-weights" in text and "https://" in text
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    for where in (empty, tmp_path / "none.pth"):
+        with pytest.raises(MissingWeightsError) as err:
+            generation_scores(x, x, reference_key="r", feature_extractor=INCEPTION,
+                              weights_path=where, cache_dir=tmp_path)  # fmt: skip
+        text = str(err.value)
+        assert INCEPTION_FILE in text and str(where) in text and INCEPTION_URL in text
+        assert "--inception-weights" in text and "ENERGY_STUDY_INCEPTION_WEIGHTS" in text
+        print(text)
+    monkeypatch.setenv("ENERGY_STUDY_INCEPTION_WEIGHTS", str(empty))
+    with pytest.raises(MissingWeightsError, match=INCEPTION_FILE):
+        generation_scores(x, x, reference_key="r", cache_dir=tmp_path)
+    assert not (tmp_path / "fidelity").exists()  # failed before any work
 
 
 # --- study generate ------------------------------------------------------------------------
