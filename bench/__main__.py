@@ -114,12 +114,24 @@ def table(res: dict[str, Any]) -> list[list[str]]:
                     _met(t[f"{backend}_fixed_startup_s"]["met"]),
                 ]
             )
-        main = f["by_epochs"][str(f["setup"]["epochs"][-1])]
+        main = f["summary"]
         rows.append(
             [
                 "2",
-                f"wall (s) of {f['setup']['epochs'][-1]} epochs: in-process / direct / train",
+                f"wall (s) of {f['setup']['epochs']} epochs: in-process / direct / train "
+                f"(median of {f['setup']['rounds']})",
                 " / ".join(_x(main[k]["wall_s"], 1) for k in ("in_process", "direct", "train")),
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "2",
+                "per-round per-epoch ratios direct; train",
+                ", ".join(f"{r['per_epoch_ratio']:.3f}" for r in f["per_round"]["direct"])
+                + "; "
+                + ", ".join(f"{r['per_epoch_ratio']:.3f}" for r in f["per_round"]["train"]),
                 "",
                 "",
             ]
@@ -299,6 +311,17 @@ def table(res: dict[str, Any]) -> list[list[str]]:
                     "",
                 ]
             )
+        pg = f["pgd_linf_attack_s"]
+        rows.append(
+            [
+                "P",
+                "PGD-linf attack, K=10 (ms): step before (7 ops) / after (3 in-place)",
+                f"{1e3 * pg['before']:.1f} / {1e3 * pg['after']:.1f} "
+                f"({pg['before'] / pg['after']:.3f}x)",
+                "",
+                "",
+            ]
+        )
         bk = f["bookkeeping_s_per_batch"]
         rows.append(
             [
@@ -429,9 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows)
     print(text)
     date = dt.date.today().isoformat()
-    out = (
-        Path(args.out) if args.out else REPO / "bench" / "results" / f"{date}-{info['label']}.json"
-    )
+    name = f"{date}-{info['label']}{'-quick' if args.quick else ''}.json"
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "date": date,

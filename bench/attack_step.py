@@ -261,7 +261,7 @@ def breakdown(data, repeats: int) -> dict[str, Any]:
 
 def run(quick: bool) -> dict[str, Any]:
     data = cifar_jpeg()
-    n_batches, epochs = (8, 3) if quick else (12, 4)
+    n_batches, epochs = (6, 3) if quick else (12, 4)
     repeats = 3 if quick else 7
     cfg = base_config(n_batches, epochs)
 

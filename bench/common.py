@@ -94,11 +94,11 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.15, poll_s: float = 30
     """Between figures: wait while other processes keep more than ``threshold`` of the CPUs
     busy (the load average still counts the figure just finished, so it is not used here)."""
     t0 = time.monotonic()
-    busy = cpu_busy()
+    busy = cpu_busy(1.0)
     while busy > threshold and time.monotonic() - t0 < max_wait_s:
         print(f"[bench] CPUs {100 * busy:.0f}% busy with other work; waiting", flush=True)
         time.sleep(poll_s)
-        busy = cpu_busy()
+        busy = cpu_busy(1.0)
     return {"waited_s": round(time.monotonic() - t0, 1), "busy_before": round(busy, 3)}
 
 
@@ -114,7 +114,7 @@ class Guard:
     def __init__(self) -> None:
         self.enabled = False
         self.threshold = 0.15
-        self.window = 1.0
+        self.window = 0.5
         self.max_wait = 300.0
         self.waited_s = 0.0
         self.checks = 0

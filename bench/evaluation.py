@@ -56,7 +56,7 @@ def run(quick: bool, cifar_history: list[dict[str, float]] | None) -> dict[str, 
     out["cifar_jpeg"] = share(cifar_history)
 
     base = yaml.safe_load((REPO / "study" / "default.yaml").read_text())
-    cfg = TrainConfig.from_dict({**base, "epochs": 3 if quick else 8, "num_threads": 2})
+    cfg = TrainConfig.from_dict({**base, "epochs": 2 if quick else 8, "num_threads": 2})
     GUARD.wait()
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         result = train(cfg, output_dir=tmp)

@@ -7,18 +7,18 @@ checkpoint per epoch) on one local Ray cluster started once with
 cluster's start and the MLflow store's creation are once-per-study costs and
 are reported on their own.
 
-* Figure 2 (platform overhead): one trial of a workload of at least a minute
+* Figure 2 (platform overhead): one trial of a workload of about a minute
   (TRADES, small CNN, the CIFAR-10 JPEG folder, 2 CPUs) through ``study run``
   with each backend (``direct``, the ``auto`` choice for one CPU worker, and
   ``train``, a Ray Train ``TorchTrainer``), against the same
-  :func:`trainables.loop.train` call in-process (no Ray, no MLflow; run before
-  the cluster starts and, in the full run, again after it stopped).
-  The per-epoch ratio compares the loop's own epoch times
-  (``time/epoch_s``); the fixed start-up is the rest of the wall time beyond the
-  in-process call's rest:
-  ``(wall - Σ epoch_s)_trial - (wall - Σ epoch_s)_in-process``. The full run also
-  fits ``wall = a + b·epochs`` over two epoch counts per path (fixed = Δa,
-  per-epoch ratio = b_trial / b_in-process).
+  :func:`trainables.loop.train` call in-process (no Ray, no MLflow; the cluster
+  is up but idle meanwhile, its CPU use is recorded). The three run in turn,
+  ``rounds`` times. Per round, the per-epoch ratio compares the loop's own
+  epoch times (``time/epoch_s``) of the trial and the in-process call, and the
+  fixed start-up is the rest of the wall time beyond the in-process call's
+  rest: ``(wall - Σ epoch_s)_trial - (wall - Σ epoch_s)_in-process``; medians
+  over rounds. A no-op ``TorchTrainer.fit`` and a no-op Tune trial show where
+  the fixed cost goes.
 * Figure 3 (concurrency): the same two-trial study of 1-CPU trials run with
   ``max_concurrent`` 1 (one after the other) and 2 (at once); throughput ratio
   = wall(sequential) / wall(concurrent). Threads per trial: what Ray sets
@@ -133,36 +133,43 @@ def trial_epochs(spec, trial_id: str) -> list[dict[str, float]]:
     return [json.loads(ln) for ln in lines if ln.strip()]
 
 
-def in_process(base: dict[str, Any]) -> dict[str, Any]:
-    """The same training, called in this process (no Ray, no MLflow)."""
-    import torch
+_IN_PROCESS = """
+import json, sys, tempfile, time
+import torch
+from trainables.config import TrainConfig
+from trainables.loop import train
+torch.set_num_threads(int(sys.argv[2]))
+cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
+    t = time.perf_counter()
+    result = train(cfg, output_dir=tmp)
+    wall = time.perf_counter() - t
+print(json.dumps({"wall_s": wall, "history": result.history}))
+"""
 
-    from trainables.config import TrainConfig
-    from trainables.loop import train
 
-    cfg = TrainConfig.from_dict(base)
-    torch.set_num_threads(2)
+def in_process(base: dict[str, Any], threads: int = 2) -> dict[str, Any]:
+    """The same training called in-process (no Ray, no MLflow), timed around ``train()``.
+
+    It runs in a fresh interpreter that imports only torch and the trainables, as
+    ``study train`` would: this benchmark's own process holds Ray, MLflow and the
+    other figures' state, whose garbage collection slowed its epochs measurably.
+    """
     GUARD.wait()
-    with tempfile.TemporaryDirectory(prefix="bench-inproc-") as tmp:
-        t = time.perf_counter()
-        result = train(cfg, output_dir=tmp)
-        wall = time.perf_counter() - t
-    epochs = [h["time/epoch_s"] for h in result.history]
-    return {"wall_s": wall, "epoch_s": epochs, "history": result.history}
+    done = subprocess.run(
+        [sys.executable, "-c", _IN_PROCESS, json.dumps(base), str(threads)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["epoch_s"] = [h["time/epoch_s"] for h in out["history"]]
+    return out
 
 
 def _rest(wall: float, epochs: list[float]) -> float:
     return wall - sum(epochs)
-
-
-def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least squares ``wall = a + b·epochs``."""
-    n = len(points)
-    mx = sum(e for e, _ in points) / n
-    my = sum(w for _, w in points) / n
-    sxx = sum((e - mx) ** 2 for e, _ in points)
-    b = sum((e - mx) * (w - my) for e, w in points) / sxx
-    return my - b * mx, b
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
@@ -195,75 +202,74 @@ def thread_probe() -> dict[str, Any]:
 
 
 # --- figures ----------------------------------------------------------------------------
-def fig2_measure(studies: Studies, counts: list[int]) -> dict[str, Any]:
-    """One study per backend and epoch count: wall, the loop's epoch times, trial peak RSS."""
-    paths: dict[str, Any] = {}
-    for backend in ("direct", "train"):
-        paths[backend] = {}
-        for epochs in counts:
+def _tree_cpu_s() -> float:
+    """CPU seconds used so far by the processes below this one (the Ray cluster)."""
+    from bench.common import _cpu_seconds, descendants
+
+    return sum(_cpu_seconds(pid) or 0.0 for pid in descendants(os.getpid()))
+
+
+def fig2(studies: Studies, epochs: int, rounds: int) -> dict[str, Any]:
+    """In-process, ``direct`` and ``train`` in turn, ``rounds`` times."""
+    runs: dict[str, list[dict[str, Any]]] = {"in_process": [], "direct": [], "train": []}
+    for r in range(rounds):
+        base = fig2_config(epochs)
+        t, c = time.perf_counter(), _tree_cpu_s()
+        b = in_process(base)
+        b["idle_cluster_cpu_share"] = (_tree_cpu_s() - c) / (time.perf_counter() - t) / 2
+        runs["in_process"].append(b)
+        print(f"[bench] fig2 round {r + 1} in-process: {b['wall_s']:.1f} s", flush=True)
+        for backend in ("direct", "train"):
             # a slow sampler: the trial uses both cores; the peak (VmHWM) is kept anyway
             with ProcSampler(interval=5.0) as sampler:
-                wall, outcome, spec = studies.run(
-                    fig2_config(epochs), backend=backend, cpus_per_worker=2.0
-                )
+                wall, outcome, spec = studies.run(base, backend=backend, cpus_per_worker=2.0)
             hist = trial_epochs(spec, outcome.trials[0].trial_id)
             peaks = [
                 p.peak_mib
                 for p in sampler.procs.values()
                 if "ImplicitFunc" in p.name or "RayTrainWorker" in p.name
             ]
-            paths[backend].setdefault(str(epochs), []).append(
+            runs[backend].append(
                 {
                     "wall_s": wall,
                     "epoch_s": [h["time/epoch_s"] for h in hist],
                     "trial_peak_rss_mib": max(peaks) if peaks else None,
                 }
             )
-            print(f"[bench] fig2 {backend} {epochs} epochs: {wall:.1f} s", flush=True)
-    return paths
+            print(f"[bench] fig2 round {r + 1} {backend}: {wall:.1f} s", flush=True)
 
-
-def fig2_summary(paths: dict[str, Any]) -> dict[str, Any]:
-    """Per-epoch ratio and fixed start-up of each backend against the in-process runs."""
-    counts = sorted(int(e) for e in paths["in_process"])
-
-    def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
-        return {
-            "wall_s": median(r["wall_s"] for r in runs),
-            "epochs_s": median(sum(r["epoch_s"]) for r in runs),
-            "rest_s": median(_rest(r["wall_s"], r["epoch_s"]) for r in runs),
-        }
-
-    table: dict[str, Any] = {}
-    for epochs in counts:
-        base = summary(paths["in_process"][str(epochs)])
-        row: dict[str, Any] = {"in_process": base}
+    per_round: dict[str, list[dict[str, float]]] = {"direct": [], "train": []}
+    for i, base_run in enumerate(runs["in_process"]):
         for backend in ("direct", "train"):
-            s = summary(paths[backend][str(epochs)])
-            s["per_epoch_ratio"] = s["epochs_s"] / base["epochs_s"]
-            s["fixed_startup_s"] = s["rest_s"] - base["rest_s"]
-            s["wall_ratio"] = s["wall_s"] / base["wall_s"]
-            row[backend] = s
-        table[str(epochs)] = row
-    fits: dict[str, Any] | None = None
-    if len(counts) > 1:
-        lines = {
-            name: _fit([(int(e), r["wall_s"]) for e, runs in paths[name].items() for r in runs])
-            for name in ("in_process", "direct", "train")
+            run_ = runs[backend][i]
+            per_round[backend].append(
+                {
+                    "per_epoch_ratio": sum(run_["epoch_s"]) / sum(base_run["epoch_s"]),
+                    "fixed_startup_s": _rest(run_["wall_s"], run_["epoch_s"])
+                    - _rest(base_run["wall_s"], base_run["epoch_s"]),
+                    "wall_ratio": run_["wall_s"] / base_run["wall_s"],
+                }
+            )
+    summary: dict[str, Any] = {
+        "in_process": {
+            "wall_s": median(r["wall_s"] for r in runs["in_process"]),
+            "epochs_s": median(sum(r["epoch_s"]) for r in runs["in_process"]),
+            "rest_s": median(_rest(r["wall_s"], r["epoch_s"]) for r in runs["in_process"]),
+            "idle_cluster_cpu_share": median(
+                r["idle_cluster_cpu_share"] for r in runs["in_process"]
+            ),
         }
-        fits = {"in_process": {"a_s": lines["in_process"][0], "b_s": lines["in_process"][1]}}
-        for backend in ("direct", "train"):
-            fits[backend] = {
-                "a_s": lines[backend][0],
-                "b_s": lines[backend][1],
-                "fixed_startup_s": lines[backend][0] - lines["in_process"][0],
-                "per_epoch_ratio": lines[backend][1] / lines["in_process"][1],
-            }
-    main = table[str(counts[-1])]
+    }
     targets = {}
     for backend in ("direct", "train"):
-        ratio = main[backend]["per_epoch_ratio"]
-        fixed = main[backend]["fixed_startup_s"]
+        rows = per_round[backend]
+        summary[backend] = {
+            "wall_s": median(r["wall_s"] for r in runs[backend]),
+            "epochs_s": median(sum(r["epoch_s"]) for r in runs[backend]),
+            "rest_s": median(_rest(r["wall_s"], r["epoch_s"]) for r in runs[backend]),
+            **{k: median(row[k] for row in rows) for k in rows[0]},
+        }
+        ratio, fixed = summary[backend]["per_epoch_ratio"], summary[backend]["fixed_startup_s"]
         targets[f"{backend}_per_epoch_ratio"] = {
             "value": ratio,
             "target": "<= 1.05",
@@ -274,25 +280,23 @@ def fig2_summary(paths: dict[str, Any]) -> dict[str, Any]:
             "target": "<= 15",
             "met": fixed <= 15,
         }
-    runs = {
-        name: {
-            e: [{k: v for k, v in r.items() if k != "history"} for r in rs]
-            for e, rs in by_e.items()
-        }
-        for name, by_e in paths.items()
-    }
     return {
         "setup": {
             "workload": "TRADES K=10, small_cnn, CIFAR-10 JPEG folder (7200 train, "
             "512 val with PGD-10, 1000 test with PGD-20, no AutoAttack), batch 128",
-            "epochs": counts,
+            "epochs": epochs,
+            "rounds": rounds,
             "cpus_per_trial": 2,
             "env": STUDY_ENV_NOTE,
         },
-        "by_epochs": table,
-        "fit": fits,
-        "runs": runs,
+        "summary": summary,
+        "per_round": per_round,
+        "runs": {
+            k: [{kk: vv for kk, vv in r.items() if kk != "history"} for r in v]
+            for k, v in runs.items()
+        },
         "targets": targets,
+        "history_in_process": runs["in_process"][0]["history"],
     }
 
 
@@ -518,19 +522,6 @@ def run(quick: bool, only: set[str]) -> dict[str, Any]:
     from study.runner import init_ray
 
     results: dict[str, Any] = {}
-    counts = [4] if quick else [2, 6]
-    inproc: dict[str, list[dict[str, Any]]] = {}
-
-    def baseline() -> None:
-        for epochs in counts:
-            b = in_process(fig2_config(epochs))
-            inproc.setdefault(str(epochs), []).append(b)
-            print(f"[bench] fig2 in-process {epochs} epochs: {b['wall_s']:.1f} s", flush=True)
-
-    if "2" in only:
-        baseline()  # before the cluster exists
-    backends: dict[str, Any] = {}
-    startup: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-studies-") as tmp:
         studies = Studies(Path(tmp))
         t = time.perf_counter()
@@ -540,19 +531,16 @@ def run(quick: bool, only: set[str]) -> dict[str, Any]:
         store_s = studies.create_store()
         try:
             if "2" in only:
-                backends = fig2_measure(studies, counts)
-                startup = startup_breakdown(Path(tmp), 1 if quick else 3)
+                results["2"] = fig2(studies, epochs=3 if quick else 4, rounds=1 if quick else 3)
+                results["2"]["startup_breakdown"] = startup_breakdown(Path(tmp), 1 if quick else 3)
+                results["2"]["once_per_study_s"] = {
+                    "ray_cluster_start": cluster_s,
+                    "mlflow_store": store_s,
+                }
             if "3" in only:
                 results["3"] = fig3(studies, quick)
             if "6" in only:
                 results["6"] = fig6(studies, quick)
         finally:
             ray.shutdown()
-    if "2" in only:
-        if not quick:
-            baseline()  # once more with the cluster gone, so drifts hit both sides
-        results["2"] = fig2_summary({"in_process": inproc, **backends})
-        results["2"]["once_per_study_s"] = {"ray_cluster_start": cluster_s, "mlflow_store": store_s}
-        results["2"]["startup_breakdown"] = startup
-        results["2"]["history_in_process"] = inproc[str(counts[-1])][0]["history"]
     return results

@@ -94,7 +94,7 @@ def run(quick: bool) -> dict[str, Any]:
                 torch.autograd.grad(-model(x).gather(1, idx).sum(), x)
             return time.perf_counter() - t
 
-        times = alternate({"sampler": run_sampler, "floor": run_floor}, 3 if quick else 5)
+        times = alternate({"sampler": run_sampler, "floor": run_floor}, 2 if quick else 5)
         t_s, t_f = median(times["sampler"]), median(times["floor"])
         rows[str(steps)] = {
             "sampler_images_per_s": BATCH / t_s,

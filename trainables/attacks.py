@@ -102,6 +102,8 @@ class PGD:
                 with torch.no_grad():
                     logp_nat = F.log_softmax(model(x).float(), dim=1)
             x_adv = self._start(x)
+            if self.norm == "linf":  # the ε-ball ∩ [0, 1] box, per pixel, computed once
+                lo, hi = (x - self.eps).clamp_(min=0.0), (x + self.eps).clamp_(max=1.0)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
                 logits = model(x_adv).float()  # under autocast: the loss in fp32
@@ -113,11 +115,12 @@ class PGD:
                     )
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 with torch.no_grad():
-                    if self.norm == "linf":
-                        step = self.alpha * grad.sign()
+                    if self.norm == "linf":  # step and projection in three in-place ops
+                        x_adv = x_adv.detach().add_(grad.sign_(), alpha=self.alpha)
+                        x_adv = x_adv.clamp_(min=lo, max=hi)
                     else:
                         step = self.alpha * grad / _per_sample_norm(grad)
-                    x_adv = self._project(x_adv.detach() + step, x)
+                        x_adv = self._project(x_adv.detach() + step, x)
             return x_adv.detach()
         finally:
             model.train(was_training)
