@@ -21,6 +21,7 @@ from bench.common import (
     OtherWork,
     load_average,
     machine,
+    render,
     wait_for_idle,
     wait_for_quiet,
 )
@@ -136,6 +137,17 @@ def table(res: dict[str, Any]) -> list[list[str]]:
                 "",
             ]
         )
+        spread = main["in_process"].get("epochs_s_min_max_over_median")
+        if spread and f["setup"]["rounds"] > 1:
+            rows.append(
+                [
+                    "2",
+                    "noise: in-process epochs, fastest / slowest round over the median",
+                    f"{spread[0]:.3f} / {spread[1]:.3f}",
+                    "",
+                    "",
+                ]
+            )
         sb = f.get("startup_breakdown")
         if sb:
             tt = sb["torch_trainer_noop"]
@@ -342,15 +354,6 @@ def table(res: dict[str, Any]) -> list[list[str]]:
             ]
         )
     return rows
-
-
-def render(rows: list[list[str]]) -> str:
-    head = ["fig", "measure", "value", "target", "met"]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(5)]
-    line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    return "\n".join([line, sep, *body])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -402,6 +402,16 @@ class ProcSampler:
         self._sample()
 
 
+def render(rows: list[list[str]], head: list[str] | None = None) -> str:
+    """A Markdown table of ``rows`` under ``head`` (the benchmark table's columns by default)."""
+    head = head or ["fig", "measure", "value", "target", "met"]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join([line, sep, *body])
+
+
 def fmt(value: float | None, digits: int = 2) -> str:
     if value is None:
         return "n/a"

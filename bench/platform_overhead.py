@@ -43,7 +43,10 @@ from typing import Any
 
 from bench.common import CIFAR_JPEG, GUARD, REPO, ProcSampler, median, peak_rss_mib
 
-STUDY_ENV_NOTE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 (set by study.runner.init_ray)"
+STUDY_ENV_NOTE = (
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, "
+    "RAY_TRAIN_METRICS_ENABLED=0 (set by study.runner.init_ray on a local cluster)"
+)
 
 
 def fig2_config(epochs: int) -> dict[str, Any]:
@@ -210,33 +213,37 @@ def _tree_cpu_s() -> float:
 
 
 def fig2(studies: Studies, epochs: int, rounds: int) -> dict[str, Any]:
-    """In-process, ``direct`` and ``train`` in turn, ``rounds`` times."""
+    """In-process, ``direct`` and ``train`` in turn, ``rounds`` times; the order rotates
+    each round (so no path always runs first or right after the cluster's last study)."""
     runs: dict[str, list[dict[str, Any]]] = {"in_process": [], "direct": [], "train": []}
+    names = list(runs)
+    base = fig2_config(epochs)
     for r in range(rounds):
-        base = fig2_config(epochs)
-        t, c = time.perf_counter(), _tree_cpu_s()
-        b = in_process(base)
-        b["idle_cluster_cpu_share"] = (_tree_cpu_s() - c) / (time.perf_counter() - t) / 2
-        runs["in_process"].append(b)
-        print(f"[bench] fig2 round {r + 1} in-process: {b['wall_s']:.1f} s", flush=True)
-        for backend in ("direct", "train"):
+        for name in names[r % 3 :] + names[: r % 3]:
+            if name == "in_process":
+                t, c = time.perf_counter(), _tree_cpu_s()
+                b = in_process(base)
+                b["idle_cluster_cpu_share"] = (_tree_cpu_s() - c) / (time.perf_counter() - t) / 2
+                runs["in_process"].append(b)
+                print(f"[bench] fig2 round {r + 1} in-process: {b['wall_s']:.1f} s", flush=True)
+                continue
             # a slow sampler: the trial uses both cores; the peak (VmHWM) is kept anyway
             with ProcSampler(interval=5.0) as sampler:
-                wall, outcome, spec = studies.run(base, backend=backend, cpus_per_worker=2.0)
+                wall, outcome, spec = studies.run(base, backend=name, cpus_per_worker=2.0)
             hist = trial_epochs(spec, outcome.trials[0].trial_id)
             peaks = [
                 p.peak_mib
                 for p in sampler.procs.values()
                 if "ImplicitFunc" in p.name or "RayTrainWorker" in p.name
             ]
-            runs[backend].append(
+            runs[name].append(
                 {
                     "wall_s": wall,
                     "epoch_s": [h["time/epoch_s"] for h in hist],
                     "trial_peak_rss_mib": max(peaks) if peaks else None,
                 }
             )
-            print(f"[bench] fig2 round {r + 1} {backend}: {wall:.1f} s", flush=True)
+            print(f"[bench] fig2 round {r + 1} {name}: {wall:.1f} s", flush=True)
 
     per_round: dict[str, list[dict[str, float]]] = {"direct": [], "train": []}
     for i, base_run in enumerate(runs["in_process"]):
@@ -258,6 +265,13 @@ def fig2(studies: Studies, epochs: int, rounds: int) -> dict[str, Any]:
             "idle_cluster_cpu_share": median(
                 r["idle_cluster_cpu_share"] for r in runs["in_process"]
             ),
+            # the noise of this machine: the same in-process run, round to round
+            "epochs_s_min_max_over_median": [
+                min(sum(r["epoch_s"]) for r in runs["in_process"])
+                / median(sum(r["epoch_s"]) for r in runs["in_process"]),
+                max(sum(r["epoch_s"]) for r in runs["in_process"])
+                / median(sum(r["epoch_s"]) for r in runs["in_process"]),
+            ],
         }
     }
     targets = {}

@@ -22,6 +22,11 @@ from study.trial import uses_train_backend
 #: Ray Train V2 polls its workers this often (seconds); its default of 2 s adds
 #: several seconds to every TorchTrainer start and finish.
 HEALTH_CHECK_INTERVAL_S = "0.2"
+#: Ray Train V2 actors that a cluster on this one machine has no use for: the
+#: preemption watcher (one more actor process per TorchTrainer run, polling for
+#: node drains, which a local cluster never has) and the Prometheus metrics
+#: callbacks (nothing scrapes them without the dashboard).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 TUNE_DIR = "tune"
 
 
@@ -130,14 +135,30 @@ def _hardware() -> dict[str, str]:
     return out
 
 
+def train_env(local: bool) -> dict[str, str]:
+    """The Ray Train settings a study runs with (a variable already set wins).
+
+    Args:
+        local: whether the cluster is a new one on this machine (no ``--address``);
+            only then are the preemption watcher and the metrics callbacks switched off.
+    """
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}
+    if local:
+        env.update(LOCAL_TRAIN_ENV)
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
 def init_ray(address: str | None, verbose: bool = False) -> None:
-    """Join ``address`` or start a local cluster; workers get the faster health check."""
+    """Join ``address`` or start a local cluster; workers get :func:`train_env`."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    env = train_env(local=target == "local")
+    # the driver launches TorchTrainers too (study train --workers): same settings there
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # snapshot the experiment often, so a killed driver reruns (almost) no finished trial
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0.5")
@@ -149,7 +170,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     }
     # no address: RAY_ADDRESS if set, else a new local cluster; never silently
     # join some other cluster that `ray start` left running on this machine
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **kwargs)
+    ray.init(address=target, **kwargs)
 
 
 def open_parent_run(spec: StudySpec) -> tuple[MlflowTracker, str]:

@@ -16,9 +16,10 @@ def ray_cluster():
     """
     import ray
 
-    from study.runner import HEALTH_CHECK_INTERVAL_S
+    from study.runner import train_env
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    for key, value in train_env(local=True).items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0.5")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # address="local": a new cluster even when `ray start` left one on this machine

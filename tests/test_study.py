@@ -226,6 +226,23 @@ def test_pareto_front_of_known_points() -> None:
     assert {x.trial_id for x in pareto_front(trials, ["x", "y"], ["max", "min"])} == {"a", "e"}
 
 
+def test_ray_train_settings_local_cluster_only_and_the_user_wins(monkeypatch) -> None:
+    from study.runner import HEALTH_CHECK_INTERVAL_S, LOCAL_TRAIN_ENV, train_env
+
+    for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", *LOCAL_TRAIN_ENV):
+        monkeypatch.delenv(key, raising=False)
+    local, remote = train_env(local=True), train_env(local=False)
+    assert local["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == HEALTH_CHECK_INTERVAL_S
+    assert local["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    # a cluster joined with --address keeps Ray Train's preemption watcher and metrics
+    assert remote == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": HEALTH_CHECK_INTERVAL_S}
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
+    mine = train_env(local=True)
+    assert mine["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    assert mine["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.0"
+
+
 def test_a_diverging_trial_fails_alone_with_its_reason_in_mlflow(tmp_path) -> None:
     # lr_max = 1e6 makes the loss non-finite in the first epoch: TrainingDiverged
     spec = make_spec(
