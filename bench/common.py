@@ -328,6 +328,7 @@ class ProcInfo:
     peak_mib: float = 0.0
     cpu_first: float | None = None
     cpu_last: float | None = None
+    named_t: float | None = None  # first seen running an actor (``ray::X``, not IDLE)
 
     @property
     def cpu_util(self) -> float | None:
@@ -370,12 +371,15 @@ class ProcSampler:
                 except OSError:
                     name = "?"
                 info = self.procs[pid] = ProcInfo(name, now, now, cpu_first=_cpu_seconds(pid))
+                if name.startswith("ray::") and "IDLE" not in name:
+                    info.named_t = now
             else:
                 try:  # Ray renames a worker to what it runs (ray::ImplicitFunc.train ...)
                     raw = Path(f"/proc/{pid}/cmdline").read_bytes()
                     name = raw.replace(b"\0", b" ").decode(errors="replace").strip()[:120]
                     if name.startswith("ray::") and "IDLE" not in name:
                         info.name = name
+                        info.named_t = info.named_t if info.named_t is not None else now
                 except OSError:
                     pass
             info.last_t = now

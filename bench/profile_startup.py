@@ -74,6 +74,7 @@ def profile(rounds: int) -> dict[str, Any]:
     for key, value in env.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0.5")  # as study.runner.init_ray
     ray.init(
         address="local",
         include_dashboard=False,
@@ -196,7 +197,7 @@ def table(res: dict[str, Any]) -> list[list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile_startup", description=__doc__)
-    ap.add_argument("--rounds", type=int, default=2, help="studies per backend (default 2)")
+    ap.add_argument("--rounds", type=int, default=3, help="studies per backend (default 3)")
     ap.add_argument(
         "--out", help="JSON path (default bench/results/<date>-<label>-startup-profile.json)"
     )

@@ -98,3 +98,35 @@ def test_bad_attack_settings() -> None:
         PGD(0.1, 0.01, 1, objective="cw")
     with pytest.raises(ConfigError, match="steps"):
         PGD(0.1, 0.01, -1)
+
+
+@pytest.mark.parametrize("start", ["none", "normal", "uniform"])
+@pytest.mark.parametrize("objective", ["ce", "kl"])
+def test_linf_step_matches_the_textbook_step_and_leaves_inputs_alone(start, objective) -> None:
+    """The in-place ℓ∞ step (clamp against ball ∩ box bounds) = x + clip(x' + α·sign(g) − x)."""
+    model = _model()
+    x, y = _data()
+    x_before = x.clone()
+    attack = PGD(8 / 255, 2 / 255, 5, objective=objective, start=start)
+    torch.manual_seed(3)
+    got = attack(model, x, y)
+    assert torch.equal(x, x_before)
+
+    # the same attack written out of place, with the same random start
+    torch.manual_seed(3)
+    x_adv = attack._start(x)
+    model.eval()
+    with torch.no_grad():
+        logp_nat = F.log_softmax(model(x), dim=1)
+    for _ in range(attack.steps):
+        x_adv.requires_grad_(True)
+        logits = model(x_adv)
+        if objective == "ce":
+            loss = F.cross_entropy(logits, y, reduction="sum")
+        else:
+            loss = F.kl_div(F.log_softmax(logits, 1), logp_nat, reduction="sum", log_target=True)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        step = x_adv.detach() + attack.alpha * grad.sign()
+        x_adv = (x + (step - x).clamp(-attack.eps, attack.eps)).clamp(0.0, 1.0)
+    # equal up to rounding of x + (v - x) vs v (one ulp); a sign flip would show as 2α
+    assert (got - x_adv).abs().max().item() < 1e-6
