@@ -516,7 +516,9 @@ def fig6(studies: Studies, quick: bool) -> dict[str, Any]:
     for _, rss, k in sampler.series:
         by_k[int(k)] = rss
     ks = sorted(k for k in by_k if k >= 1)
-    tail = [k for k in ks if k >= 4]
+    # from the 4th finished trial to the last one still inside the study (the sample
+    # for k = trials is taken after the study ended and the driver let memory go)
+    tail = [k for k in ks if 4 <= k < trials]
     slope = _slope([float(k) for k in tail], [by_k[k] for k in tail]) if len(tail) > 2 else None
     trial_pids = {int(t.metrics.get("pid", -1)) for t in outcome.trials}
     trial_procs = [p for pid, p in sampler.procs.items() if pid in trial_pids]
