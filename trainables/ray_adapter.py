@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig
 from trainables.loop import train
 from trainables.reporting import JsonlReporter, MultiReporter, Reporter
@@ -113,7 +114,7 @@ def _reporters(out: Path, ray_reporter: RayReporter, rank: int, resume: Path | N
         return ray_reporter
     start = 0
     if resume is not None:
-        start = int(torch.load(resume, map_location="cpu", weights_only=False).get("epoch", 0))
+        start = int(load_checkpoint(resume).get("epoch", 0))
     return MultiReporter(ray_reporter, JsonlReporter(out / "metrics.jsonl", resume_epoch=start))
 
 
