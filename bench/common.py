@@ -379,7 +379,8 @@ class ProcSampler:
                     name = raw.replace(b"\0", b" ").decode(errors="replace").strip()[:120]
                     if name.startswith("ray::") and "IDLE" not in name:
                         info.name = name
-                        info.named_t = info.named_t if info.named_t is not None else now
+                        if info.named_t is None:
+                            info.named_t = now
                 except OSError:
                     pass
             info.last_t = now

@@ -4,7 +4,7 @@
 (digits, 1 epoch, 256 images: almost all of it fixed cost) through
 :func:`study.runner.run_study` with the ``direct`` and the ``train`` backend, in
 turn, on one local Ray cluster started with the settings of ``study run``
-(:func:`study.runner.train_env`). Two profiles of every new process:
+(:func:`study.runner.set_driver_env`). Two profiles of every new process:
 
 * CPU seconds from ``/proc`` (sampled every 0.2 s), under the name Ray gives it
   (``ray::TrainController``, ``ray::RayTrainWorker``, ...);
@@ -68,13 +68,9 @@ def import_profile(err_file: Path) -> dict[str, Any]:
 def profile(rounds: int) -> dict[str, Any]:
     import ray
 
-    from study.runner import train_env
+    from study.runner import set_driver_env
 
-    env = train_env(local=True)
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0.5")  # as study.runner.init_ray
+    env = set_driver_env(local=True)
     ray.init(
         address="local",
         include_dashboard=False,

@@ -148,6 +148,24 @@ def train_env(local: bool) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in env.items()}
 
 
+def set_driver_env(local: bool) -> dict[str, str]:
+    """Set the study's Ray and Tune settings in this process (a variable already set wins).
+
+    The driver launches TorchTrainers too (``study train --workers``), so it gets
+    :func:`train_env` as well; Tune snapshots the experiment every 0.5 s, so a
+    killed driver reruns (almost) no finished trial. Returns :func:`train_env`,
+    for the workers' environment.
+    """
+    env = train_env(local)
+    for key, value in {
+        **env,
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "TUNE_GLOBAL_CHECKPOINT_S": "0.5",
+    }.items():
+        os.environ.setdefault(key, value)
+    return env
+
+
 def init_ray(address: str | None, verbose: bool = False) -> None:
     """Join ``address`` or start a local cluster; workers get :func:`train_env`."""
     import ray
@@ -155,13 +173,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    env = train_env(local=target == "local")
-    # the driver launches TorchTrainers too (study train --workers): same settings there
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # snapshot the experiment often, so a killed driver reruns (almost) no finished trial
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0.5")
+    env = set_driver_env(local=target == "local")
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": verbose,

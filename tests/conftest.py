@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 
@@ -16,12 +14,9 @@ def ray_cluster():
     """
     import ray
 
-    from study.runner import train_env
+    from study.runner import set_driver_env
 
-    for key, value in train_env(local=True).items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0.5")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    set_driver_env(local=True)
     # address="local": a new cluster even when `ray start` left one on this machine
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
