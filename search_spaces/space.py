@@ -3,6 +3,7 @@
 A space is a YAML mapping::
 
     # comment header: what the space searches and why
+    # preset: cifar10-trades  (optional: a training preset every trial starts from)
     fixed:                 # config values every trial gets (optional)
       dataset: digits
       epochs: 4
@@ -28,6 +29,16 @@ Types: ``float`` (``low``, ``high``, optional ``log`` or ``step``), ``int``
 (``choices``), ``fixed`` (``value``). ``when`` maps earlier parameters to the
 value or list of values for which this parameter exists.
 
+``preset`` names one of the training presets shipped in ``trainables/presets/``
+(the paper's settings per dataset and method, e.g. ``cifar10-weat_adv``; see
+``trainables.presets.PRESETS``). A trial's config is then built as: preset <
+the study's base config (config file and ``--set`` values, e.g. ``data_root``)
+< the space's ``fixed`` values < the sampled parameters; the later wins. This
+module only checks that the key holds a well-formed name: ``search_spaces``
+imports nothing from ``trainables`` (ARCHITECTURE.md), so the name is resolved
+by the study, which calls :meth:`SearchSpace.check_preset` with the known names
+(an unknown name fails there with ``file:line:``) and merges the preset.
+
 :func:`compile_space` turns a space into an Optuna define-by-run function for
 Ray Tune's ``OptunaSearch``. A bad space fails at load time, before Ray
 starts, with ``file:line: message``.
@@ -35,7 +46,9 @@ starts, with ``file:line: message``.
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +64,8 @@ _KEYS = {
     "categorical": {"choices"},
     "fixed": {"value"},
 }
-_TOP_KEYS = {"fixed", "params", "study", "description"}
+_TOP_KEYS = {"fixed", "params", "study", "description", "preset"}
+_PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 HERE = Path(__file__).resolve().parent
 
 
@@ -113,12 +127,17 @@ class SearchSpace:
         fixed: config values every trial gets.
         study: study defaults the space suggests (metric, mode, trials, …).
         source: the file it came from (or ``<string>``).
+        preset: name of the training preset every trial starts from (below the base
+            config, ``fixed`` and the sampled values), or None; resolved by the study.
+        preset_line: line of the ``preset`` key in its file (1-based), for messages.
     """
 
     params: tuple[ParamSpec, ...]
     fixed: Mapping[str, Any]
     study: Mapping[str, Any]
     source: str
+    preset: str | None = None
+    preset_line: int = field(default=0, compare=False)
 
     @property
     def names(self) -> list[str]:
@@ -141,6 +160,24 @@ class SearchSpace:
         for key in self.fixed:
             if str(key).split(".", 1)[0] not in allowed:
                 raise SpaceError(f"{self.source}: fixed key {key!r} is not a config key")
+
+    def check_preset(self, known: Iterable[str]) -> None:
+        """Fail (naming the line) if the space's ``preset`` is not a known preset name.
+
+        Args:
+            known: the preset names that exist (``trainables.presets.PRESETS``); the
+                caller passes them so that this package needs nothing from ``trainables``.
+        """
+        if self.preset is None:
+            return
+        known = sorted(known)
+        if self.preset not in known:
+            close = difflib.get_close_matches(self.preset, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpaceError(
+                f"{self.source}:{self.preset_line}: unknown preset {self.preset!r}{hint}; "
+                f"known presets: {', '.join(known)}"
+            )
 
     def sample_defaults(self) -> dict[str, Any]:
         """A config without Optuna: the first choice / the low end / fixed values."""
@@ -304,7 +341,14 @@ def parse_space(text: str, source: str = "<string>") -> SearchSpace:
     overlap = set(fixed) & set(earlier)
     if overlap:
         raise SpaceError(f"{source}: {sorted(overlap)} are both fixed and searched")
-    return SearchSpace(tuple(earlier.values()), fixed, study, source)
+    preset = data.get("preset")
+    preset_line = lines.get("preset", 1)
+    if preset is not None and not (isinstance(preset, str) and _PRESET_NAME.fullmatch(preset)):
+        raise SpaceError(
+            f"{source}:{preset_line}: preset = {_strip(preset)!r} must be the name of a "
+            "training preset (e.g. cifar10-trades)"
+        )
+    return SearchSpace(tuple(earlier.values()), fixed, study, source, preset, preset_line)
 
 
 def space_path(name_or_path: str | Path) -> Path:

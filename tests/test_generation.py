@@ -71,8 +71,8 @@ def trained(tmp_path_factory):
     db = f"sqlite:///{folder / 'mlflow.db'}"
     args = ["train", "--no-progress", "--tracking-uri", db, "--experiment", "src",
             "-o", str(folder / "run")]  # fmt: skip
-    sets = {"method": "trades", "epochs": 4, "eps": 0.1, "step_size": 0.025,
-            "attack_steps": 3, "aa_n": 0, "test_subset": 200, "num_threads": 1}  # fmt: skip
+    sets = {"method": "trades", "epochs": 4, "eps": 0.1, "step_size": 0.025, "attack_steps": 3,
+            "autoattack": False, "test_subset": 200, "num_threads": 1}  # fmt: skip
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
     assert cli.main(args) == 0

@@ -25,7 +25,7 @@ FAST = {
     "eval_steps": 20,
     "eval_step_size": 0.05,
     "batch_size": 64,
-    "aa_n": 0,
+    "autoattack": False,
     "num_threads": 1,
 }
 

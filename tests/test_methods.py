@@ -67,19 +67,53 @@ def test_mart() -> None:
     assert diag["mean_weight"].item() == pytest.approx((1 - p_true).mean().item(), rel=1e-9)
 
 
+def _official_mail_trades(
+    nat: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, beta: float, bias: float, slope: float
+) -> torch.Tensor:
+    """A transcription of the official MAIL code (QizhouWang/MAIL, ``mail_loss.py``):
+    ``PM`` and ``weight_assign`` (which returns the sigmoid times 3, "normalized_reweight"),
+    then TRADES with the per-sample KL sum weighted and divided by the batch size.
+    Its one-hot ``torch.eye(10)`` is generalised to K classes (a known defect of that
+    code, METHODS.md §6)."""
+    k = nat.shape[1]
+    eye = torch.eye(k, dtype=nat.dtype)
+    probs = adv.softmax(1)
+    probs_gt = (probs * eye[y]).sum(1).detach()
+    top2_probs = (probs * (1 - eye[y])).max(1)[0].detach()
+    pm = top2_probs - probs_gt
+    reweight = ((pm + bias) * slope).sigmoid().detach()
+    normalized_reweight = reweight * 3
+    batch_size = len(y)
+    loss_natural = torch.nn.functional.cross_entropy(nat, y)
+    kl = torch.nn.KLDivLoss(reduction="none")(adv.log_softmax(1), nat.softmax(1)).sum(1)
+    loss_robust = (1.0 / batch_size) * torch.sum(kl * normalized_reweight)
+    return loss_natural + beta * loss_robust
+
+
 @pytest.mark.parametrize("k", [3, 10, 100])
-def test_mail_trades_any_number_of_classes(k: int) -> None:
+def test_mail_trades_equals_the_official_code(k: int) -> None:
     nat, adv, y = _batch(k=k)
     beta, bias, slope = 5.0, -0.5, 2.0
     loss, diag = compute_loss(
         "mail_trades", nat, adv, y, beta=beta, bias=bias, slope=slope, burn_in=2, epoch=3
     )
+    expected = _official_mail_trades(nat, adv, y, beta, bias, slope)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    # and the METHODS.md formula, written out by hand: w = 3·sigmoid(slope·(PM + bias))
     pa = _p(adv)
     pm = _max_other(pa, y) - pa[torch.arange(B), y]
-    w = 1 / (1 + torch.exp(-slope * (pm + bias)))
-    expected = _ce(nat, y).mean() + beta * (_kl(nat, adv) * w).sum() / B
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    w = 3 / (1 + torch.exp(-slope * (pm + bias)))
+    by_hand = _ce(nat, y).mean() + beta * (_kl(nat, adv) * w).sum() / B
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-9)
     assert diag["mean_weight"].item() == pytest.approx(w.mean().item(), rel=1e-9)
+
+
+def test_mail_scale_is_a_hyperparameter() -> None:
+    nat, adv, y = _batch()
+    three, _ = compute_loss("mail_trades", nat, adv, y, beta=5.0, burn_in=0, epoch=1)
+    one, _ = compute_loss("mail_trades", nat, adv, y, beta=5.0, burn_in=0, epoch=1, mail_scale=1)
+    ce = _ce(nat, y).mean()
+    assert (three - ce).item() == pytest.approx(3 * (one - ce).item(), rel=1e-9)
 
 
 def test_mail_burn_in_is_plain_trades() -> None:

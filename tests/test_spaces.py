@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import optuna
 import pytest
+import torch
 
 from search_spaces import SpaceError, compile_space, load_space, shipped_spaces
-from search_spaces.space import nest, parse_space
+from search_spaces.space import ParamSpec, SearchSpace, nest, parse_space
+from trainables.config import TrainConfig
+from trainables.generation import NOISE_IS_STD
+from trainables.presets import PRESETS
+from trainables.weighting import energy_weights
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -112,3 +120,84 @@ def test_sampler_spaces_use_sampler_keys_and_conditions(name: str) -> None:
         params = trial.params
         assert ("pca_sigma" in params) == (params["init"] == "pca")
         SamplerConfig.from_dict({**params, **fixed})  # every sample is a valid config
+
+
+# --- preset key --------------------------------------------------------------------------
+def test_preset_key_is_parsed_and_checked_against_known_names() -> None:
+    space = parse_space("# header\npreset: cifar10-trades\nparams:\n  beta: [1, 2]\n")
+    assert space.preset == "cifar10-trades"
+    space.check_preset(PRESETS)  # a shipped preset passes
+    assert parse_space("params: {}\n").preset is None
+    parse_space("params: {}\n").check_preset(PRESETS)  # no preset: nothing to check
+
+
+def test_unknown_preset_is_reported_with_its_line() -> None:
+    space = parse_space("params: {}\npreset: cifar10-trade\n")
+    with pytest.raises(
+        SpaceError,
+        match=r"<string>:2: unknown preset 'cifar10-trade' \(did you mean "
+        r"'cifar10-trades'\?\); known presets: .*svhn-weat_adv",
+    ):
+        space.check_preset(PRESETS)
+
+
+@pytest.mark.parametrize("value", ["[a, b]", "3", "'bad name'", "{x: 1}"])
+def test_malformed_preset_fails_at_load_time(value: str) -> None:
+    with pytest.raises(SpaceError, match=r"<string>:2: preset = .* must be the name"):
+        parse_space(f"params: {{}}\npreset: {value}\n")
+
+
+# --- ranges that must not waste trials --------------------------------------------------
+def _corners(space: SearchSpace, names: list[str]) -> list[dict[str, float]]:
+    """Every combination of the low and high ends of the numeric parameters ``names``."""
+    specs = {p.name: p for p in space.params}
+    ranges = [(specs[n].low, specs[n].high) for n in names]
+    return [dict(zip(names, values)) for values in itertools.product(*ranges)]
+
+
+def _belongs_to(param: ParamSpec, shape: str) -> bool:
+    return param.name.startswith("weight_params.") and shape in param.when.get("weight_fn", ())
+
+
+def test_weat_shapes_keep_weights_at_initialisation() -> None:
+    """|E(x)| ≈ log K at initialisation; with normalize none no corner of a shape's
+    range may start the run with weights below 1e-2 (log 100 covers CIFAR-100)."""
+    space = load_space("weat")
+    shapes = next(p for p in space.params if p.name == "weight_fn").choices
+    energy = torch.tensor([-math.log(100.0), math.log(100.0)], dtype=torch.float64)
+    checked = 0
+    for shape in shapes:
+        names = [p.name for p in space.params if _belongs_to(p, shape)]
+        for corner in _corners(space, names) if names else [{}]:
+            params = {k.split(".", 1)[1]: v for k, v in corner.items()}
+            w = energy_weights(energy, shape, params, normalize="none")
+            assert float(w.min()) >= 1e-2, (shape, params, w.tolist())
+            checked += 1
+    assert checked == 2 + 2 + 2 + 4  # weat, none, softplus_t ×2, exp ×2, power ×4
+
+
+def test_mail_space_searches_the_burn_in_fraction_around_the_paper() -> None:
+    space = load_space("mail")
+    space.check_keys(TrainConfig.field_names())
+    specs = {p.name: p for p in space.params}
+    assert "burn_in" not in specs and "burn_in" not in space.fixed
+    frac = specs["burn_in_fraction"]
+    assert frac.low <= 0.75 <= frac.high and 0.0 < frac.low and frac.high < 1.0
+    assert "mail_scale" not in specs and space.fixed["mail_scale"] == 3.0
+    for sampled in (space.sample_defaults(), {"burn_in_fraction": frac.high}):
+        cfg = TrainConfig.from_dict({**space.fixed, **sampled, "epochs": 100})
+        assert 0 < cfg.resolved_burn_in() < 100
+
+
+def test_sgld_noise_range_covers_the_three_readings_of_gamma() -> None:
+    """γ = 0.001 read as a std (this sampler): the paper's variance (std √γ), the
+    reference's std γ·√(2η) with η = 0.05, and the momentum notebook's std γ."""
+    assert NOISE_IS_STD
+    noise = next(p for p in load_space("sgld").params if p.name == "noise")
+    readings = {
+        "paper variance": math.sqrt(0.001),
+        "reference sqrt(2 eta)": 0.001 * math.sqrt(2 * 0.05),
+        "notebook": 0.001,
+    }
+    for label, std in readings.items():
+        assert noise.low <= std <= noise.high, (label, std, noise.low, noise.high)

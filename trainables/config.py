@@ -22,7 +22,7 @@ import yaml
 
 from trainables.errors import ConfigError, UserError
 
-LR_SCHEDULES = ("onecycle", "cosine", "constant")
+LR_SCHEDULES = ("onecycle", "triangular", "cosine", "constant")
 AUGMENTS = ("auto", "none", "crop", "crop_flip")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -40,7 +40,9 @@ class TrainConfig:
     normalize: str = "none"  #: WEAT weight normalisation: none | mean
     bias: float = 0.0  #: MAIL-TRADES margin bias
     slope: float = 2.0  #: MAIL-TRADES sigmoid slope
-    burn_in: int | None = None  #: MAIL epochs of plain TRADES; None = 3/4 of epochs (paper)
+    mail_scale: float = 3.0  #: MAIL-TRADES weight scale (official mail_loss.py: 3·sigmoid)
+    burn_in: int | None = None  #: MAIL epochs of plain TRADES; None = burn_in_fraction of epochs
+    burn_in_fraction: float = 0.75  #: MAIL burn-in as a fraction of epochs (paper: 75 of 100)
     # --- model and data -----------------------------------------------------
     model: str = "small_cnn"  #: model name (trainables.models.MODELS)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  #: extra model arguments
@@ -56,8 +58,13 @@ class TrainConfig:
     epochs: int = 10  #: training epochs
     batch_size: int = 128  #: images per batch (per worker)
     lr_max: float = 0.1  #: peak learning rate of the schedule
-    lr_schedule: str = "onecycle"  #: onecycle (linear 0 → lr_max at 40% → 0) | cosine | constant
-    momentum: float = 0.9  #: SGD momentum
+    #: ``onecycle``: exactly ``torch.optim.lr_scheduler.OneCycleLR(max_lr=lr_max,
+    #: pct_start=lr_pct_start)`` with torch's defaults (cosine, start lr_max/25, end
+    #: lr_max/25e4, momentum cycled 0.95 → 0.85 → 0.95), as the paper's code;
+    #: ``triangular``: linear 0 → lr_max at 40 % → 0; ``cosine``; ``constant``. Per batch.
+    lr_schedule: str = "onecycle"
+    lr_pct_start: float = 0.25  #: onecycle: fraction of steps spent rising to lr_max
+    momentum: float = 0.9  #: SGD momentum (onecycle cycles it 0.85–0.95 instead)
     weight_decay: float = 5e-4  #: SGD weight decay
     seed: int = 0  #: seed of initialisation, data order, augmentation and attacks
     # --- threat model (training attack) ------------------------------------
@@ -68,18 +75,22 @@ class TrainConfig:
     # --- evaluation -----------------------------------------------------------
     val_attack_steps: int = 10  #: PGD steps of the per-epoch validation attack
     val_subset: int | None = 512  #: validation points evaluated per epoch (None = all)
+    select_from: int = 1  #: first epoch (from 1) whose checkpoint may become best.pt
+    probe_n: int = 256  #: training points of the per-epoch ΔE probe (0 = off)
     eval_steps: int = 20  #: PGD steps of the final test attack (PGD-20)
     eval_step_size: float = 2 / 255  #: step size of the evaluation attacks
-    test_subset: int | None = None  #: test points for clean/PGD (None = all)
-    aa_n: int = 200  #: test points for AutoAttack (0 = skip)
+    #: test points of the final evaluation (clean, PGD and AutoAttack on the same
+    #: points; None = the whole test set)
+    test_subset: int | None = None
+    autoattack: bool = True  #: run AutoAttack in the final test evaluation
     aa_version: str = "standard"  #: AutoAttack version: standard | custom
     aa_attacks: list[str] | None = None  #: attack list when aa_version is custom
     # --- runtime --------------------------------------------------------------
     device: str = "auto"  #: auto | cpu | cuda
     num_threads: int | None = None  #: torch intra-op threads (None = leave as is)
-    #: precision of the training attack and training step: ``auto`` (bf16 autocast on
-    #: CUDA for methods whose numerics allow it, ``MethodSpec.bf16``; fp32 on the CPU),
-    #: ``bf16`` (autocast wherever the device supports it) or ``fp32``. Evaluation
+    #: precision of the training attack and training step: ``auto`` and ``fp32`` train
+    #: in fp32 (one precision for every method, so it never leaks into a comparison);
+    #: ``bf16`` asks for bf16 autocast wherever the device supports it. Evaluation
     #: (validation, test, AutoAttack) always runs in fp32.
     precision: str = "auto"
     #: channels_last (NHWC) memory format for model and inputs; None = auto (on for
@@ -124,8 +135,10 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
     def resolved_burn_in(self) -> int:
-        """MAIL burn-in in epochs (default: 3/4 of the run, the paper's 75 of 100)."""
-        return self.burn_in if self.burn_in is not None else (3 * self.epochs) // 4
+        """MAIL burn-in in epochs (default: ``burn_in_fraction`` of the run, paper 75 of 100)."""
+        if self.burn_in is not None:
+            return self.burn_in
+        return int(math.floor(self.burn_in_fraction * self.epochs + 1e-9))
 
     def method_hparams(self) -> dict[str, Any]:
         """The hyperparameters handed to ``compute_loss`` (epoch added by the loop)."""
@@ -136,6 +149,7 @@ class TrainConfig:
             "normalize": self.normalize,
             "bias": self.bias,
             "slope": self.slope,
+            "mail_scale": self.mail_scale,
             "burn_in": self.resolved_burn_in(),
         }
 
@@ -168,13 +182,18 @@ class TrainConfig:
         _range("momentum", self.momentum, lo=0.0, hi=1.0)
         _range("weight_decay", self.weight_decay, lo=0.0)
         _range("slope", self.slope, lo=0.0)
-        for name in ("epochs", "batch_size"):
+        _range("mail_scale", self.mail_scale, lo=0.0)
+        _range("burn_in_fraction", self.burn_in_fraction, lo=0.0, hi=1.0)
+        _range("lr_pct_start", self.lr_pct_start, lo=0.0, hi=1.0, lo_open=True)
+        if self.lr_pct_start >= 1.0:
+            raise ConfigError(f"lr_pct_start = {self.lr_pct_start}; must lie in (0, 1)")
+        for name in ("epochs", "batch_size", "select_from"):
             _range(name, getattr(self, name), lo=1)
         for name in (
             "attack_steps",
             "val_attack_steps",
             "eval_steps",
-            "aa_n",
+            "probe_n",
             "seed",
             "split_seed",
         ):
@@ -314,12 +333,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Config from an optional YAML file plus ``key=value`` overrides, validated."""
-    values: dict[str, Any] = load_config_file(path) if path else {}
-    for key, value in parse_overrides(overrides or []).items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
+def build_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    preset: str | None = None,
+) -> TrainConfig:
+    """Config from an optional preset, YAML file and ``key=value`` overrides, validated.
+
+    Args:
+        path: a YAML training config (its keys win over the preset's).
+        overrides: ``key=value`` items (they win over both).
+        preset: a shipped paper preset (:mod:`trainables.presets`), e.g. ``cifar10-trades``.
+    """
+    values: dict[str, Any] = {}
+    if preset:
+        from trainables.presets import load_preset
+
+        values = load_preset(preset)
+    for layer in (load_config_file(path) if path else {}, parse_overrides(overrides or [])):
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
     return TrainConfig.from_dict(values)

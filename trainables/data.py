@@ -87,10 +87,16 @@ class TensorData:
         """
         if n is None or n >= len(self):
             return self
+        return self.take(self.subset_indices(n, seed))
+
+    def subset_indices(self, n: int | None, seed: int) -> Tensor:
+        """The indices (ascending) of the points :meth:`subset` keeps."""
+        if n is None or n >= len(self):
+            return torch.arange(len(self))
         if n < 0:
             raise ConfigError(f"subset size must be >= 0, got {n}")
         perm = torch.randperm(len(self), generator=_seeded(seed))
-        return self.take(perm[:n].sort().values)
+        return perm[:n].sort().values
 
     def take(self, idx: Tensor) -> TensorData:
         """The points at indices ``idx`` (a 1-D int64 tensor)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from trainables.errors import CheckpointError, TrainingDiverged
 from trainables.methods import METHODS, compute_loss, method_hparams
 from trainables.models import accelerate, create_model
 from trainables.reporting import NullReporter, Reporter
+from trainables.stats import with_intervals
 
 #: Config keys that may differ between a checkpoint and the run resuming it.
 RUNTIME_KEYS = frozenset(
@@ -55,7 +57,7 @@ RUNTIME_KEYS = frozenset(
         "device",
         "num_threads",
         "output_dir",
-        "aa_n",
+        "autoattack",
         "aa_version",
         "aa_attacks",
         "test_subset",
@@ -99,18 +101,13 @@ def resolve_device(name: str) -> torch.device:
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the training attack and step (None = fp32).
 
-    ``auto`` is bf16 on CUDA devices that support it, for methods whose numerics
-    allow it (``MethodSpec.bf16``), and fp32 on the CPU; ``bf16`` asks for it on
-    any device (CPU autocast works too; whether it pays depends on the CPU's bf16
-    support, see bench/README.md).
+    ``auto`` and ``fp32`` train in fp32, whatever the method: a study compares
+    methods, and a precision that differed between them would leak into the
+    comparison (:data:`~trainables.methods.BF16_NOTE`). ``bf16`` asks for bf16
+    autocast on any device (CPU autocast works too; whether it pays depends on the
+    CPU's bf16 support, see bench/README.md).
     """
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and METHODS.get(cfg.method).bf16 and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if cfg.precision == "bf16" else None
 
 
 def use_channels_last(cfg: TrainConfig, device: torch.device) -> bool:
@@ -125,18 +122,72 @@ def precision_context(dtype: torch.dtype | None, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Learning rate after ``step`` of ``total_steps`` optimiser steps.
+#: torch.optim.lr_scheduler.OneCycleLR's defaults, which the paper's code keeps.
+ONECYCLE_DIV_FACTOR = 25.0
+ONECYCLE_FINAL_DIV_FACTOR = 1e4
+ONECYCLE_MOMENTUM = (0.85, 0.95)  # (base, max)
 
-    ``onecycle``: linear from 0 to ``lr_max`` over the first 40% of steps, then
-    linear to 0 (the cyclic schedule of the paper's code, stepped per batch).
+
+def _cos_anneal(start: float, end: float, pct: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+def onecycle_at(
+    step: int, total_steps: int, lr_max: float, pct_start: float
+) -> tuple[float, float]:
+    """``(lr, momentum)`` of ``torch.optim.lr_scheduler.OneCycleLR`` at ``step``.
+
+    The same piecewise cosine as torch's scheduler with ``max_lr=lr_max``,
+    ``pct_start``, ``anneal_strategy="cos"``, ``div_factor=25``,
+    ``final_div_factor=1e4`` and momentum cycled 0.95 → 0.85 → 0.95, as a pure
+    function of the step so that a resumed run needs no scheduler state.
+
+    Args:
+        step: optimiser steps already taken (0 for the first batch).
+        total_steps: optimiser steps of the whole run.
+        lr_max: the peak learning rate.
+        pct_start: fraction of the steps spent rising to ``lr_max``.
     """
-    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    initial = lr_max / ONECYCLE_DIV_FACTOR
+    final = initial / ONECYCLE_FINAL_DIV_FACTOR
+    base_m, max_m = ONECYCLE_MOMENTUM
+    step = min(max(step, 0), total_steps - 1)
+    phases = (
+        (float(pct_start * total_steps) - 1, initial, lr_max, max_m, base_m),
+        (float(total_steps - 1), lr_max, final, base_m, max_m),
+    )
+    start_step = 0.0
+    for i, (end_step, lr0, lr1, m0, m1) in enumerate(phases):
+        if step <= end_step or i == len(phases) - 1:
+            pct = (step - start_step) / (end_step - start_step)
+            return _cos_anneal(lr0, lr1, pct), _cos_anneal(m0, m1, pct)
+        start_step = end_step
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def schedule_at(step: int, total_steps: int, cfg: TrainConfig) -> tuple[float, float]:
+    """``(lr, momentum)`` for the optimiser step after ``step`` of ``total_steps`` steps.
+
+    ``onecycle`` is torch's ``OneCycleLR`` (:func:`onecycle_at`, momentum cycled);
+    ``triangular`` rises linearly from 0 to ``lr_max`` over the first 40 % of
+    steps and falls linearly to 0; ``cosine`` anneals from ``lr_max`` to 0;
+    ``constant`` stays at ``lr_max``. Only ``onecycle`` changes the momentum.
+    """
     if cfg.lr_schedule == "onecycle":
-        return float(np.interp(t, [0.0, 0.4, 1.0], [0.0, cfg.lr_max, 0.0]))
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr_max * 0.5 * (1.0 + math.cos(math.pi * t))
-    return cfg.lr_max
+        return onecycle_at(step, total_steps, cfg.lr_max, cfg.lr_pct_start)
+    t = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    if cfg.lr_schedule == "triangular":
+        lr = float(np.interp(t, [0.0, 0.4, 1.0], [0.0, cfg.lr_max, 0.0]))
+    elif cfg.lr_schedule == "cosine":
+        lr = cfg.lr_max * 0.5 * (1.0 + math.cos(math.pi * t))
+    else:
+        lr = cfg.lr_max
+    return lr, cfg.momentum
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of :func:`schedule_at`."""
+    return schedule_at(step, total_steps, cfg)[0]
 
 
 def training_attack(cfg: TrainConfig) -> PGD | None:
@@ -311,6 +362,17 @@ def train(
     attack = training_attack(cfg)
     val_attack = eval_attack(cfg, cfg.val_attack_steps)
     val_data = data.val.subset(cfg.val_subset, seed=cfg.split_seed)
+    # the ΔE training probe (paper Fig. 3): fixed training points, not augmented,
+    # against the training attack (the evaluation PGD for `standard`)
+    probe_data = data.train.subset(cfg.probe_n, seed=cfg.split_seed) if cfg.probe_n else None
+    probe_attack = attack if attack is not None else val_attack
+    select_from = min(cfg.select_from, cfg.epochs)  # the last epoch is always eligible
+    if not len(val_data):
+        warnings.warn(
+            "no validation set (val_fraction 0 and no val_npz): no model selection, the "
+            "last epoch's weights are kept as best.pt",
+            stacklevel=2,
+        )
     spec = METHODS.get(cfg.method)
     hparams = cfg.method_hparams()
     method_hparams(cfg.method, hparams)  # validate once, before the first batch
@@ -362,9 +424,9 @@ def train(
             pin_memory=pin,
         )
         for x, y in batches:
-            lr = lr_at(step, total_steps, cfg)
+            lr, beta1 = schedule_at(step, total_steps, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"], group["momentum"] = lr, beta1
 
             # the algorithm: attack, forward, loss, step
             with precision_context(amp, device):
@@ -395,8 +457,14 @@ def train(
         train_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        val, _ = evaluate(fast, val_data, val_attack, batch_size=cfg.batch_size, device=device)
+        val: dict[str, float] = {}
+        if len(val_data):
+            val, _ = evaluate(fast, val_data, val_attack, batch_size=cfg.batch_size, device=device)
         val_s = time.perf_counter() - t1
+        probe: dict[str, float] = {}
+        if probe_data is not None:
+            probe = probe_metrics(fast, probe_data, probe_attack, cfg.batch_size, device)
+        probe_s = time.perf_counter() - t1 - val_s
         if not math.isfinite(loss_sum):
             raise TrainingDiverged(
                 f"training diverged: train/loss is {loss_sum / count} in epoch {epoch + 1} "
@@ -411,19 +479,24 @@ def train(
             metrics["train/clean_acc"] = correct_nat / count
         if attack is not None:
             metrics["train/adv_acc"] = correct_adv / count
-        metrics.update({f"val/{k}": v for k, v in val.items()})
+        if val:
+            metrics.update(accuracies_with_n("val", val, len(val_data)))
+        metrics.update(probe)
         metrics.update(
             {
                 "time/epoch_s": time.perf_counter() - t0,
                 "time/train_s": train_s,
                 "time/val_s": val_s,
+                "time/probe_s": probe_s,
             }
         )
         history.append({"epoch": epoch + 1, **metrics})
 
-        improved = metrics["val/pgd_acc"] > best_score
+        # no validation set (val_fraction 0, no val_npz): the last epoch is kept
+        score = metrics.get("val/pgd_acc", float(epoch + 1))
+        improved = epoch + 1 >= select_from and score > best_score
         if improved:
-            best_epoch, best_score = epoch + 1, metrics["val/pgd_acc"]
+            best_epoch, best_score = epoch + 1, score
         if not writer:
             reporter.report(epoch + 1, metrics, None)
             continue
@@ -455,12 +528,103 @@ def train(
         return TrainResult(out, best_epoch, history, {}, {})
     test_metrics, artifacts = final_evaluation(cfg, model, data, out, device=device, view=fast)
     test_metrics["best_epoch"] = float(best_epoch)
-    test_metrics["best/val_pgd_acc"] = best_score
+    if len(val_data):
+        test_metrics["best/val_pgd_acc"] = best_score
     artifacts.update(
         {"checkpoint_best": ckpt_dir / "best.pt", "checkpoint_last": ckpt_dir / "last.pt"}
     )
     reporter.final(test_metrics, artifacts)
     return TrainResult(out, best_epoch, history, test_metrics, artifacts)
+
+
+def accuracies_with_n(prefix: str, metrics: dict[str, float], n: int) -> dict[str, float]:
+    """``metrics`` under ``prefix/``, with ``prefix/n`` and the 95 % Wilson bounds of
+    every accuracy (:mod:`trainables.stats`)."""
+    out = {f"{prefix}/{k}": v for k, v in metrics.items()}
+    out[f"{prefix}/n"] = float(n)
+    accuracies = [k for k in out if k.endswith("_acc")]
+    return with_intervals(out, n=n, keys=accuracies)
+
+
+def probe_metrics(
+    model: nn.Module, data: TensorData, attack: PGD, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """The ΔE training probe: energies of fixed training points and their attacked
+    versions (eval mode), as ``train_probe/*``.
+
+    ``train_probe/delta_energy`` is the mean of E(x) − E(x*) (the paper's ΔE(x),
+    Fig. 3), ``train_probe/delta_energy_xy`` the mean of E(x, y) − E(x*, y).
+    """
+    m, _ = evaluate(model, data, attack, batch_size=batch_size, device=device)
+    return {
+        "train_probe/delta_energy": m["delta_energy"],
+        "train_probe/delta_energy_std": m["delta_energy_std"],
+        "train_probe/delta_energy_xy": m["delta_energy_joint"],
+        "train_probe/energy_nat": m["energy_nat"],
+        "train_probe/energy_adv": m["energy_adv"],
+        "train_probe/adv_acc": m["pgd_acc"],
+        "train_probe/n": float(len(data)),
+    }
+
+
+def measure(
+    cfg: TrainConfig,
+    model: nn.Module,
+    points: TensorData,
+    *,
+    device: torch.device,
+    view: nn.Module | None = None,
+    autoattack: bool = True,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Clean, PGD-``eval_steps`` and (optionally) AutoAttack accuracy on the same points.
+
+    Args:
+        cfg: the run's config (threat model, evaluation attack, AutoAttack version).
+        model: the classifier, weights loaded.
+        points: the evaluation points; every number is measured on all of them.
+        device: where the model runs.
+        view: an accelerated view sharing ``model``'s parameters for the PGD pass
+            (:func:`~trainables.models.accelerate`); AutoAttack gets the bare model.
+        autoattack: also run AutoAttack (``cfg.aa_version``).
+
+    Returns:
+        ``(metrics, samples)``: unprefixed metrics (``clean_acc``, ``pgd_acc``,
+        energies, and with AutoAttack ``aa_acc``, ``aa_clean_acc`` and ``robust_acc``,
+        the points that survive both attacks) and per-point arrays (energies,
+        predictions, ``pgd_correct``, and ``aa_robust`` with AutoAttack).
+    """
+    metrics, samples = evaluate(
+        view if view is not None else model,
+        points,
+        eval_attack(cfg, cfg.eval_steps),
+        batch_size=cfg.batch_size,
+        device=device,
+        keep_samples=True,
+    )
+    assert samples is not None
+    pgd_correct = samples["pred_adv"] == samples["y"]
+    samples["pgd_correct"] = pgd_correct
+    if autoattack:
+        from trainables.autoattack import autoattack_accuracy
+
+        aa = autoattack_accuracy(
+            model,
+            to_float(points.x).to(device),
+            points.y.to(device),
+            eps=cfg.eps,
+            norm="Linf" if cfg.norm == "linf" else "L2",
+            version=cfg.aa_version,
+            attacks=cfg.aa_attacks,
+            batch_size=max(cfg.batch_size, 256),
+            seed=cfg.seed,
+            device=device,
+        )
+        aa_robust = aa.robust_mask.cpu().numpy()
+        samples["aa_robust"] = aa_robust
+        metrics["aa_acc"] = aa.robust_acc
+        metrics["aa_clean_acc"] = aa.clean_acc
+        metrics["robust_acc"] = float((aa_robust & pgd_correct).mean())
+    return metrics, samples
 
 
 def final_evaluation(
@@ -473,49 +637,65 @@ def final_evaluation(
     view: nn.Module | None = None,
 ) -> tuple[dict[str, float], dict[str, Path]]:
     """Load ``best.pt`` into ``model`` and measure clean, PGD-``eval_steps`` and
-    AutoAttack accuracy on the test set; writes per-sample energies to
-    ``energies.npz`` (for energy histograms).
-
-    ``view`` (from :func:`~trainables.models.accelerate`, sharing ``model``'s
-    parameters) runs the PGD evaluation; AutoAttack always gets the bare model.
+    AutoAttack accuracy (when ``cfg.autoattack``) on the same ``test_subset`` test
+    points, each with its n and 95 % Wilson interval; writes per-point energies and
+    outcomes to ``energies.npz`` (for energy histograms).
     """
     best = load_checkpoint(out / "checkpoints" / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
     test = data.test.subset(cfg.test_subset, seed=cfg.split_seed)
-    metrics, samples = evaluate(
-        view if view is not None else model,
-        test,
-        eval_attack(cfg, cfg.eval_steps),
-        batch_size=cfg.batch_size,
-        device=device,
-        keep_samples=True,
+    metrics, samples = measure(
+        cfg, model, test, device=device, view=view, autoattack=cfg.autoattack
     )
-    result = {f"test/{k}": v for k, v in metrics.items()}
-    artifacts: dict[str, Path] = {}
-    assert samples is not None
     energies = out / "energies.npz"
     np.savez_compressed(energies, **samples)
-    artifacts["energies"] = energies
-    if cfg.aa_n > 0:
-        from trainables.autoattack import autoattack_accuracy
+    return accuracies_with_n("test", metrics, len(test)), {"energies": energies}
 
-        aa_data = test.subset(cfg.aa_n, seed=cfg.split_seed)
-        aa = autoattack_accuracy(
-            model,
-            to_float(aa_data.x).to(device),
-            aa_data.y.to(device),
-            eps=cfg.eps,
-            norm="Linf" if cfg.norm == "linf" else "L2",
-            version=cfg.aa_version,
-            attacks=cfg.aa_attacks,
-            batch_size=max(cfg.batch_size, 256),
-            seed=cfg.seed,
-            device=device,
+
+def evaluate_weights(
+    cfg: TrainConfig,
+    state_dict: dict[str, Tensor],
+    *,
+    n: int | None = None,
+    data: DataBundle | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Evaluate trained weights the way a study evaluates its finalists.
+
+    Clean, PGD-``cfg.eval_steps`` and AutoAttack (``cfg.aa_version``) accuracy on
+    the same ``n`` test points (the seeded subset :meth:`TensorData.subset` picks;
+    ``None`` = the whole test set), in fp32, without the speed options.
+
+    Args:
+        cfg: the trial's training config (data, model, threat model, evaluation).
+        state_dict: the model's weights (e.g. ``best.pt``'s ``"model"``).
+        n: number of test points.
+        data: an already loaded dataset bundle (else loaded from ``cfg``).
+
+    Returns:
+        ``(metrics, samples)``: ``clean_acc``, ``pgd_acc``, ``aa_acc``, ``robust_acc``
+        and energies with ``n`` and 95 % Wilson bounds (unprefixed), and per-point
+        arrays, ``index`` (positions in the test set) included.
+    """
+    device = resolve_device(cfg.device)
+    if data is None:
+        data = load_data(
+            cfg.dataset,
+            cfg.data_root,
+            val_fraction=cfg.val_fraction,
+            val_npz=cfg.val_npz,
+            split_seed=cfg.split_seed,
+            augment="none",
         )
-        result["test/aa_acc"] = aa.robust_acc
-        result["test/aa_clean_acc"] = aa.clean_acc
-        result["test/aa_n"] = float(len(aa_data))
-    return result, artifacts
+    model = create_model(
+        cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.model_kwargs
+    ).to(device)
+    model.load_state_dict(state_dict)
+    index = data.test.subset_indices(n, seed=cfg.split_seed)
+    points = data.test.take(index)
+    metrics, samples = measure(cfg, model, points, device=device, autoattack=True)
+    samples["index"] = index.numpy()
+    with_n = accuracies_with_n("x", metrics, len(points))
+    return {k.split("/", 1)[1]: v for k, v in with_n.items()}, samples
 
 
 def _check_resumable(state: dict[str, Any], cfg: TrainConfig) -> None:
