@@ -13,13 +13,22 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from reports.data import RunData
+from reports.data import TAG_FINALIST, RunData
+from reports.intervals import group_interval, measured, sample_size
+from reports.ranking import rank_key, rank_runs, ranking_rules, trial_order
 
 #: Final test metrics of the leaderboard: (metric, column title).
 TEST_METRICS = (
     ("test/clean_acc", "Clean"),
     ("test/pgd_acc", "PGD"),
     ("test/aa_acc", "AutoAttack"),
+)
+#: Second-stage metrics of a study's finalists (all on the same ``final/n`` points).
+FINAL_METRICS = (
+    ("final/clean_acc", "Clean"),
+    ("final/pgd_acc", "PGD"),
+    ("final/aa_acc", "AutoAttack"),
+    ("final/robust_acc", "Robust (both)"),
 )
 #: Params that never define a configuration group (repetitions differ only in them).
 NOT_A_GROUP_KEY = {"seed", "method"}
@@ -74,12 +83,31 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), std
 
 
-def leaderboard(trials: Sequence[RunData]) -> pd.DataFrame:
+def leaderboard(
+    trials: Sequence[RunData],
+    objective: Sequence[str] = ("val/pgd_acc",),
+    modes: Sequence[str] = ("max",),
+) -> pd.DataFrame:
     """One row per configuration group of the finished trials with test metrics.
 
-    Columns: ``group``, ``method``, ``n`` (trials), ``trials`` (their ids), and
-    ``<metric> mean`` / ``<metric> std`` for each of :data:`TEST_METRICS` that
-    any trial has. Rows are sorted by the PGD mean, best first.
+    Columns: ``group``, ``method``, ``n`` (trials), ``trials`` (their ids),
+    ``finalists`` (``#1 <trial>`` for members that are finalists), and for each
+    of :data:`TEST_METRICS` that any trial has: ``<metric> mean`` / ``std``
+    over the group's trials, ``<metric> n`` (test points, the smallest of the
+    group's; NaN when not logged) and ``<metric> ci_low`` / ``ci_high``, the
+    95 % Wilson interval of the mean on those points (see
+    :func:`reports.intervals.group_interval`).
+
+    Rows are in the order of :mod:`reports.ranking` applied to the groups: the
+    group mean of each objective (in ``modes``), then of ``val/clean_acc``
+    (max), then the group's first trial id (:func:`reports.ranking.trial_order`).
+    So the first row holds the trial ``study export`` writes when its group has
+    one trial.
+
+    Args:
+        trials: the study's trial runs.
+        objective: the study's objective metrics, most important first.
+        modes: ``max``/``min`` for each objective.
     """
     groups: dict[tuple, list[RunData]] = {}
     for run in trials:
@@ -87,25 +115,86 @@ def leaderboard(trials: Sequence[RunData]) -> pd.DataFrame:
             continue
         groups.setdefault(group_key(run), []).append(run)
     present = [m for m, _ in TEST_METRICS if any(r.metric(m) is not None for r in trials)]
+    rules = ranking_rules(objective, modes)
     rows = []
+    order = []
     for key, runs in groups.items():
+        runs = rank_runs(runs, objective, modes)
         row: dict[str, object] = {
             "group": group_label(key),
             "method": key[0],
             "n": len(runs),
             "trials": " ".join(r.trial_id for r in runs),
+            "finalists": " ".join(
+                f"#{rank} {r.trial_id}"
+                for rank, r in sorted(
+                    (finalist_rank(r), r) for r in runs if finalist_rank(r) is not None
+                )
+            ),
         }
         for metric in present:
-            values = [v for r in runs if (v := r.metric(metric)) is not None]
+            scored = [(r, v) for r in runs if (v := r.metric(metric)) is not None]
+            values = [v for _, v in scored]
             row[f"{metric} mean"], row[f"{metric} std"] = mean_std(values)
+            single = measured(scored[0][0].metrics, metric) if len(scored) == 1 else None
+            n, low, high = group_interval(
+                values, [sample_size(r.metrics, metric) for r, _ in scored], single
+            )
+            row[f"{metric} n"] = math.nan if n is None else n
+            row[f"{metric} ci_low"] = math.nan if low is None else low
+            row[f"{metric} ci_high"] = math.nan if high is None else high
+        means = {
+            m: statistics.fmean(vs)
+            for m, _ in rules
+            if (vs := [v for r in runs if (v := r.metric(m)) is not None])
+        }
+        first = min(runs, key=lambda r: trial_order(r.trial_id, r.run_id))
+        order.append(rank_key(means, first.trial_id, rules, first.run_id))
         rows.append(row)
-    columns = ["group", "method", "n", "trials"]
-    columns += [f"{m} {s}" for m in present for s in ("mean", "std")]
-    frame = pd.DataFrame(rows, columns=columns)
-    sort = "test/pgd_acc mean" if "test/pgd_acc mean" in frame else None
-    if sort and not frame.empty:
-        frame = frame.sort_values(sort, ascending=False, kind="stable").reset_index(drop=True)
-    return frame
+    columns = ["group", "method", "n", "trials", "finalists"]
+    columns += [f"{m} {s}" for m in present for s in ("mean", "std", "n", "ci_low", "ci_high")]
+    ranked = [row for _, row in sorted(zip(order, rows), key=lambda pair: pair[0])]
+    return pd.DataFrame(ranked, columns=columns)
+
+
+def finalist_rank(run: RunData) -> int | None:
+    """A trial's finalist rank (its ``energy_study.finalist`` tag as a number), else None."""
+    raw = run.tags.get(TAG_FINALIST, "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
+def finalists(trials: Sequence[RunData]) -> list[RunData]:
+    """The study's finalists (trials tagged with a finalist rank), by rank."""
+    tagged = [r for r in trials if finalist_rank(r) is not None]
+    return sorted(tagged, key=lambda r: (finalist_rank(r), trial_order(r.trial_id, r.run_id)))
+
+
+def finalist_table(trials: Sequence[RunData]) -> pd.DataFrame:
+    """One row per finalist: its second-stage evaluation (``final/*``) with n and intervals.
+
+    Columns: ``rank``, ``trial``, ``run_id``, ``group``, ``final/n``, and for each
+    of :data:`FINAL_METRICS` the value and its ``ci_low`` / ``ci_high`` (the
+    bounds the run logged, else the Wilson interval on ``final/n`` points; NaN
+    when unknown). Empty when the study has no finalists.
+    """
+    rows = []
+    for run in finalists(trials):
+        row: dict[str, object] = {
+            "rank": finalist_rank(run),
+            "trial": run.trial_id,
+            "run_id": run.run_id,
+            "group": group_label(group_key(run)),
+            "final/n": sample_size(run.metrics, "final/n") or math.nan,
+        }
+        for metric, _ in FINAL_METRICS:
+            m = measured(run.metrics, metric)
+            row[metric] = m.value if m else math.nan
+            row[f"{metric} ci_low"] = m.low if m and m.low is not None else math.nan
+            row[f"{metric} ci_high"] = m.high if m and m.high is not None else math.nan
+        rows.append(row)
+    columns = ["rank", "trial", "run_id", "group", "final/n"]
+    columns += [f"{m}{s}" for m, _ in FINAL_METRICS for s in ("", " ci_low", " ci_high")]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def best_rows(frame: pd.DataFrame, metrics: Sequence[str]) -> dict[str, int]:
@@ -153,17 +242,23 @@ def objective_value(run: RunData, metric: str) -> float | None:
     return run.metric(metric)
 
 
-def best_per_method(trials: Sequence[RunData], metric: str, mode: str) -> dict[str, RunData]:
-    """The best trial of each method by ``metric`` (finished or early-stopped trials)."""
+def best_per_method(
+    trials: Sequence[RunData], objective: Sequence[str], modes: Sequence[str]
+) -> dict[str, RunData]:
+    """The best trial of each method (finished or early-stopped trials with the objective).
+
+    Best in the order of :func:`reports.ranking.rank_runs` (objectives, then
+    ``val/clean_acc``, then trial id), as ``study export`` picks.
+
+    Args:
+        trials: the study's trial runs.
+        objective: the study's objective metrics, most important first.
+        modes: ``max``/``min`` for each objective.
+    """
     best: dict[str, RunData] = {}
-    sign = 1.0 if mode == "max" else -1.0
-    for run in trials:
-        value = run.metric(metric)
-        if run.status == "FAILED" or value is None:
-            continue
-        current = best.get(run.method)
-        if current is None or sign * value > sign * (current.metric(metric) or 0.0):
-            best[run.method] = run
+    scored = [r for r in trials if r.status != "FAILED" and r.metric(objective[0]) is not None]
+    for run in rank_runs(scored, objective, modes):
+        best.setdefault(run.method, run)
     return dict(sorted(best.items()))
 
 

@@ -37,15 +37,33 @@ from reports.data import (
     load_study,
     metric_history,
 )
+from reports.intervals import Measured, measured, sample_size
+from reports.ranking import rank_runs, ranking_rules
 from reports.render import Cell, Image, Pre, Section, Table, num, render_html, render_markdown
 
 FORMATS = ("html", "md", "both")
-#: Panels of the training-dynamics figure: (metric, title).
+#: Panels of the training-dynamics figure: (metric, title); a panel no trial logged is left out.
+#: With the training probe there are four, two per row: the two ΔE panels side by side.
 DYNAMICS = (
     ("val/pgd_acc", "validation PGD accuracy"),
-    ("val/delta_energy", "ΔE(x) = E(x) − E(x*) (validation)"),
     ("lr", "learning rate"),
+    ("val/delta_energy", "ΔE(x) = E(x) − E(x*) (validation)"),
+    ("train_probe/delta_energy", "ΔE(x) = E(x) − E(x*) (training probe)"),
 )
+#: The training probe's other per-epoch numbers: in the dynamics CSV, not plotted.
+PROBE_EXTRA = (
+    "train_probe/delta_energy_std",
+    "train_probe/delta_energy_xy",
+    "train_probe/energy_nat",
+    "train_probe/energy_adv",
+)
+
+
+def _acc_cell(m: Measured | None) -> Cell:
+    """An accuracy cell: ``0.7500 [0.710, 0.787]`` (the bracket when its interval is known)."""
+    if m is None:
+        return Cell(num(None))
+    return Cell(m.text(), m.value)
 
 
 class Context:
@@ -163,13 +181,18 @@ def _trial_config_file(ctx: Context, run: RunData) -> str:
 
 
 def trials_blocks(ctx: Context) -> list[object]:
-    """The table of every trial: status, searched values, objective, test metrics, command."""
+    """The table of every trial: status, searched values, objective, test metrics, command.
+
+    Accuracies carry their 95 % Wilson interval where the trial logged its ``n``
+    (``val/n``, ``test/n``); the ``n`` column gives both.
+    """
     data = ctx.data
     if not data.trials:
         return ["No training trials are recorded for this study."]
     objective = data.objective[0]
-    cols = ["trial", "status", "method", "searched", objective, "test/clean_acc",
-            "test/pgd_acc", "test/aa_acc", "note", "reproduce"]  # fmt: skip
+    metrics = [objective, "test/clean_acc", "test/pgd_acc", "test/aa_acc"]
+    cols = ["trial", "status", "method", "searched", *metrics, "n (val / test)", "note",
+            "reproduce"]  # fmt: skip
     rows = []
     records = []
     for run in data.trials:
@@ -177,53 +200,137 @@ def trials_blocks(ctx: Context) -> list[object]:
         note = run.tags.get(TAG_FAILURE, "")
         if not note and run.tags.get(TAG_EARLY) == "true":
             note = "stopped early"
+        rank = analysis.finalist_rank(run)
+        if rank is not None:
+            note = "; ".join(filter(None, [f"finalist #{rank}", note]))
         command = f"study train --config {_trial_config_file(ctx, run)}"
-        values = [run.metric(m) for m in cols[4:8]]
+        found = [measured(run.metrics, m) for m in metrics]
+        val_n, test_n = sample_size(run.metrics, "val/n"), sample_size(run.metrics, "test/n")
+        ns = f"{val_n if val_n is not None else '-'} / {test_n if test_n is not None else '-'}"
         rows.append(
             [Cell(run.trial_id), Cell(run.status), Cell(run.method), Cell(searched)]
-            + [Cell(num(v), v) for v in values]
-            + [Cell(note), Cell(command, code=True)]
+            + [_acc_cell(m) for m in found]
+            + [Cell(ns), Cell(note), Cell(command, code=True)]
         )
-        records.append(
-            {"trial": run.trial_id, "run_id": run.run_id, "status": run.status,
-             "method": run.method, "searched": searched,
-             **dict(zip(cols[4:8], values)), "note": note, "command": command}
-        )  # fmt: skip
+        record: dict[str, object] = {"trial": run.trial_id, "run_id": run.run_id,
+                                     "status": run.status, "method": run.method,
+                                     "searched": searched}  # fmt: skip
+        for key, m in zip(metrics, found):
+            record[key] = m.value if m else None
+            record[f"{key} ci_low"] = m.low if m else None
+            record[f"{key} ci_high"] = m.high if m else None
+        record.update({"val/n": val_n, "test/n": test_n, "finalist": rank, "note": note,
+                       "command": command})  # fmt: skip
+        records.append(record)
     csv = ctx.csv(pd.DataFrame(records), "trials")
-    return ["Trials (each command retrains the trial from its exact config):",
+    return ["Trials (each command retrains the trial from its exact config; [low, high]: 95 % "
+            "Wilson interval of an accuracy on its n points):",
             Table(cols, rows, "trials", csv)]  # fmt: skip
 
 
-def leaderboard_section(ctx: Context) -> Section:
-    """Mean ± std of clean / PGD / AutoAttack accuracy per configuration group."""
-    sec = Section("leaderboard", "Leaderboard")
-    frame = analysis.leaderboard(ctx.data.trials)
+def _leaderboard_n(row: pd.Series, metrics: list[str], titles: dict[str, str]) -> str:
+    """The test points of a leaderboard row: ``300``, or per metric when they differ."""
+    ns = {m: row[f"{m} n"] for m in metrics if not math.isnan(float(row[f"{m} n"]))}
+    if not ns:
+        return "-"
+    if len(set(ns.values())) == 1 and len(ns) == len(metrics):
+        return str(int(next(iter(ns.values()))))
+    return ", ".join(f"{titles[m]} {int(n)}" for m, n in ns.items())
+
+
+def _one(values: set[str | None], fmt: str, default: str) -> str:
+    """``fmt`` filled with the one value all runs share, else ``default``."""
+    values.discard(None)
+    return fmt.format(values.pop()) if len(values) == 1 else default
+
+
+def finalists_blocks(ctx: Context) -> list[object]:
+    """The finalists' second evaluation stage: ``final/*`` with n and 95 % intervals."""
+    frame = analysis.finalist_table(ctx.data.trials)
     if frame.empty:
+        return []
+    chosen = analysis.finalists(ctx.data.trials)
+    pgd = _one({r.params.get("eval_steps") for r in chosen}, "PGD-{}", "PGD")
+    version = _one({r.params.get("aa_version") for r in chosen}, "{}", "")
+    aa = "AutoAttack" + (f" ({version})" if version and version != "standard" else "")
+    metrics = [m for m, _ in analysis.FINAL_METRICS if frame[m].notna().any()]
+    titles = {**dict(analysis.FINAL_METRICS), "final/pgd_acc": pgd, "final/aa_acc": aa}
+    best = {m: int(frame[m].idxmax()) for m in metrics}
+    rows = []
+    for i, row in frame.iterrows():
+        n = float(row["final/n"])
+        cells = [Cell(f"#{int(row['rank'])}", float(row["rank"])), Cell(str(row["trial"])),
+                 Cell(str(row["group"])), Cell(num(None) if math.isnan(n) else str(int(n)),
+                                              None if math.isnan(n) else n)]  # fmt: skip
+        for m in metrics:
+            value, low, high = (float(row[m]), float(row[f"{m} ci_low"]),
+                                float(row[f"{m} ci_high"]))  # fmt: skip
+            if math.isnan(value):
+                cells.append(Cell(num(None)))
+                continue
+            text = num(value) + ("" if math.isnan(low) else f" [{low:.3f}, {high:.3f}]")
+            cells.append(Cell(text, value, best=best[m] == i))
+        rows.append(cells)
+    cols = ["finalist", "trial", "configuration", "n",
+            *(f"{titles[m]} ({m})" for m in metrics)]  # fmt: skip
+    return [
+        "Finalists: the study's top trials evaluated again, every attack on the same n test "
+        f"points ({pgd}, {version or 'standard'} AutoAttack; robust = the points that survive "
+        "both); [low, high]: 95 % Wilson interval; ★ best of each column.",
+        Table(cols, rows, "finalists-table", ctx.csv(frame, "finalists")),
+    ]
+
+
+def leaderboard_section(ctx: Context) -> Section:
+    """Mean ± std and 95 % interval of clean / PGD / AutoAttack accuracy per configuration group."""
+    sec = Section("leaderboard", "Leaderboard")
+    data = ctx.data
+    frame = analysis.leaderboard(data.trials, data.objective, data.modes)
+    final = finalists_blocks(ctx)
+    if frame.empty:
+        if final:
+            sec.blocks += final
+            return sec
         sec.has_data = False
         sec.empty = "no finished trial has test metrics (failed, stopped early, or not run)."
         return sec
-    steps = {r.params.get("eval_steps") for r in ctx.data.trials if r.params.get("eval_steps")}
-    pgd = f"PGD-{steps.pop()}" if len(steps) == 1 else "PGD"
+    pgd = _one({r.params.get("eval_steps") for r in data.trials}, "PGD-{}", "PGD")
     titles = {m: (pgd if m == "test/pgd_acc" else t) for m, t in analysis.TEST_METRICS}
     metrics = [m for m, _ in analysis.TEST_METRICS if f"{m} mean" in frame]
     best = analysis.best_rows(frame, metrics)
+    has_final = frame["finalists"].astype(bool).any()
     rows = []
     for i, row in frame.iterrows():
         cells = [Cell(str(row["group"])), Cell(str(int(row["n"])), float(row["n"]))]
         for m in metrics:
             mean, std = float(row[f"{m} mean"]), float(row[f"{m} std"])
+            low, high = float(row[f"{m} ci_low"]), float(row[f"{m} ci_high"])
             text = num(mean) if math.isnan(std) else f"{num(mean)} ± {num(std)}"
+            if not math.isnan(low):
+                text += f" [{low:.3f}, {high:.3f}]"
             cells.append(Cell(text, mean, best=best.get(m) == i))
+        cells.append(Cell(_leaderboard_n(row, metrics, titles)))
         cells.append(Cell(str(row["trials"])))
+        if has_final:
+            cells.append(Cell(str(row["finalists"])))
         rows.append(cells)
-    cols = ["configuration", "n", *(f"{titles[m]} ({m})" for m in metrics), "trials"]
+    cols = ["configuration", "trials (n)", *(f"{titles[m]} ({m})" for m in metrics),
+            "test points (n)", "trials"] + (["finalists"] if has_final else [])  # fmt: skip
+    rules = ", then ".join(f"{m} ({o})" for m, o in ranking_rules(data.objective, data.modes))
     sec.blocks += [
         "Test accuracy per configuration (method and its searched parameters), mean ± std "
-        "over the trials (seeds) of each group; ★ marks the best mean of each column.",
+        "over the trials (seeds) of each group, then [low, high]: the 95 % Wilson interval of "
+        "that accuracy on the group's n test points (the seeds share the points, so averaging "
+        "them does not narrow it); ★ marks the best mean of each column. Rows are ordered by "
+        f"the group means of {rules}, then the first trial id (as study export ranks).",
         Table(cols, rows, "leaderboard-table", ctx.csv(frame, "leaderboard")),
     ]
     if "test/aa_acc mean" not in frame:
-        sec.blocks.append("No trial ran AutoAttack (aa_n = 0): that column is left out.")
+        sec.blocks.append(
+            "No trial ran AutoAttack in its own test evaluation: that column is left out"
+            + ("; the finalists below were evaluated with it." if final else ".")
+        )
+    sec.blocks += final
     return sec
 
 
@@ -259,15 +366,24 @@ def pareto_section(ctx: Context) -> Section:
 
 
 def dynamics_section(ctx: Context) -> Section:
-    """Per-epoch validation PGD accuracy, ΔE(x) and learning rate of each method's best trial."""
+    """Per-epoch validation PGD accuracy, ΔE(x) (validation and training probe) and learning rate.
+
+    One line per method: its best trial (:func:`reports.analysis.best_per_method`).
+    The training-probe ΔE (``train_probe/delta_energy``: E(x) − E(x*) on a fixed
+    training subset under the training attack, the paper's Fig. 3) gets its panel
+    beside the validation one when a trial logged it; a panel without data is left out.
+    """
     sec = Section("dynamics", "Training dynamics")
-    metric, mode = ctx.data.objective[0], ctx.data.modes[0]
-    best = analysis.best_per_method(ctx.data.trials, metric, mode)
+    metric = ctx.data.objective[0]
+    best = analysis.best_per_method(ctx.data.trials, ctx.data.objective, ctx.data.modes)
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     records = []
     for method, run in best.items():
         curves[method] = {}
-        for key, _ in DYNAMICS:
+        keys = [k for k, _ in DYNAMICS]
+        if "train_probe/delta_energy" in run.metrics:
+            keys += PROBE_EXTRA
+        for key in keys:
             series = metric_history(ctx.client, run.run_id, key)
             curves[method][key] = series
             records += [
@@ -277,13 +393,21 @@ def dynamics_section(ctx: Context) -> Section:
     if not records:
         sec.has_data, sec.empty = False, "no trial logged per-epoch metrics."
         return sec
+    panels = [(k, t) for k, t in DYNAMICS if any(c.get(k) for c in curves.values())]
     labels = {m: f"{m} ({r.trial_id})" for m, r in best.items()}
     path, rel = ctx.figure("dynamics")
-    figures.dynamics_figure(curves, labels, path, DYNAMICS)
+    figures.dynamics_figure(curves, labels, path, panels)
     chosen = ", ".join(f"{m}: {r.trial_id}" for m, r in best.items())
+    probe = any(k == "train_probe/delta_energy" for k, _ in panels)
     sec.blocks += [
-        f"Best trial of each method by {metric} ({chosen}).",
-        Image(rel, "validation PGD accuracy, ΔE(x) and learning rate per epoch"),
+        f"Best trial of each method by {metric} ({chosen})."
+        + (
+            " Training probe: ΔE(x) = E(x) − E(x*) on a fixed subset of training points, "
+            "x* from the training attack, each epoch (as the paper's Fig. 3)."
+            if probe
+            else ""
+        ),
+        Image(rel, "; ".join(t for _, t in panels) + " per epoch"),
         f"Per-epoch values: {ctx.csv(pd.DataFrame(records), 'dynamics')}",
     ]
     return sec
@@ -292,14 +416,13 @@ def dynamics_section(ctx: Context) -> Section:
 def energy_section(ctx: Context) -> Section:
     """Histograms of E(x) and E(x, y), natural vs adversarial, from a run's energies.npz."""
     sec = Section("energy", "Energy distributions")
-    metric, mode = ctx.data.objective[0], ctx.data.modes[0]
-    sign = 1.0 if mode == "max" else -1.0
+    metric = ctx.data.objective[0]
     candidates = [r for r in ctx.data.trials if r.status != "FAILED"]
     if ctx.energy_run:
         candidates = [r for r in ctx.data.trials if ctx.energy_run in (r.run_id, r.trial_id)]
         if not candidates:
             raise ReportError(f"--energy-run {ctx.energy_run!r} is not a trial of this study")
-    candidates.sort(key=lambda r: -sign * (r.metric(metric) or -sign * math.inf))
+    candidates = rank_runs(candidates, ctx.data.objective, ctx.data.modes)
     for run in candidates:
         local = download(ctx.client, run.run_id, "energies.npz", ctx.tmp / "energies" / run.run_id)
         if local is None:

@@ -28,6 +28,7 @@ TAG_SEARCHED = "energy_study.searched"
 TAG_FAILURE = "energy_study.failure_reason"
 TAG_EARLY = "energy_study.early_stopped"
 TAG_PROCESS = "energy_study.process"
+TAG_FINALIST = "energy_study.finalist"  # finalist rank: "1", "2", … (second evaluation stage)
 PARENT_TAG = "mlflow.parentRunId"
 
 

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from reports.analysis import Point  # noqa: E402
 
@@ -59,14 +60,25 @@ def dynamics_figure(
 ) -> Path:
     """Per-epoch curves of the best trial of each method, one panel per metric.
 
+    A metric no method logged gets no panel (the training-probe ΔE of an old
+    study, say); more than three panels are laid out two per row. Energy-gap
+    panels (``…/delta_energy``) get a line at 0.
+
     Args:
         curves: ``{method: {metric: [(epoch, value), ...]}}``.
         labels: legend label of each method's line.
         path: output PNG.
-        keys: ``(metric, panel title)`` of each panel.
+        keys: ``(metric, panel title)`` of each panel, in order.
     """
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.8), squeeze=False)
-    for ax, (metric, title) in zip(axes[0], keys):
+    shown = [(m, t) for m, t in keys if any(series.get(m) for series in curves.values())]
+    keys = shown or list(keys[:1])
+    cols = len(keys) if len(keys) <= 3 else 2
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.8 * nrows), squeeze=False)
+    flat = axes.ravel()
+    palette = plt.cm.tab10(np.arange(10))
+    colors = {method: palette[i % 10] for i, method in enumerate(curves)}  # same in every panel
+    for ax, (metric, title) in zip(flat, keys):
         for method, series in curves.items():
             points = series.get(metric) or []
             if points:
@@ -75,12 +87,19 @@ def dynamics_figure(
                     [v for _, v in points],
                     marker="o",
                     ms=3,
+                    color=colors[method],
                     label=labels.get(method, method),
                 )
-        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if metric.endswith("delta_energy"):
+            ax.axhline(0.0, color="0.5", lw=0.8, ls=":")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    for ax in flat[len(keys) :]:
+        ax.set_axis_off()
+    if flat[0].get_legend_handles_labels()[0]:
+        flat[0].legend(fontsize=8)
     return _save(fig, path)
 
 

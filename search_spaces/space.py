@@ -49,7 +49,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,44 @@ class SearchSpace:
                 f"{self.source}:{self.preset_line}: unknown preset {self.preset!r}{hint}; "
                 f"known presets: {', '.join(known)}"
             )
+
+    def sample_each_value(self) -> Iterator[tuple[ParamSpec, Any, dict[str, Any]]]:
+        """Configs without Optuna that, together, use every categorical choice, both
+        ends of every range and every fixed value of the space.
+
+        Yields ``(param, value, sampled)``: ``sampled`` sets ``param`` to ``value``,
+        the parameters its ``when`` names to a value that makes it exist, and every
+        other parameter as :meth:`sample_defaults` does.
+        """
+        # dependent (later) parameters first, so that a bad range is named by its own line
+        for target in reversed(self.params):
+            if target.type == "categorical":
+                values: tuple[Any, ...] = target.choices
+            elif target.type == "fixed":
+                values = (target.value,)
+            else:
+                cast = int if target.type == "int" else float
+                values = (cast(target.low), cast(target.high))
+            for value in values:
+                out: dict[str, Any] = {}
+                for p in self.params:
+                    if p is target:
+                        if p.active(out):
+                            out[p.name] = value
+                        continue
+                    if not p.active(out):
+                        continue
+                    wanted = target.when.get(p.name)
+                    if wanted and p.type == "categorical":
+                        out[p.name] = next((c for c in p.choices if c in wanted), p.choices[0])
+                    elif p.type == "categorical":
+                        out[p.name] = p.choices[0]
+                    elif p.type == "fixed":
+                        out[p.name] = p.value
+                    else:
+                        out[p.name] = int(p.low) if p.type == "int" else p.low
+                if target.name in out:
+                    yield target, value, out
 
     def sample_defaults(self) -> dict[str, Any]:
         """A config without Optuna: the first choice / the low end / fixed values."""

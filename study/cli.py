@@ -64,7 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_dict({**saved["config"], **parse_overrides(args.set)})
         start_epoch = int(saved.get("epoch", 0))
     else:
-        cfg = build_config(args.config, args.set)
+        cfg = build_config(args.config, args.set, preset=args.preset)
         start_epoch = int(load_checkpoint(args.resume)["epoch"]) if args.resume else 0
     out = Path(args.output or cfg.output_dir)
     if args.workers > 1 or args.gpus > 0:
@@ -164,12 +164,14 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
         name=args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
         space=space_name,
         base=base,
-        trials=args.trials or int(defaults.get("trials", DEFAULT_TRIALS)),
-        epochs=args.epochs or defaults.get("epochs") or (None if args.config else DEFAULT_EPOCHS),
+        trials=_given(args.trials, int(defaults.get("trials", DEFAULT_TRIALS))),
+        epochs=_given(
+            args.epochs, defaults.get("epochs") or (None if args.config else DEFAULT_EPOCHS)
+        ),
         metrics=metrics,
         modes=modes,
         asha=args.asha if args.asha is not None else bool(defaults.get("asha", True)),
-        grace_period=args.grace_period or int(defaults.get("grace_period", DEFAULT_GRACE)),
+        grace_period=_given(args.grace_period, int(defaults.get("grace_period", DEFAULT_GRACE))),
         max_concurrent=args.max_concurrent,
         max_failures=args.max_failures,
         seed=args.seed,
@@ -181,7 +183,16 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
         storage=_storage(args),
         address=args.address,
         optuna_storage=args.optuna_storage,
+        finalists=args.finalists,
+        final_n=args.final_n,
+        connect_timeout=args.connect_timeout,
     )
+
+
+def _given(value, default):
+    """An option's value when given (0 included: it is checked, not replaced), else the
+    default."""
+    return default if value is None else value
 
 
 def _as_list(value) -> list[str]:
@@ -232,6 +243,7 @@ def _print_outcome(outcome) -> None:
     for t in outcome.trials:
         if t.status == "FAILED":
             print(f"failed: trial {t.trial_id}: {t.error}")
+    _print_finals(outcome)
     store = f" --tracking-uri {spec.tracking_uri}"
     print("\nlook at it:")
     print(f"  study ui{store}")
@@ -242,8 +254,28 @@ def _print_outcome(outcome) -> None:
     )
 
 
+def _print_finals(outcome) -> None:
+    """The second stage: each finalist's accuracies on the same test points, with n and
+    95 % Wilson intervals."""
+    from trainables.stats import interval_text
+
+    if not outcome.finals:
+        return
+    print(
+        f"\nfinalists (search {outcome.search_s:.0f} s, final evaluation "
+        f"{outcome.final_s:.0f} s): PGD and AutoAttack on the same test points, 95 % intervals"
+    )
+    for f in outcome.finals:
+        m, n = f.metrics, f.metrics.get("final/n", 0)
+        parts = [
+            f"{k.split('/')[1]} {interval_text(m[k], n)}"
+            for k in ("final/clean_acc", "final/pgd_acc", "final/aa_acc")
+            if k in m
+        ]
+        print(f"  {f.rank}. {f.trial_id:<12s} " + "; ".join(parts))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from study.runner import run_study
 
     spec = _spec_from_args(args)
     spec.validate()  # before any Ray process starts
@@ -253,13 +285,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"MLflow {spec.tracking_uri}; storage {spec.folder}",
         flush=True,
     )
-    outcome = run_study(spec, verbose=args.verbose)
+    outcome = _run_or_interrupted(spec, resume=False, verbose=args.verbose)
+    if outcome is None:
+        return 130
     _print_outcome(outcome)
     return 0 if any(t.status == "FINISHED" for t in outcome.trials) else 1
 
 
+def _run_or_interrupted(spec, *, resume: bool, verbose: bool):
+    """``run_study``; after a Ctrl-C, say what finished and how to continue (None)."""
+    from study.runner import StudyInterrupted, resume_command, run_study
+
+    try:
+        return run_study(spec, resume=resume, verbose=verbose)
+    except StudyInterrupted as stop:
+        done = sum(t.status == "FINISHED" for t in stop.outcome.trials)
+        print(
+            f"\nstudy {spec.name} interrupted (Ctrl-C): {done} trial(s) finished, the rest "
+            f"saved; continue with:\n  {resume_command(spec)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from study.runner import can_resume, run_study
+    from study.runner import can_resume
     from study.spec import StudySpec
 
     spec = StudySpec.load(_storage(args), args.name)
@@ -268,7 +319,9 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if not can_resume(spec):
         raise UserError(f"study {args.name!r} has no Tune state under {spec.folder} to resume")
     print(f"resuming study {spec.name} from {spec.folder}", flush=True)
-    outcome = run_study(spec, resume=True, verbose=args.verbose)
+    outcome = _run_or_interrupted(spec, resume=True, verbose=args.verbose)
+    if outcome is None:
+        return 130
     _print_outcome(outcome)
     return 0
 
@@ -329,23 +382,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from study.export import trial_runs
-    from study.tracking import TAG_TRIAL, MlflowTracker
+    from study.export import show_lines, study_objectives, trial_runs
+    from study.tracking import MlflowTracker
 
     tracker = MlflowTracker(_tracking_uri(args), args.name)
     runs = trial_runs(tracker, args.name)
     if not runs:
         raise UserError(f"study {args.name!r} has no trials in {_tracking_uri(args)}")
-    keys = ["val/pgd_acc", "val/clean_acc", "test/pgd_acc", "test/aa_acc"]
-    print(f"{'trial':<12s} {'status':<9s} {'method':<12s} " + " ".join(f"{k:>13s}" for k in keys))
-    for r in sorted(runs, key=lambda r: r.data.tags.get(TAG_TRIAL, "")):
-        m = r.data.metrics
-        cells = " ".join(f"{m[k]:>13.4f}" if k in m else f"{'-':>13s}" for k in keys)
-        method = r.data.params.get("method", "?")
-        print(f"{r.data.tags.get(TAG_TRIAL, '?'):<12s} {r.info.status:<9s} {method:<12s} {cells}")
-        reason = r.data.tags.get("energy_study.failure_reason")
-        if reason:
-            print(f"    failure: {reason}")
+    objectives, modes = study_objectives(tracker, args.name)
+    print(f"study {args.name}: " + "\n".join(show_lines(runs, objectives, modes)))
     return 0
 
 
@@ -474,6 +519,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "train", "direct"], default="auto",
                    help="train: TorchTrainer per trial; direct: loop in the trial")  # fmt: skip
     p.add_argument("--optuna-storage", help="Optuna RDB URL, e.g. sqlite:///optuna.db")
+    p.add_argument("--finalists", type=int, default=3,
+                   help="top trials evaluated with PGD + AutoAttack at the end (0: none; "
+                   "multi-objective: the Pareto set)")  # fmt: skip
+    p.add_argument("--final-n", type=int, default=None,
+                   help="test points of that final evaluation (default: all)")  # fmt: skip
+    p.add_argument("--connect-timeout", type=float, default=15.0,
+                   help="seconds the tracking server and --address may take to answer")  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output")
     _add_store_args(p)
     p.set_defaults(func=_cmd_run)
@@ -548,6 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
         "trainables.config.TrainConfig.",
     )
     p.add_argument("--config", help="YAML file with config keys (default: built-in defaults)")
+    p.add_argument(
+        "--preset",
+        help="start from a paper preset, e.g. cifar10-weat_adv (docs/methods.md lists them); "
+        "--config and --set win over it",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -1,15 +1,36 @@
-"""Reading finished studies back out of MLflow: best configs, study lists and trial tables."""
+"""Reading finished studies back out of MLflow: best configs, study lists and trial tables.
+
+"Best" is one order everywhere (``study export``, ``study show``, the report):
+:func:`reports.ranking.rank_runs`, the study's objectives first, ties broken by
+its next objective, then ``val/clean_acc`` (max), then the trial id (its number
+where it ends with Tune's ``_00003`` index).
+"""
 
 from __future__ import annotations
 
 import math
+import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from reports.intervals import Measured, accuracies, sample_size
+from reports.ranking import rank_runs, ranking_rules
 from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker
 from trainables.errors import ConfigError
+
+#: Run tag of a study's finalists (top-K trials evaluated again): their rank, "1", "2", …
+TAG_FINALIST = "energy_study.finalist"
+#: The objective of a study whose parent run does not name one.
+DEFAULT_OBJECTIVES = (["val/pgd_acc"], ["max"])
+#: Metric columns of ``study show`` after the study's objectives (duplicates dropped).
+SHOW_COLUMNS = ("val/clean_acc", "test/pgd_acc", "test/aa_acc")
+#: Namespaces whose accuracies ``study show`` prints with their n and interval, in order.
+SHOW_NAMESPACES = ("val", "test", "final")
+#: ``study show`` keeps its lines to about this many characters.
+SHOW_WIDTH = 100
 
 
 def trial_runs(tracker: MlflowTracker, study: str) -> list[Any]:
@@ -17,10 +38,73 @@ def trial_runs(tracker: MlflowTracker, study: str) -> list[Any]:
     return tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: "trial"})
 
 
+def _as_list(raw: str | None) -> list[str] | None:
+    if raw is None:
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return [raw]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)] if value is not None else None
+
+
+def study_objectives(tracker: MlflowTracker, study: str) -> tuple[list[str], list[str]]:
+    """The study's objective metrics and their modes, from its parent run's params.
+
+    The parent run logs the spec's ``metrics`` and ``modes`` as params; a study
+    without them (a study of one from ``study train``) gets ``val/pgd_acc``, ``max``.
+    """
+    parents = tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: "study"})
+    for parent in sorted(parents, key=lambda r: r.info.start_time or 0):
+        metrics = _as_list(parent.data.params.get("metrics"))
+        modes = _as_list(parent.data.params.get("modes"))
+        if metrics and modes and len(metrics) == len(modes):
+            return metrics, modes
+        if metrics and not modes:
+            return metrics, ["max"] * len(metrics)
+    return list(DEFAULT_OBJECTIVES[0]), list(DEFAULT_OBJECTIVES[1])
+
+
+def ranking_of(
+    metric: str, mode: str, objectives: Sequence[str], modes: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """``metric`` first, then the study's other objectives: the metric list of :func:`rank_runs`."""
+    metrics, order = [metric], [mode]
+    for other, other_mode in zip(objectives, modes):
+        if other not in metrics:
+            metrics.append(other)
+            order.append(other_mode)
+    return metrics, order
+
+
 def best_runs(
-    tracker: MlflowTracker, study: str, metric: str, mode: str = "max", top: int = 1
+    tracker: MlflowTracker,
+    study: str,
+    metric: str,
+    mode: str = "max",
+    top: int = 1,
+    *,
+    objectives: Sequence[str] | None = None,
+    modes: Sequence[str] | None = None,
 ) -> list[Any]:
-    """The ``top`` finished, fully trained trial runs by the last value of ``metric``."""
+    """The ``top`` finished, fully trained trial runs, best first.
+
+    Ranked by :func:`reports.ranking.rank_runs`: the last value of ``metric``
+    (in ``mode``), ties broken by the study's other objectives, then
+    ``val/clean_acc`` (max), then the trial id ascending (by its number where it
+    ends with Tune's ``_00003`` index).
+
+    Args:
+        tracker: the study's tracker.
+        study: the study name.
+        metric: the metric that decides first.
+        mode: ``max`` or ``min`` for ``metric``.
+        top: how many runs to return (fewer when fewer qualify).
+        objectives: the study's objectives (default: read from its parent run).
+        modes: their modes (with ``objectives``).
+    """
     runs = [
         r
         for r in trial_runs(tracker, study)
@@ -34,8 +118,10 @@ def best_runs(
             f"study {study!r} has no finished trial with metric {metric!r} in "
             f"{tracker.tracking_uri}"
         )
-    runs.sort(key=lambda r: r.data.metrics[metric], reverse=mode == "max")
-    return runs[:top]
+    if objectives is None or modes is None:
+        objectives, modes = study_objectives(tracker, study)
+    metrics, order = ranking_of(metric, mode, objectives, modes)
+    return rank_runs(runs, metrics, order)[:top]
 
 
 def run_config(tracker: MlflowTracker, run_id: str) -> dict[str, Any]:
@@ -58,13 +144,17 @@ def export_best(
 ) -> list[Path]:
     """Write the best config(s) as YAML files usable by ``study train --config``.
 
-    With ``top`` > 1 the files are ``<stem>-1.yaml`` … ``<stem>-K.yaml``, best first.
+    With ``top`` > 1 the files are ``<stem>-1.yaml`` … ``<stem>-K.yaml``, best first
+    (the order of :func:`best_runs`).
     """
     out = Path(out)
     written = []
     for rank, run in enumerate(best_runs(tracker, study, metric, mode, top), start=1):
         cfg = run_config(tracker, run.info.run_id)
         cfg["output_dir"] = f"runs/{study}-best{rank if top > 1 else ''}"
+        # a study's trials skip AutoAttack (its finalists get it); a final training
+        # ends with the full evaluation again
+        cfg["autoattack"] = True
         target = out if top == 1 else out.with_name(f"{out.stem}-{rank}{out.suffix or '.yaml'}")
         target.parent.mkdir(parents=True, exist_ok=True)
         header = (
@@ -72,7 +162,113 @@ def export_best(
             f"{run.data.metrics[metric]:.4f}\n"
             f"# MLflow run {run.info.run_id}, trial {run.data.tags.get(TAG_TRIAL, '?')}\n"
             f"# final training: study train --config {target.name} --set epochs=100\n"
+            "# (autoattack is on again: the study's trials skipped it)\n"
         )
         target.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
         written.append(target)
     return written
+
+
+# --- study show ------------------------------------------------------------------------------
+def finalist_rank(tags: Mapping[str, str]) -> int | None:
+    """A run's finalist rank (its :data:`TAG_FINALIST` tag as a number), else None."""
+    raw = str(tags.get(TAG_FINALIST, "")).strip()
+    return int(raw) if raw.isdigit() else None
+
+
+def _short(key: str) -> str:
+    """``test/pgd_acc`` → ``pgd`` (the name inside its namespace, without ``_acc``)."""
+    return key.split("/", 1)[1].removesuffix("_acc")
+
+
+def _wrap(label: str, items: list[str], indent: int, width: int) -> list[str]:
+    """``label`` then ``items`` two spaces apart; items that do not fit go under the first."""
+    head = " " * indent + label + " "
+    lines: list[str] = []
+    current: list[str] = []
+    for item in items:
+        if current and len(head) + len("  ".join([*current, item])) > width:
+            lines.append("  ".join(current))
+            current = []
+        current.append(item)
+    lines.append("  ".join(current))
+    pad = " " * len(head)
+    return [(head if i == 0 else pad) + text for i, text in enumerate(lines)]
+
+
+def _namespace_lines(
+    metrics: Mapping[str, float], namespace: str, finalist: int | None, indent: int, width: int
+) -> list[str]:
+    found: list[Measured] = accuracies(metrics, namespace)
+    if not found or (namespace != "final" and not any(m.has_interval for m in found)):
+        return []  # values without any n are in the columns already
+    n = sample_size(metrics, f"{namespace}/n")  # the namespace's n; an item's own n if other
+    label = namespace + (f" #{finalist}" if namespace == "final" and finalist else "")
+    label += f" n={n}" if n is not None else ""
+    items = [f"{_short(m.key)} {m.text(with_n=m.n != n)}" for m in found]
+    return _wrap(label + ":", items, indent, width)
+
+
+def show_lines(
+    runs: Sequence[Any],
+    objectives: Sequence[str],
+    modes: Sequence[str],
+    *,
+    width: int = SHOW_WIDTH,
+) -> list[str]:
+    """The text of ``study show``: every trial, best first, with n and 95 % intervals.
+
+    One line per trial (rank, finalist rank, trial id, status, method, the
+    objectives and those of :data:`SHOW_COLUMNS` any trial logged), then
+    indented lines with the accuracies of each namespace of
+    :data:`SHOW_NAMESPACES` that has an ``n``: value and 95 % Wilson interval
+    (``final`` lines for finalists), then the failure reason of a failed trial.
+
+    Args:
+        runs: the study's trial runs (MLflow runs).
+        objectives: the study's objective metric names (the ranking's order).
+        modes: ``max``/``min`` of each objective.
+        width: wrap the interval lines at about this many characters.
+    """
+    ranked = rank_runs(runs, objectives, modes)
+    logged = {k for r in ranked for k in r.data.metrics}
+    extra = [c for c in SHOW_COLUMNS if c in logged]  # test/aa_acc: not in a study's trials
+    columns = list(dict.fromkeys([*objectives, *extra]))
+    widths = [max(len(c), 10) for c in columns]
+    rules = ", then ".join(f"{m} ({o})" for m, o in ranking_rules(objectives, modes))
+    lines = [
+        f"{len(ranked)} trial(s), best first by {rules}, then trial id",
+        f"{'rank':>4s} {'fin':<3s} {'trial':<12s} {'status':<9s} {'method':<12s} "
+        + " ".join(f"{c:>{w}s}" for c, w in zip(columns, widths)),
+    ]
+    any_final = False
+    place = 0
+    for run in ranked:
+        m, tags = run.data.metrics, run.data.tags
+        scored = objectives[0] in m and math.isfinite(m[objectives[0]])
+        place += scored
+        finalist = finalist_rank(tags)
+        fin = f"#{finalist}" if finalist else ""
+        any_final = any_final or finalist is not None or any(k.startswith("final/") for k in m)
+        cells = " ".join(
+            f"{m[c]:>{w}.4f}" if c in m else f"{'-':>{w}s}" for c, w in zip(columns, widths)
+        )
+        method = run.data.params.get("method", "?")
+        rank = str(place) if scored else "-"
+        lines.append(
+            f"{rank:>4s} {fin:<3s} {tags.get(TAG_TRIAL, '?'):<12s} {run.info.status:<9s} "
+            f"{method:<12s} {cells}"
+        )
+        for namespace in SHOW_NAMESPACES:
+            lines += _namespace_lines(m, namespace, finalist, 6, width)
+        reason = tags.get("energy_study.failure_reason")
+        if reason:
+            lines.append(f"    failure: {reason}")
+    legend = "[low, high]: 95 % Wilson interval of the accuracy on the n points"
+    if any_final:
+        legend += (
+            "; fin: finalist rank (final/*: clean, PGD, AutoAttack and robust = "
+            "survives both, all on the same n points)"
+        )
+    lines += textwrap.wrap(legend, width)
+    return lines

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +51,25 @@ class StudyOutcome:
     spec: StudySpec
     trials: list[TrialOutcome]
     parent_run_id: str
+    finals: list[Any] = field(default_factory=list)  # study.finals.FinalResult, rank order
+    search_s: float = 0.0  # wall time of the search (Tune), seconds
+    final_s: float = 0.0  # wall time of the finalists' evaluation, seconds
 
     def ranked(self, metric: str | None = None, mode: str | None = None) -> list[TrialOutcome]:
-        """Trials with the metric, best first."""
+        """Trials with the metric, best first, by the one ranking that ``study export``,
+        ``study show`` and the report use (:func:`reports.ranking.rank_runs`: ties go to
+        the study's next objective, then ``val/clean_acc``, then the trial id)."""
+        from reports.ranking import rank_runs
+
         metric = metric or self.spec.metrics[0]
         mode = mode or self.spec.modes[self.spec.metrics.index(metric)]
+        metrics, modes = [metric], [mode]
+        for m, o in zip(self.spec.metrics, self.spec.modes):
+            if m != metric:
+                metrics.append(m)
+                modes.append(o)
         scored = [t for t in self.trials if metric in t.metrics]
-        return sorted(scored, key=lambda t: t.metrics[metric], reverse=mode == "max")
+        return rank_runs(scored, metrics, modes)
 
     def pareto(self) -> list[TrialOutcome]:
         """Trials not dominated on the study's metrics (all objectives at once)."""
@@ -245,7 +260,7 @@ def build_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
     )
     scheduler = None
     epochs = spec.trial_config(space.sample_defaults()).epochs
-    if spec.asha and not multi and epochs > spec.grace_period:
+    if spec.uses_asha(space):
         scheduler = ASHAScheduler(
             # the loop's epoch counter survives a restored trial; Tune's
             # training_iteration restarts at 1 for a resumed TorchTrainer run
@@ -293,12 +308,29 @@ def run_study(spec: StudySpec, *, resume: bool = False, verbose: bool = False) -
 
     The spec, space and base config are validated before Ray starts.
     """
+    from study import preflight
+
     spec.validate()
+    # nothing is created before these pass: storage, tracking store, Ray, resources
+    preflight.check_storage(spec.folder)
+    preflight.check_tracking(spec.tracking_uri, spec.connect_timeout)
+    preflight.check_ray_address(spec.address, spec.connect_timeout)
+    init_ray(spec.address, verbose)
+    preflight.check_resources(spec)
     spec.save()
     tracker, parent = open_parent_run(spec)
-    init_ray(spec.address, verbose)
     tuner = build_tuner(spec, parent, resume=resume, verbose=verbose)
+    with _Interrupts(spec) as sigint:
+        return _fit_and_finish(spec, tuner, tracker, parent, sigint)
+
+
+def _fit_and_finish(
+    spec: StudySpec, tuner: Any, tracker: MlflowTracker, parent: str, sigint: _Interrupts
+) -> StudyOutcome:
+    t0 = time.perf_counter()
     grid = tuner.fit()
+    search_s = time.perf_counter() - t0
+    interrupted = sigint.caught()
     if uses_train_backend(spec):
         from study.callbacks import remove_orphaned_placement_groups
 
@@ -307,7 +339,9 @@ def run_study(spec: StudySpec, *, resume: bool = False, verbose: bool = False) -
         remove_orphaned_placement_groups(all_of_this_job=True)
     outcomes = []
     for result in grid:
-        trial_id = result.metrics.get("trial_id") or _trial_id_from_path(result.path)
+        if result.config is None:  # a trial that never started (study interrupted)
+            continue
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
         epochs = spec.trial_config(result.config).epochs
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
         if result.error is not None:
@@ -318,10 +352,114 @@ def run_study(spec: StudySpec, *, resume: bool = False, verbose: bool = False) -
             status = "STOPPED"
         error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
         outcomes.append(TrialOutcome(str(trial_id), status, dict(result.config), metrics, error))
+    outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
+    if interrupted:
+        _reconcile(tracker, spec, outcomes, interrupted=True)
+        tracker.end_run(parent, "KILLED")
+        raise StudyInterrupted(spec, outcome)
     _reconcile(tracker, spec, outcomes)
+    t1 = time.perf_counter()
+    outcome.finals = run_finals(spec, tracker, outcome)
+    outcome.final_s = time.perf_counter() - t1
+    tracker.log_metrics(
+        parent, {"study/search_s": outcome.search_s, "study/final_s": outcome.final_s}, step=0
+    )
     failed = all(t.status == "FAILED" for t in outcomes) and outcomes
     tracker.end_run(parent, "FAILED" if failed else "FINISHED")
-    return StudyOutcome(spec, outcomes, parent)
+    return outcome
+
+
+def finalists(outcome: StudyOutcome) -> list[TrialOutcome]:
+    """The trials of the second stage, best first: the top ``spec.finalists`` finished
+    trials by the objective, or the Pareto set (finished trials) of a multi-objective
+    study (ordered by its first objective)."""
+    spec = outcome.spec
+    if spec.finalists <= 0:
+        return []
+    finished = [t for t in outcome.trials if t.status == "FINISHED"]
+    if spec.multi_objective:
+        front = {t.trial_id for t in pareto_front(finished, spec.metrics, spec.modes)}
+        return [t for t in outcome.ranked() if t.trial_id in front]
+    return [t for t in outcome.ranked() if t.status == "FINISHED"][: spec.finalists]
+
+
+def run_finals(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> list[Any]:
+    """Evaluate the study's finalists (:mod:`study.finals`); nothing if there are none."""
+    from study.finals import evaluate_finalists
+
+    chosen = finalists(outcome)
+    if not chosen:
+        return []
+    return evaluate_finalists(
+        spec, tracker, [(t.trial_id, spec.trial_config(t.config).to_dict()) for t in chosen]
+    )
+
+
+class StudyInterrupted(Exception):
+    """The study was stopped by Ctrl-C (SIGINT); its state is saved for ``study resume``.
+
+    Attributes:
+        spec: the study.
+        outcome: the trials as they stood when it stopped.
+    """
+
+    def __init__(self, spec: StudySpec, outcome: StudyOutcome) -> None:
+        super().__init__(f"study {spec.name} interrupted")
+        self.spec = spec
+        self.outcome = outcome
+
+
+def resume_command(spec: StudySpec) -> str:
+    """The command that continues ``spec`` (credentials stay in the environment)."""
+    parts = ["study", "resume", spec.name, "--storage", spec.storage]
+    parts += ["--tracking-uri", spec.tracking_uri]
+    if spec.address:
+        parts += ["--address", spec.address]
+    return " ".join(parts)
+
+
+class _Interrupts:
+    """Ctrl-C around a study's ``Tuner.fit`` and after it.
+
+    Tune catches the first SIGINT itself (it stops the trials and saves the
+    experiment) and then puts back the handler that was there before it: ours,
+    :meth:`_now`, which ends the process at once with the resume command. So ours
+    being back in place after ``fit`` means a Ctrl-C came; after ``fit`` ours stays
+    installed until the study returns, so any later Ctrl-C stops at once.
+    """
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self.main = threading.current_thread() is threading.main_thread()
+        self.tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
+        self.previous: Any = None
+        self.hit = False
+
+    def _now(self, signum: int, frame: Any) -> None:
+        print(
+            f"\nstopped at once (Ctrl-C); continue with: {resume_command(self.spec)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(130)
+
+    def __enter__(self) -> _Interrupts:
+        if self.main:
+            self.previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._now)
+        return self
+
+    def caught(self) -> bool:
+        """Call right after ``fit``: whether Tune caught a Ctrl-C during it."""
+        if self.main:
+            if self.tune_catches and signal.getsignal(signal.SIGINT) == self._now:
+                self.hit = True
+            signal.signal(signal.SIGINT, self._now)
+        return self.hit
+
+    def __exit__(self, *exc: object) -> None:
+        if self.main and not self.hit:  # interrupted: Ctrl-C keeps stopping at once
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _trial_id_from_path(path: str) -> str:
@@ -330,15 +468,21 @@ def _trial_id_from_path(path: str) -> str:
     return found.group(1) if found else Path(path).name
 
 
-def _reconcile(tracker: MlflowTracker, spec: StudySpec, outcomes: list[TrialOutcome]) -> None:
-    """No child run stays RUNNING once its trial has ended (e.g. after a driver kill)."""
+def _reconcile(
+    tracker: MlflowTracker,
+    spec: StudySpec,
+    outcomes: list[TrialOutcome],
+    interrupted: bool = False,
+) -> None:
+    """No child run stays RUNNING once its trial has ended (e.g. after a driver kill);
+    after an interrupt, the unfinished ones are KILLED (``study resume`` reopens them)."""
     by_id = {t.trial_id: t for t in outcomes}
     for run in tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: "trial"}):
         if run.info.status != "RUNNING":
             continue
         trial = by_id.get(run.data.tags.get(TAG_TRIAL, ""))
         status = "FAILED" if trial is not None and trial.status == "FAILED" else "FINISHED"
-        if trial is None:
+        if trial is None or (interrupted and trial.status == "STOPPED"):
             status = "KILLED"
         if trial is not None and trial.error:
             tracker.set_tags(run.info.run_id, {"energy_study.failure_reason": trial.error})

@@ -7,6 +7,7 @@ and ``study export`` find the tracking URI, the space and the objective again.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from search_spaces import SearchSpace, load_space
 from search_spaces.space import SpaceError, nest
 from trainables.config import TrainConfig, load_config_file
 from trainables.errors import ConfigError
+from trainables.metrics import is_epoch_metric, is_metric, objective_names
+from trainables.presets import PRESETS, load_preset
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_BASE = HERE / "default.yaml"
@@ -54,6 +57,12 @@ class StudySpec:
         storage: folder of Ray results, checkpoints and trial outputs.
         address: Ray cluster address (None = start a local cluster).
         optuna_storage: Optuna RDB URL (e.g. ``sqlite:///optuna.db``) for optuna-dashboard.
+        finalists: trials evaluated in the study's second stage (top-K finished trials
+            by the objective; a multi-objective study takes its Pareto set); 0 = none.
+        final_n: test points of the second stage (PGD and AutoAttack on the same
+            points; None = the whole test set).
+        connect_timeout: seconds the tracking server and the Ray address have to answer
+            before the study starts.
     """
 
     name: str
@@ -77,6 +86,9 @@ class StudySpec:
     storage: str = ""
     address: str | None = None
     optuna_storage: str | None = None
+    finalists: int = 3
+    final_n: int | None = None
+    connect_timeout: float = 15.0
 
     @property
     def multi_objective(self) -> bool:
@@ -89,17 +101,27 @@ class StudySpec:
         return Path(self.storage) / self.name
 
     def load_space(self) -> SearchSpace:
-        """The search space, validated against the training config's keys."""
+        """The search space, validated against the training config's keys and presets."""
         space = load_space(self.space)
         space.check_keys(TrainConfig.field_names())
+        space.check_preset(PRESETS)
         return space
 
     def trial_config(self, sampled: dict[str, Any]) -> TrainConfig:
-        """The validated training config of one trial: base < space fixed < sampled."""
-        space_fixed = nest(dict(self.load_space().fixed))
-        values = _merge(_merge(dict(self.base), space_fixed), nest(sampled))
+        """The validated training config of one trial:
+        space preset < base < space fixed < sampled < ``epochs``.
+
+        Trials of a study run no AutoAttack (``autoattack: false``): the search
+        compares trials on cheap numbers, and the finalists get PGD-20 and AutoAttack
+        on the same points once it ends (:mod:`study.finals`).
+        """
+        space = self.load_space()
+        values = load_preset(space.preset) if space.preset else {}
+        values = _merge(_merge(values, dict(self.base)), nest(dict(space.fixed)))
+        values = _merge(values, nest(sampled))
         if self.epochs is not None:
             values["epochs"] = self.epochs
+        values["autoattack"] = False
         return TrainConfig.from_dict(values)
 
     def validate(self) -> None:
@@ -128,21 +150,51 @@ class StudySpec:
             raise ConfigError("cpus_per_worker must be > 0 and gpus_per_trial >= 0")
         if self.reduction_factor < 2:
             raise ConfigError(f"reduction_factor = {self.reduction_factor}; must be >= 2")
+        if not self.connect_timeout > 0:
+            raise ConfigError(f"connect_timeout = {self.connect_timeout}; must be > 0 seconds")
+        if self.finalists < 0:
+            raise ConfigError(f"finalists = {self.finalists}; must be >= 0 (0: no final stage)")
+        if self.final_n is not None and self.final_n < 1:
+            raise ConfigError(f"final_n = {self.final_n}; must be >= 1 (or unset: all)")
         if self.grace_period < 1 or self.max_failures < 0 or self.max_concurrent < 0:
             raise ConfigError("grace_period >= 1, max_failures >= 0, max_concurrent >= 0")
         try:
             space = self.load_space()
         except SpaceError as exc:
             raise ConfigError(str(exc)) from None
-        known = {"val/", "train/", "test/", "best/", "lr", "epoch"}
         for metric in self.metrics:
-            if not any(metric.startswith(k) for k in known):
+            if not is_metric(metric) or metric.startswith("final/"):
+                close = difflib.get_close_matches(metric, objective_names(), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise ConfigError(
-                    f"metric {metric!r} is not one the trials report (e.g. val/pgd_acc, "
-                    "val/clean_acc, test/pgd_acc)"
+                    f"metric {metric!r} is not one the trials report{hint}; objectives: "
+                    f"{', '.join(objective_names())}"
                 )
-        # one config per branch of the space must build (bad base values fail here)
+            if self.uses_asha(space) and not is_epoch_metric(metric):
+                raise ConfigError(
+                    f"metric {metric!r} is reported once, after a trial's last epoch; ASHA "
+                    "stops trials on a metric reported every epoch (val/..., train/...): "
+                    "choose one, or turn ASHA off with --no-asha"
+                )
+        # every categorical choice and both ends of every range must build a valid
+        # config (bad base or fixed values, or a choice the config refuses, fail here)
         self.trial_config(space.sample_defaults())
+        for param, value, sampled in space.sample_each_value():
+            try:
+                self.trial_config(sampled)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{space.source}:{param.line}: {param.name} = {value!r} does not give a "
+                    f"valid training config: {exc}"
+                ) from None
+
+    def uses_asha(self, space: SearchSpace | None = None) -> bool:
+        """Whether ASHA stops trials: asked for, one objective, more epochs than the
+        grace period."""
+        if not self.asha or self.multi_objective:
+            return False
+        space = space or self.load_space()
+        return self.trial_config(space.sample_defaults()).epochs > self.grace_period
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for ``study.yaml`` and MLflow params)."""

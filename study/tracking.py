@@ -14,10 +14,12 @@ reuses its runs instead of duplicating them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +31,28 @@ TAG_ROLE = "energy_study.role"  # "study" | "trial" | "train" | "generation"
 TAG_TRIAL = "energy_study.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
+SEARCH_PAGE = 1000  #: runs per MLflow search call (its maximum)
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store (``<db>.lock``) while it is opened.
+
+    Two processes opening the same fresh store at once would both run MLflow's
+    schema migrations and one would crash; with the lock the first creates it and
+    the second finds it made. Other stores need no lock (a no-op).
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def default_tracking_uri(folder: str | Path = ".") -> str:
@@ -91,33 +115,42 @@ class MlflowTracker:
 
         quiet_mlflow()
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
-        found = _retry(lambda: self.client.get_experiment_by_name(experiment), "lookup")
-        if found is None:
-            self.experiment_id = _retry(
-                lambda: self.client.create_experiment(
-                    experiment, artifact_location=artifact_root_for(tracking_uri)
-                ),
-                "create experiment",
-            )
-        else:
-            self.experiment_id = found.experiment_id
+        with store_lock(tracking_uri):  # one process creates a fresh SQLite store
+            self.client = MlflowClient(tracking_uri)
+            found = _retry(lambda: self.client.get_experiment_by_name(experiment), "lookup")
+            if found is None:
+                self.experiment_id = _retry(
+                    lambda: self.client.create_experiment(
+                        experiment, artifact_location=artifact_root_for(tracking_uri)
+                    ),
+                    "create experiment",
+                )
+            else:
+                self.experiment_id = found.experiment_id
         self.experiment = experiment
 
     # --- runs ------------------------------------------------------------------
     def find_runs(self, **tags: str) -> list[Any]:
-        """Runs of this experiment carrying all ``tags`` (newest first)."""
+        """Runs of this experiment carrying all ``tags`` (newest first), every page of
+        the search (MLflow returns at most 1,000 runs per call)."""
         clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
-        return list(
-            _retry(
-                lambda: self.client.search_runs(
+        runs: list[Any] = []
+        token: str | None = None
+        while True:
+            page = _retry(
+                lambda t=token: self.client.search_runs(
                     [self.experiment_id],
                     filter_string=" and ".join(clauses),
                     order_by=["attributes.start_time DESC"],
+                    max_results=SEARCH_PAGE,
+                    page_token=t,
                 ),
                 "search",
             )
-        )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
 
     def get_or_create_run(
         self, run_name: str, tags: Mapping[str, str], key_tags: Mapping[str, str]

@@ -1,4 +1,10 @@
-"""Shared fixtures: one real local Ray cluster per test session."""
+"""Shared fixtures: one real local Ray cluster per test session.
+
+Tests by speed: every test that uses a real Ray cluster (the ``ray_cluster``
+fixture, directly or through another fixture) is marked ``slow`` here, as are the
+cluster, browser and subprocess tests that carry the mark themselves. The README's
+``python -m pytest`` runs everything; ``pytest -m "not slow"`` is the quick loop.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +27,10 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ARG001 - pytest's hook
+    """Mark every test that needs the shared Ray cluster ``slow``."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -36,9 +36,12 @@ import pytest
 from study.export import trial_runs
 from study.tracking import TAG_ROLE, TAG_STUDY, MlflowTracker
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="finds the cluster's processes in /proc"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="finds the cluster's processes in /proc"
+    ),
+]
 
 BIN = Path(sys.executable).parent
 #: Every process of the test cluster inherits this variable (value: the cluster's id).
@@ -228,7 +231,7 @@ def test_study_run_joins_a_two_node_cluster_made_with_ray_start(
     proc = cluster.run(
         BIN / "study", "run", "--space", "smoke", "--name", name, "--trials", "2",
         "--epochs", "1", "--address", cluster.address, "--tracking-uri", tracking,
-        "--storage", tmp_path / "studies", "--set", "aa_n=0", "--set", "test_subset=300",
+        "--storage", tmp_path / "studies", "--set", "test_subset=300", "--finalists", "0",
         timeout=STUDY_TIMEOUT_S, check=False,
     )  # fmt: skip
     took = time.monotonic() - started

@@ -107,6 +107,7 @@ def test_no_validation_set_keeps_the_last_epoch(tmp_path) -> None:
     assert "best/val_pgd_acc" not in result.test_metrics
 
 
+@pytest.mark.slow
 def test_pgd_and_autoattack_on_the_same_points(tmp_path) -> None:
     """The final evaluation and a finalist's evaluation measure every accuracy on one
     set of points, and report it with n and its interval."""

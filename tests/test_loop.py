@@ -50,6 +50,7 @@ class Recorder:
         self.final_metrics = metrics
 
 
+@pytest.mark.slow
 def test_adversarial_training_beats_standard_training_under_pgd(tmp_path, digits) -> None:
     results, last_val = {}, {}
     for method in ("standard", "trades", "weat_adv"):

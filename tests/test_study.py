@@ -38,7 +38,7 @@ BASE = {
     "eval_steps": 5,
     "eval_step_size": 0.025,
     "batch_size": 64,
-    "aa_n": 0,
+    "autoattack": False,
     "test_subset": 300,
 }
 
@@ -51,6 +51,7 @@ def make_spec(tmp_path: Path, name: str, **kw) -> StudySpec:
         "trials": 2,
         "epochs": 2,
         "asha": False,
+        "finalists": 0,  # the second stage has its own tests (tests/test_finals.py)
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "storage": str(tmp_path / "studies"),
     }
@@ -137,13 +138,17 @@ def test_study_records_every_trial_in_mlflow_and_exports_a_trainable_config(tmp_
             "energies.npz",
         } <= artifacts(spec, run.info.run_id)
 
-    # export: the best config by val/pgd_acc, usable as a training config
-    best = max(outcome.trials, key=lambda t: t.metrics["val/pgd_acc"])
+    # export: the best config by val/pgd_acc, usable as a training config; "best" is the
+    # one shared ranking (ties on val/pgd_acc: val/clean_acc, then the trial id)
+    from reports.ranking import rank_runs
+
+    best = rank_runs(outcome.trials, spec.metrics, spec.modes)[0]
     (path,) = export_best(tracker, spec.name, tmp_path / "best.yaml", metric="val/pgd_acc")
     exported = TrainConfig.from_dict({k: v for k, v in yaml.safe_load(path.read_text()).items()})
     assert exported.method == best.config["method"]
     assert exported.beta == pytest.approx(best.config["beta"])
     assert exported.eps == 0.1 and exported.epochs == 2
+    assert exported.autoattack  # the final training evaluates with AutoAttack again
     assert best_runs(tracker, spec.name, "val/pgd_acc")[0].data.tags[TAG_TRIAL] == best.trial_id
 
     # ... and `study train --config best.yaml` trains from it
@@ -303,6 +308,7 @@ def test_resume_after_the_driver_is_killed(tmp_path) -> None:
     tracking = spec.tracking_uri
     cmd = [
         sys.executable, "-m", "study", "run", "--space", "smoke", "--name", spec.name,
+        "--finalists", "0",
         "--trials", "4", "--epochs", "4", "--no-asha", "--max-concurrent", "2",
         "--address", address, "--tracking-uri", tracking, "--storage", spec.storage,
     ]  # fmt: skip
@@ -358,10 +364,13 @@ def test_resume_after_the_driver_is_killed(tmp_path) -> None:
 def test_cli_run_prints_the_best_trials_and_the_commands(tmp_path, capsys) -> None:
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["run", "--space", "smoke", "--name", "cli-smoke", "--trials", "2", "--epochs", "1",
+            "--finalists", "1", "--final-n", "20",
             "--tracking-uri", tracking, "--storage", str(tmp_path / "studies")]  # fmt: skip
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "best trials by val/pgd_acc (max)" in out
+    # the second stage: one finalist, its accuracies with n and a 95 % interval
+    assert "finalists (search" in out and "n=20" in out and "aa_acc" in out
     assert "study ui" in out and "study export cli-smoke" in out
     assert cli.main(["show", "cli-smoke", "--tracking-uri", tracking]) == 0
     shown = capsys.readouterr().out

@@ -1,0 +1,143 @@
+"""The second stage of a study's evaluation: its finalists, measured properly.
+
+During the search, trials are compared on cheap numbers (PGD on a validation
+subset each epoch; no AutoAttack). Once the search ends, the finalists (the
+top ``spec.finalists`` finished trials by the objective, or the Pareto set of a
+multi-objective study) are evaluated with PGD-``eval_steps`` (20 by default)
+and standard AutoAttack on the **same** test points (``spec.final_n`` of them;
+all by default), in parallel as Ray tasks. Each finalist's run gets
+``final/*`` metrics (with ``final/n`` and 95 % Wilson bounds), the tag
+``energy_study.finalist`` (its rank) and ``final_eval.npz`` (per point: index
+in the test set, label, PGD and AutoAttack outcome).
+
+Weights travel from MLflow (the ``checkpoints/best.pt`` artifact the driver
+logged) to the task through Ray's object store, so a finalist trained on any
+node is evaluated wherever Ray places the task.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from study.spec import StudySpec
+from study.tracking import TAG_STUDY, TAG_TRIAL, MlflowTracker
+
+TAG_FINALIST = "energy_study.finalist"
+FINAL_ARTIFACT = "final_eval.npz"
+
+
+@dataclass
+class FinalResult:
+    """One finalist's second-stage evaluation.
+
+    Attributes:
+        trial_id: the Tune trial id.
+        rank: 1 for the best trial by the objective (Pareto set: by the first objective).
+        run_id: its MLflow run.
+        metrics: ``final/*`` metrics as logged.
+        seconds: wall time of its evaluation task.
+    """
+
+    trial_id: str
+    rank: int
+    run_id: str
+    metrics: dict[str, float]
+    seconds: float
+
+
+def _evaluate_task(
+    cfg: dict[str, Any], state: bytes, n: int | None, threads: int
+) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
+    """Ray task body: load the weights and evaluate them (see ``evaluate_weights``)."""
+    import torch
+
+    from trainables.config import TrainConfig
+    from trainables.loop import evaluate_weights
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, threads))
+    config = TrainConfig.from_dict(cfg)
+    weights = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)["model"]
+    metrics, samples = evaluate_weights(config, weights, n=n)
+    keep = ("index", "y", "pred_nat", "pgd_correct", "aa_robust")
+    return metrics, {k: samples[k] for k in keep if k in samples}, time.perf_counter() - t0
+
+
+def _best_checkpoint(tracker: MlflowTracker, run_id: str) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
+        path = tracker.client.download_artifacts(run_id, "checkpoints/best.pt", tmp)
+        return Path(path).read_bytes()
+
+
+def evaluate_finalists(
+    spec: StudySpec,
+    tracker: MlflowTracker,
+    finalists: list[tuple[str, dict[str, Any]]],
+    *,
+    echo: Any = print,
+) -> list[FinalResult]:
+    """Evaluate ``finalists`` (``(trial_id, training config)``, best first) on Ray.
+
+    Ray must be initialised. Each task reserves the CPUs (and GPUs) of one trial;
+    the driver alone writes to MLflow.
+
+    Args:
+        spec: the study (``final_n``, resources).
+        tracker: the study's MLflow tracker.
+        finalists: trial ids with their training configs, in rank order.
+        echo: where progress lines go (``print`` by default).
+    """
+    import ray
+
+    if not finalists:
+        return []
+    opts: dict[str, Any] = {"num_cpus": spec.cpus_per_worker}
+    if spec.gpus_per_trial > 0:
+        opts["num_gpus"] = spec.gpus_per_trial
+    task = ray.remote(**opts)(_evaluate_task)
+    threads = max(1, int(spec.cpus_per_worker))
+    runs: dict[str, str] = {}
+    pending: dict[str, Any] = {}
+    done: dict[str, dict[str, float]] = {}
+    for trial_id, cfg in finalists:
+        found = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_TRIAL: trial_id})
+        if not found:
+            echo(f"finalist {trial_id}: no MLflow run found; skipped")
+            continue
+        runs[trial_id] = found[0].info.run_id
+        if "final/robust_acc" in found[0].data.metrics:
+            done[trial_id] = dict(found[0].data.metrics)  # a resumed study: evaluated already
+            continue
+        state = ray.put(_best_checkpoint(tracker, runs[trial_id]))
+        pending[trial_id] = task.remote(cfg, state, spec.final_n, threads)
+    n_text = "the whole test set" if spec.final_n is None else f"{spec.final_n} test points"
+    echo(
+        f"final evaluation of {len(pending)} finalist(s): PGD and AutoAttack on the same "
+        f"points ({n_text}), {len(pending)} Ray task(s)"
+    )
+    results = []
+    for rank, (trial_id, _) in enumerate(finalists, start=1):
+        if trial_id in done:
+            final = {k: v for k, v in done[trial_id].items() if k.startswith("final/")}
+            results.append(FinalResult(trial_id, rank, runs[trial_id], final, 0.0))
+            continue
+        if trial_id not in pending:
+            continue
+        metrics, samples, seconds = ray.get(pending[trial_id])
+        final = {f"final/{k}": float(v) for k, v in metrics.items()}
+        run_id = runs[trial_id]
+        tracker.log_metrics(run_id, final, step=0)
+        tracker.set_tags(run_id, {TAG_FINALIST: str(rank)})
+        with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
+            path = Path(tmp) / FINAL_ARTIFACT
+            np.savez_compressed(path, **samples)
+            tracker.log_artifact(run_id, path)
+        results.append(FinalResult(trial_id, rank, run_id, final, seconds))
+    return results

@@ -1,0 +1,204 @@
+"""Fail fast, fail clearly, lose nothing: bad inputs fail before anything is created,
+checkpoints survive a kill mid-write, a fresh store is created once, Ctrl-C keeps the
+study resumable and a second Ctrl-C stops at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from study import cli
+from study.export import trial_runs
+from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.errors import CheckpointError
+
+STUDY = [sys.executable, "-m", "study"]
+BAD_SPACE = "params:\n  method: {type: categorical, choices: [trades, nosuchmethod]}\n"
+
+#: (name, arguments of `study run`, words the one-paragraph error must hold)
+BAD_INPUTS = [
+    ("choice the config refuses", ["--space", "bad.yaml"], ["bad.yaml:2", "nosuchmethod"]),
+    ("zero trials", ["--trials", "0"], ["trials = 0"]),
+    ("unknown metric", ["--metric", "val/nonexistent_metric"], ["val/nonexistent_metric"]),
+    ("GPU on a machine without", ["--gpus-per-trial", "1"], ["GPU"]),
+    ("storage not writable", ["--storage", "/proc/nowrite"], ["/proc/nowrite", "--storage"]),
+    ("no tracking server", ["--tracking-uri", "http://127.0.0.1:9"], ["127.0.0.1:9"]),
+    ("no Ray cluster", ["--address", "127.0.0.1:9"], ["no Ray cluster", "127.0.0.1:9"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,args,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_fails_fast_with_one_paragraph_and_creates_nothing(
+    tmp_path: Path, name: str, args: list[str], words: list[str]
+) -> None:
+    (tmp_path / "bad.yaml").write_text(BAD_SPACE)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*STUDY, "run", *args, "--connect-timeout", "5"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    elapsed = time.monotonic() - t0
+    err = proc.stderr
+    assert proc.returncode == 2, (proc.returncode, err[-2000:])
+    assert elapsed < 30, elapsed
+    assert "Traceback" not in err, err[-2000:]
+    message = err[err.index("study run: error:") :]
+    for word in words:
+        assert word in message, (word, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"], list(tmp_path.iterdir())
+
+
+def _write_forever(path: str) -> None:
+    big = {"model": {"w": torch.randn(4_000_000)}, "epoch": 0}
+    i = 0
+    while True:
+        i += 1
+        big["epoch"] = i
+        save_checkpoint(path, big)
+
+
+def test_a_checkpoint_killed_mid_write_is_never_half_there(tmp_path: Path) -> None:
+    """SIGKILL a process that rewrites a 16 MB checkpoint in a loop, several times:
+    what is left at the checkpoint's path always loads (old or new, never half)."""
+    path = tmp_path / "last.pt"
+    ctx = multiprocessing.get_context("spawn")
+    for delay in (0.05, 0.13, 0.31):
+        proc = ctx.Process(target=_write_forever, args=(str(path),))
+        proc.start()
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)  # somewhere inside a later write
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        state = load_checkpoint(path)
+        assert state["model"]["w"].numel() == 4_000_000 and state["epoch"] >= 1
+    # the killed writers' partial files are theirs alone and never under the real name
+    assert all(p.name == "last.pt" or p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_a_refused_pickle_is_named_apart_from_a_truncated_file(tmp_path: Path) -> None:
+    good = save_checkpoint(tmp_path / "good.pt", {"model": {"w": torch.zeros(3)}, "epoch": 1})
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "energy-study/checkpoint-v1", "x": Path("/")}, evil)
+    with pytest.raises(CheckpointError, match="refused: the file holds Python objects"):
+        load_checkpoint(evil)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or\\s+truncated") as info:
+        load_checkpoint(cut)
+    assert "refused:" not in str(info.value)
+
+
+def _open_store(uri: str, name: str, go: float) -> None:
+    while time.time() < go:
+        time.sleep(0.001)
+    MlflowTracker(uri, name).client.create_run(MlflowTracker(uri, name).experiment_id)
+
+
+@pytest.mark.slow
+def test_two_processes_open_the_same_fresh_store(tmp_path: Path) -> None:
+    """Both processes get their experiment; the store's schema is created once."""
+    ctx = multiprocessing.get_context("spawn")
+    for round_ in range(3):
+        uri = f"sqlite:///{tmp_path / f'store{round_}' / 'mlflow.db'}"
+        go = time.time() + 4.0  # both start at the same moment, after their imports
+        procs = [ctx.Process(target=_open_store, args=(uri, f"s{i}", go)) for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0, 0]
+        names = {e.name for e in MlflowTracker(uri, "s0").client.search_experiments()}
+        assert {"s0", "s1"} <= names
+
+
+def _study_cmd(tmp_path: Path, name: str, address: str) -> list[str]:
+    return [
+        *STUDY, "run", "--space", "smoke", "--name", name, "--trials", "4", "--epochs", "6",
+        "--no-asha", "--max-concurrent", "2", "--finalists", "0", "--address", address,
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--storage", str(tmp_path / "studies"),
+        "--set", "eps=0.1", "--set", "step_size=0.025", "--set", "attack_steps=3",
+        "--set", "val_attack_steps=3", "--set", "eval_steps=3", "--set", "test_subset=100",
+    ]  # fmt: skip
+
+
+def _start_and_wait_for_an_epoch(cmd: list[str], log: Path) -> subprocess.Popen:
+    out = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if " epoch 1:" in log.read_text():
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no trial reported an epoch:\n" + log.read_text()[-3000:])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_ctrl_c_keeps_the_study_resumable(tmp_path: Path) -> None:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    proc = _start_and_wait_for_an_epoch(_study_cmd(tmp_path, "sigint", address), log)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(120)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert "continue with:" in text and "study resume sigint" in text, text[-3000:]
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "sigint")
+    parent = tracker.find_runs(**{TAG_STUDY: "sigint", TAG_ROLE: "study"})
+    assert [r.info.status for r in parent] == ["KILLED"]
+    assert all(r.info.status != "RUNNING" for r in trial_runs(tracker, "sigint"))
+
+    resume = ["resume", "sigint", "--address", address, "--storage", str(tmp_path / "studies"),
+              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    assert cli.main(resume) == 0
+    runs = trial_runs(tracker, "sigint")
+    ids = [r.data.tags[TAG_TRIAL] for r in runs]
+    assert len(ids) == len(set(ids)) == 4, ids
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val/pgd_acc")]
+        assert sorted(steps) == list(range(1, 7)), steps  # no epoch lost, none twice
+    parent = tracker.find_runs(**{TAG_STUDY: "sigint", TAG_ROLE: "study"})
+    assert [r.info.status for r in parent] == ["FINISHED"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    proc = _start_and_wait_for_an_epoch(_study_cmd(tmp_path, "twice", address), log)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(60)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert time.monotonic() - t0 < 30
+    assert "Traceback" not in text, text[-3000:]
+    assert "study resume twice" in text, text[-3000:]
