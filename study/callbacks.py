@@ -139,7 +139,12 @@ class MlflowCallback(Callback):
         if self._process.get(trial.trial_id) != process:
             # where the trial runs now (it changes when a failed trial is restarted)
             self._process[trial.trial_id] = process
-            self.tracker.set_tags(run_id, {"energy_study.process": process})
+            tags = {"energy_study.process": process}
+            since = result.get("iterations_since_restore")
+            if isinstance(since, int) and step - since > 0:
+                # this process continued the trial from its checkpoint of that epoch
+                tags["energy_study.resumed_from_epoch"] = str(step - since)
+            self.tracker.set_tags(run_id, tags)
         final = any(k.startswith("test/") for k in metrics)
         if step <= self._logged.get(trial.trial_id, 0) and not final:
             return  # an epoch the store already holds (trial resumed from an older checkpoint)
