@@ -27,7 +27,7 @@ from bench.common import (
     wait_for_quiet,
 )
 
-FIGURES = ("1", "2", "3", "4", "5", "6", "paths")
+FIGURES = ("1", "2", "3", "4", "5", "6", "7", "paths")
 
 
 def _x(v: float | None, digits: int = 2, unit: str = "") -> str:
@@ -263,7 +263,7 @@ def table(res: dict[str, Any]) -> list[list[str]]:
             [
                 "4",
                 f"final test evaluation once (PGD-{fe['eval_steps']} on {fe['test_points']}, "
-                f"AutoAttack on {fe['aa_n']}) (s)",
+                f"AutoAttack on {fe['test_points'] if fe.get('autoattack', True) else 0}) (s)",
                 _x(fe["seconds"], 1),
                 "once",
                 "",
@@ -316,6 +316,9 @@ def table(res: dict[str, Any]) -> list[list[str]]:
                 _met(f["targets"]["driver_growth_per_trial_mib"]["met"]),
             ]
         )
+    f = res.get("7")
+    if f:
+        rows.extend(_fig7_rows(f))
     f = res.get("paths")
     if f:
         for name, r in f["options"].items():
@@ -360,6 +363,87 @@ def table(res: dict[str, Any]) -> list[list[str]]:
                 "P",
                 "data: batches of an epoch from memory / epoch training time",
                 _x(100 * f["data"]["share"], 2, "%"),
+                "",
+                "",
+            ]
+        )
+    return rows
+
+
+def _fig7_rows(f: dict[str, Any]) -> list[list[str]]:
+    """Figure 7: the default study's wall time, split into search and finalists."""
+    rows: list[list[str]] = []
+    rounds = f["setup"]["rounds"]
+    for variant, label in (
+        ("default", "default study"),
+        ("search_only", "search only (--finalists 0)"),
+    ):
+        s = f["summary"][variant]
+        rows.append(
+            [
+                "7",
+                f"{label} wall (s): total = search + finalists + start-up/other "
+                f"(median of {rounds})",
+                f"{_x(s['total_s'], 1)} = {_x(s['search_s'], 1)} + {_x(s['final_s'], 1)} + "
+                f"{_x(s['other_s'], 1)}",
+                "",
+                "",
+            ]
+        )
+    t = f["targets"]["default_total_s"]
+    n = "/".join(str(v) for v in f["final_n"]) or "0"
+    k = "/".join(str(v) for v in sorted(set(f["finalists"])))
+    rows.append(
+        [
+            "7",
+            f"default study wall (s), {k} finalists on {n} test points each (PGD-20 + AutoAttack)",
+            _x(t["value"], 1),
+            "<= 90 s, full test set",
+            _met(t["met"]),
+        ]
+    )
+    rows.append(
+        [
+            "7",
+            "per-round totals (s): default; search only",
+            "; ".join(
+                ", ".join(f"{r['total_s']:.1f}" for r in f["runs"][v])
+                for v in ("default", "search_only")
+            ),
+            "",
+            "",
+        ]
+    )
+    d = f["summary"]["default"]
+    trials = {r["trials"] for r in f["runs"]["default"]}
+    rows.append(
+        [
+            "7",
+            "search: trials; epochs trained; median epoch (s) (default study)",
+            f"{'/'.join(map(str, sorted(trials)))}; {_x(d['epochs_trained'], 0)}; "
+            f"{_x(d['trial_epoch_s_median'], 2)}",
+            "",
+            "",
+        ]
+    )
+    rows.append(
+        [
+            "7",
+            "start-up/other (s): until the parent run exists; after it ends (default)",
+            f"{_x(d['before_parent_run_s'], 1)}; {_x(d['after_parent_end_s'], 1)}",
+            "",
+            "",
+        ]
+    )
+    b = f.get("finalist_breakdown")
+    if b and "error" not in b:
+        per = " / ".join(f"{k} {v:.1f}" for k, v in b["autoattack_per_attack_s"].items())
+        rows.append(
+            [
+                "7",
+                f"one finalist alone, 1 thread, {b['test_points']} points (s): data + "
+                f"clean/PGD-{b['eval_steps']} + AutoAttack ({per})",
+                f"{b['load_s']:.1f} + {b['clean_pgd_s']:.1f} + {b['autoattack_s']:.1f}",
                 "",
                 "",
             ]
@@ -461,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         history = results.get("2", {}).pop("history_in_process", None)
         step("4", lambda: evaluation.run(args.quick, history))
     results.get("2", {}).pop("history_in_process", None)
+    if "7" in only:
+        from bench import default_study
+
+        step("7", lambda: default_study.run(args.quick))
 
     date = dt.date.today().isoformat()
     name = f"{date}-{info['label']}{'-quick' if args.quick else ''}.json"

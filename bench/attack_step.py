@@ -63,7 +63,7 @@ def base_config(n_batches: int, epochs: int, **extra: Any) -> TrainConfig:
             "val_attack_steps": 0,
             "test_subset": 1,
             "eval_steps": 0,
-            "aa_n": 0,
+            "autoattack": False,
             "seed": 0,
             **extra,
         }

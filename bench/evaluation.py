@@ -10,8 +10,8 @@ over epochs, with the default evaluation settings, on two workloads:
 * the default study's digits config (``study/default.yaml``: K = 5 training
   attack, PGD-10 validation on the whole 144-image validation split).
 
-The final test evaluation (PGD-20 on the test set, AutoAttack on ``aa_n``
-points) runs once after the last epoch; its time is measured on its own by
+The final test evaluation (PGD-20 and AutoAttack on the same test points)
+runs once after the last epoch; its time is measured on its own by
 calling :func:`trainables.loop.final_evaluation` on the finished digits run.
 """
 
@@ -73,7 +73,7 @@ def run(quick: bool, cifar_history: list[dict[str, float]] | None) -> dict[str, 
             "seconds": time.perf_counter() - t,
             "test_points": len(data.test),
             "eval_steps": cfg.eval_steps,
-            "aa_n": cfg.aa_n,
+            "autoattack": cfg.autoattack,
             "runs": "once, after the last epoch",
             "epoch_s_for_comparison": out["digits_default"]["epoch_s"],
         }

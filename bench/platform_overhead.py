@@ -62,7 +62,7 @@ def fig2_config(epochs: int) -> dict[str, Any]:
         "val_attack_steps": 10,
         "test_subset": 1000,
         "eval_steps": 20,
-        "aa_n": 0,
+        "autoattack": False,
     }
 
 
@@ -83,7 +83,7 @@ def tiny_config() -> dict[str, Any]:
         "val_attack_steps": 2,
         "test_subset": 64,
         "eval_steps": 2,
-        "aa_n": 0,
+        "autoattack": False,
     }
 
 
