@@ -21,33 +21,27 @@ DEFAULT_CONNECT_TIMEOUT_S = 15.0
 
 
 def check_storage(folder: str | Path) -> None:
-    """Fail unless ``folder`` can be created (if missing) and written: a probe file is
-    written and removed; a folder created only for the probe is removed again."""
-    folder = Path(folder)
+    """Fail unless ``folder`` can be written, creating nothing that stays.
+
+    A probe file is written to and removed from the folder, or, when the folder
+    does not exist yet, from its nearest existing parent (where it will be made).
+    """
+    folder = Path(folder).absolute()
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    created: list[Path] = []
-    probe = folder / f".energy-study-probe-{uuid.uuid4().hex}"
+    probe = existing / f".energy-study-probe-{uuid.uuid4().hex}"
     try:
-        for part in reversed([folder, *folder.parents]):
-            if not part.exists():
-                part.mkdir()
-                created.append(part)
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
+        where = "" if existing == folder else f" (its nearest existing folder is {str(existing)!r})"
         raise UserError(
-            f"the study storage {str(folder)!r} cannot be written ({exc.strerror or exc}); "
-            f"its nearest existing folder is {str(existing)!r}. Pick another folder with "
-            "--storage"
+            f"the study storage {str(folder)!r} cannot be written{where}: "
+            f"{exc.strerror or exc}. Pick another folder with --storage"
         ) from None
-    finally:
-        for part in reversed(created):
-            try:
-                part.rmdir()
-            except OSError:
-                pass
 
 
 def _host_port(address: str, default_port: int) -> tuple[str, int]:

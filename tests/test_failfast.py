@@ -30,6 +30,7 @@ BAD_INPUTS = [
     ("zero trials", ["--trials", "0"], ["trials = 0"]),
     ("unknown metric", ["--metric", "val/nonexistent_metric"], ["val/nonexistent_metric"]),
     ("GPU on a machine without", ["--gpus-per-trial", "1"], ["GPU"]),
+    ("more CPUs than a node has", ["--cpus-per-worker", "64"], ["64 CPU", "largest node"]),
     ("storage not writable", ["--storage", "/proc/nowrite"], ["/proc/nowrite", "--storage"]),
     ("no tracking server", ["--tracking-uri", "http://127.0.0.1:9"], ["127.0.0.1:9"]),
     ("no Ray cluster", ["--address", "127.0.0.1:9"], ["no Ray cluster", "127.0.0.1:9"]),
@@ -202,3 +203,33 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 30
     assert "Traceback" not in text, text[-3000:]
     assert "study resume twice" in text, text[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_study_runs_on_the_same_fresh_store_both_run(tmp_path: Path) -> None:
+    """Two `study run` processes started together on one new SQLite store: both finish,
+    each with its own study, and the store holds both."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    tracking = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    procs = []
+    for name in ("twin-a", "twin-b"):
+        cmd = [
+            *STUDY, "run", "--space", "smoke", "--name", name, "--trials", "1", "--epochs", "1",
+            "--no-asha", "--finalists", "0", "--address", address, "--tracking-uri", tracking,
+            "--storage", str(tmp_path / "studies"), "--set", "attack_steps=2",
+            "--set", "val_attack_steps=2", "--set", "eval_steps=2", "--set", "test_subset=50",
+        ]  # fmt: skip
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    for name, proc, log in procs:
+        rc = proc.wait(300)
+        log.close()
+        text = (tmp_path / f"{name}.log").read_text()
+        assert rc == 0, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+    for name in ("twin-a", "twin-b"):
+        (run,) = trial_runs(MlflowTracker(tracking, name), name)
+        assert run.info.status == "FINISHED"
