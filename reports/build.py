@@ -29,9 +29,12 @@ from reports.data import (
     TAG_EARLY,
     TAG_FAILURE,
     TAG_PROCESS,
+    TAG_ROLE,
+    TAG_STUDY,
     ReportError,
     RunData,
     StudyData,
+    _search,
     client_for,
     download,
     load_study,
@@ -606,3 +609,77 @@ def build_report(
     if fmt in ("html", "both"):
         (out / "index.html").write_text(render_html(title, subtitle, sections))
     return index
+
+
+#: What ``study report`` logs into the study's parent run (under :data:`REPORT_ARTIFACT`).
+REPORT_FILES = ("index.html", "index.md", "figures", "tables", "configs")
+REPORT_ARTIFACT = "report"
+
+
+def report_run(name: str, tracking_uri: str) -> str | None:
+    """The run a study's report belongs to: its parent run (the first one, as
+    :func:`reports.data.load_study` reads it), else the generation-study run of that
+    name; None when there is neither."""
+    client = client_for(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        parents = _search(
+            client,
+            [experiment.experiment_id],
+            f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{name}'",
+        )
+        if parents:
+            return min(parents, key=lambda r: r.info.start_time or 0).info.run_id
+    ids = [e.experiment_id for e in client.search_experiments()]
+    found = _search(
+        client, ids, f"tags.`{TAG_ROLE}` = 'generation_study' and tags.`{TAG_STUDY}` = '{name}'"
+    ) if ids else []  # fmt: skip
+    return found[0].info.run_id if found else None
+
+
+def log_report(name: str, tracking_uri: str, out_dir: Path) -> str | None:
+    """Log a built report into the study's run, so the MLflow UI's artifact view shows
+    it: ``report/index.html`` (and ``index.md``), ``report/figures/*.png``,
+    ``report/tables/*.csv``, ``report/configs/*.yaml``; returns the run id (None: the
+    study has no run to hold it).
+
+    Args:
+        name: the study (as for :func:`build_report`).
+        tracking_uri: any MLflow tracking URI.
+        out_dir: the folder :func:`build_report` wrote.
+    """
+    run_id = report_run(name, tracking_uri)
+    if run_id is None:
+        return None
+    client = client_for(tracking_uri)
+    out = Path(out_dir)
+    for item in REPORT_FILES:
+        path = out / item
+        if item == "index.html" and path.is_file():
+            # the UI shows an HTML artifact from a blob: address, where the figures'
+            # relative addresses lead nowhere: this copy carries them inline
+            client.log_text(run_id, inline_figures(path), f"{REPORT_ARTIFACT}/{item}")
+        elif path.is_file():
+            client.log_artifact(run_id, str(path), REPORT_ARTIFACT)
+        elif path.is_dir():
+            client.log_artifacts(run_id, str(path), f"{REPORT_ARTIFACT}/{item}")
+    return run_id
+
+
+def inline_figures(index: Path) -> str:
+    """The HTML of ``index`` with each ``<img src="figures/….png">`` beside it as a
+    ``data:`` address (a page that shows its figures wherever it is opened).
+
+    Args:
+        index: a report's ``index.html``.
+    """
+    import base64
+    import re
+
+    def data_uri(match: re.Match[str]) -> str:
+        png = index.parent / match.group(1)
+        if not png.is_file():
+            return match.group(0)
+        return 'src="data:image/png;base64,' + base64.b64encode(png.read_bytes()).decode() + '"'
+
+    return re.sub(r'src="(figures/[^"]+\.png)"', data_uri, index.read_text())

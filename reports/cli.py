@@ -32,6 +32,8 @@ def configure(p: argparse.ArgumentParser, *, store_args: bool = True) -> None:
                    help="index.html, index.md or both (default html)")  # fmt: skip
     p.add_argument("--energy-run", help="run or trial id for the energy histograms "
                    "(default: the best trial with energies)")  # fmt: skip
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="do not log it into the study's parent run (report/)")  # fmt: skip
     if store_args:
         p.add_argument(
             "--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)"
@@ -55,8 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the report from parsed arguments; prints the index path; returns 0."""
-    from reports.build import build_report
+    """Build the report from parsed arguments, log it into the study's parent run (unless
+    ``--no-mlflow``); prints the index path; returns 0."""
+    from reports.build import REPORT_ARTIFACT, build_report, log_report
 
     uri = getattr(args, "tracking_uri", None) or default_tracking_uri()
     out = Path(args.output or f"report-{args.name}")
@@ -64,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         args.name, uri, out, args.format, energy_run=getattr(args, "energy_run", None)
     )
     print(f"report written: {index.resolve()}")
+    if not getattr(args, "no_mlflow", False):
+        run_id = log_report(args.name, uri, out)
+        if run_id is not None:
+            print(f"and logged into MLflow run {run_id} (artifacts {REPORT_ARTIFACT}/{index.name})")
     return 0
 
 

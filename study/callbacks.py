@@ -17,6 +17,7 @@ from ray.tune import Callback
 from study.spec import StudySpec
 from study.tracking import PARENT_TAG, TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker, flatten
 from study.trial import trial_output_dir
+from study.ui import ENERGY_HIST, energy_histogram, searched_values, trial_run_name
 
 #: Result keys that are ours (the loop's namespaced metrics), as opposed to Tune's.
 PLAIN_METRICS = {"lr", "epoch", "best_epoch"}
@@ -101,13 +102,16 @@ class MlflowCallback(Callback):
                 self._complete.add(trial.trial_id)
                 self._runs[trial.trial_id] = found[0].info.run_id
                 return found[0].info.run_id
+            cfg = study.trial_config(trial.config)
             run_id, created = self.tracker.get_or_create_run(
-                run_name=f"{study.name}-{trial.trial_id}",
+                # what the trial tried; its id stays in the TAG_TRIAL tag
+                run_name=trial_run_name(
+                    cfg.method, searched_values(study.load_space(), trial.config)
+                ),
                 tags={PARENT_TAG: self.parent_run_id, TAG_ROLE: "trial"},
                 key_tags={TAG_STUDY: study.name, TAG_TRIAL: trial.trial_id},
             )
             if created:
-                cfg = study.trial_config(trial.config)
                 self.tracker.log_params(run_id, flatten(cfg.to_dict()))
                 self.tracker.set_tags(
                     run_id,
@@ -160,6 +164,9 @@ class MlflowCallback(Callback):
         out = trial_output_dir(StudySpec(**self.spec), trial.trial_id)
         for rel, folder in TRIAL_ARTIFACTS:
             self.tracker.log_artifact(run_id, out / rel, folder)
+        hist = energy_histogram(out / "energies.npz", out / ENERGY_HIST, f"trial {trial.trial_id}")
+        if hist is not None:
+            self.tracker.log_artifact(run_id, hist)
         last = trial.last_result or {}
         epochs = StudySpec(**self.spec).trial_config(trial.config).epochs
         done = int(last.get("epoch", 0)) >= epochs and "test/clean_acc" in last

@@ -8,7 +8,8 @@ Sub-commands:
 * ``study export NAME -o best.yaml``: the best config(s) for final training.
 * ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
 * ``study report NAME``: tables, figures and one HTML report read back from MLflow.
-* ``study ui``: the MLflow UI on 127.0.0.1 for the store in use.
+* ``study ui [NAME]``: the MLflow UI on 127.0.0.1 for the store in use, and the address
+  of the study's runs sorted by its objective (``--open``: in a browser).
 * ``study generate --from RUN``: sample images from a trained classifier with
   SGLD, score them (IS/FID/KID), optionally search the sampler with Optuna.
 * ``study train``: one training run (in this process, or through Ray Train with
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -246,7 +246,7 @@ def _print_outcome(outcome) -> None:
     _print_finals(outcome)
     store = f" --tracking-uri {spec.tracking_uri}"
     print("\nlook at it:")
-    print(f"  study ui{store}")
+    print(f"  study ui {spec.name}{store}")
     print(f"  study show {spec.name}{store}")
     print(
         f"  study export {spec.name}{store} -o best.yaml"
@@ -391,15 +391,76 @@ def _cmd_show(args: argparse.Namespace) -> int:
         raise UserError(f"study {args.name!r} has no trials in {_tracking_uri(args)}")
     objectives, modes = study_objectives(tracker, args.name)
     print(f"study {args.name}: " + "\n".join(show_lines(runs, objectives, modes)))
+    from study.ui import best_trial_runs, compare_url, ui_base
+
+    best = best_trial_runs(tracker, args.name)
+    if len(best) > 1:
+        base = args.ui or ui_base(_tracking_uri(args))
+        link = compare_url(base, tracker.experiment_id, [r.info.run_id for r in best])
+        print(f"compare the top {len(best)} trials in the MLflow UI (study ui {args.name}):")
+        print(f"  {link}")
     return 0
 
 
+def _latest_study(uri: str) -> str | None:
+    """The study whose parent run started last in the store (None: no study, no store)."""
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import TAG_ROLE, TAG_STUDY, quiet_mlflow, store_lock
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return None
+    quiet_mlflow()
+    with store_lock(uri):
+        client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        ids, f"tags.`{TAG_ROLE}` = 'study'", max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    return runs[0].data.tags.get(TAG_STUDY) if runs else None
+
+
+def _study_view(uri: str, name: str, base: str) -> str:
+    """Write study ``name``'s runs view into the store; returns its address on ``base``."""
+    from mlflow.tracking import MlflowClient
+
+    from study.tracking import MlflowTracker, quiet_mlflow
+    from study.ui import publish_view, runs_view_url
+
+    quiet_mlflow()
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(name) is None:
+        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise UserError(f"no study {name!r} in {uri}; studies there: {', '.join(known) or 'none'}")
+    return runs_view_url(base, publish_view(MlflowTracker(uri, name), name))
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
+    """``study ui [NAME]``: the address of the study's runs view (sorted by its objective,
+    objectives and searched parameters as columns); a SQLite store gets its MLflow UI
+    on 127.0.0.1, which SIGTERM/SIGINT/SIGHUP end as a whole."""
+    import webbrowser
+
+    from study.ui import check_port, experiments_url, serve, ui_base
+
     uri = _tracking_uri(args)
-    if not uri.startswith("sqlite:///"):
+    remote = uri.startswith(("http://", "https://"))
+    if not remote and not uri.startswith("sqlite:///"):
         raise UserError(
-            f"study ui serves a local SQLite store; {uri} is a server already: open it in a browser"
+            f"study ui serves a local SQLite store or shows a study on an MLflow server; "
+            f"{uri} is neither: start `mlflow ui --backend-store-uri {uri}` yourself"
         )
+    base = ui_base(uri, args.port)
+    if not remote:
+        check_port(args.port)  # before anything is written or started
+    name = args.name or _latest_study(uri)
+    view = _study_view(uri, name, base) if name else None
+    target = view or experiments_url(base)
+    if remote:
+        print(f"study {name}: {target}" if view else f"studies: {target}", flush=True)
+        if args.open:
+            webbrowser.open(target)
+        return 0
     from study.tracking import artifact_root_for
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
@@ -410,11 +471,17 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--artifacts-destination", root]
     # no background job runner: the UI starts in ~5 s instead of ~13 s on 2 cores
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    print(f"MLflow UI for {uri} on {base} (Ctrl-C stops it)", flush=True)
+    if view:
+        print(f"study {name}, its trials sorted by the objective:\n  {view}", flush=True)
+    print(f"all studies:\n  {experiments_url(base)}", flush=True)
+
+    def ready() -> None:
+        print(f"ready: {base}", flush=True)
+        if args.open:
+            webbrowser.open(target)
+
+    return serve(cmd, env, args.port, on_ready=ready)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -552,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="the trials of a study")
     p.add_argument("name")
+    p.add_argument("--ui", metavar="URL",
+                   help="MLflow UI address of the compare link (default: the tracking server, "
+                   "else http://127.0.0.1:5000 as study ui serves it)")  # fmt: skip
     _add_store_args(p)
     p.set_defaults(func=_cmd_show)
 
@@ -561,8 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
     configure_report(p, store_args=False)
     _add_store_args(p)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
+    p = sub.add_parser("ui", help="the MLflow UI of a study (started on 127.0.0.1 for SQLite)")
+    p.add_argument("name", nargs="?", help="study to show (default: the latest in the store)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    p.add_argument("--open", action="store_true", help="open the address in a web browser")
     _add_store_args(p)
     p.set_defaults(func=_cmd_ui)
 

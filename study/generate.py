@@ -396,14 +396,17 @@ class GenerationWriter(Callback):
     def _log(self, trial: Any, status: str, error: str | None = None) -> None:
         from search_spaces import load_space
         from study.tracking import MlflowTracker
+        from study.ui import searched_values, trial_run_name
 
         uri, experiment, parent, study, base, space_name, folder = self._args
         if self._tracker is None:
             self._tracker = MlflowTracker(uri, experiment)
-        cfg = trial_config(base, load_space(space_name), trial.config)
+        space = load_space(space_name)
+        cfg = trial_config(base, space, trial.config)
+        name = trial_run_name("sgld", searched_values(space, trial.config))  # what it tried
         self.run_ids[trial.trial_id] = log_sampling_run(
             self._tracker, parent, cfg, _gen_metrics(trial.last_result or {}),
-            Path(folder) / "trials" / trial.trial_id, name=f"{study}-{trial.trial_id}",
+            Path(folder) / "trials" / trial.trial_id, name=name,
             study=study, trial_id=trial.trial_id, status=status, error=error,
         )  # fmt: skip
 

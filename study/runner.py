@@ -21,6 +21,7 @@ from search_spaces import compile_space
 from study.spec import StudySpec
 from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker, flatten
 from study.trial import uses_train_backend
+from study.ui import describe_study, name_optuna_study
 
 #: Ray Train V2 polls its workers this often (seconds); its default of 2 s adds
 #: several seconds to every TorchTrainer start and finish.
@@ -222,6 +223,7 @@ def open_parent_run(spec: StudySpec) -> tuple[MlflowTracker, str]:
         tracker.log_artifact(run_id, space_file, "spec")
         tracker.log_text(run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False), "spec/study.yaml")
         tracker.log_text(run_id, " ".join(sys.argv), "spec/command.txt")
+        describe_study(tracker, spec, run_id, ended=False)  # the UI's description
     return tracker, run_id
 
 
@@ -258,6 +260,8 @@ def build_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
         study_name=spec.name,
         storage=storage,
     )
+    if storage is not None:  # optuna-dashboard: objective and parameter names
+        name_optuna_study(searcher._ot_study, spec)
     scheduler = None
     epochs = spec.trial_config(space.sample_defaults()).epochs
     if spec.uses_asha(space):
@@ -361,6 +365,7 @@ def _fit_and_finish(
     t1 = time.perf_counter()
     outcome.finals = run_finals(spec, tracker, outcome)
     outcome.final_s = time.perf_counter() - t1
+    describe_study(tracker, spec, parent, ended=True)  # best trials; the UI's runs view
     tracker.log_metrics(
         parent, {"study/search_s": outcome.search_s, "study/final_s": outcome.final_s}, step=0
     )

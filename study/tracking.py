@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from study.ui import EXPERIMENT_TAGS
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -119,9 +121,12 @@ class MlflowTracker:
             self.client = MlflowClient(tracking_uri)
             found = _retry(lambda: self.client.get_experiment_by_name(experiment), "lookup")
             if found is None:
+                # tells the MLflow UI this is model training, not GenAI (study/ui.py)
                 self.experiment_id = _retry(
                     lambda: self.client.create_experiment(
-                        experiment, artifact_location=artifact_root_for(tracking_uri)
+                        experiment,
+                        artifact_location=artifact_root_for(tracking_uri),
+                        tags=dict(EXPERIMENT_TAGS),
                     ),
                     "create experiment",
                 )
@@ -274,6 +279,11 @@ class MlflowRunReporter:
         out = Path(next(iter(artifacts.values()))).parent if artifacts else None
         if out is not None:
             self.tracker.log_artifact(self.run_id, out / "metrics.jsonl")
+            from study.ui import ENERGY_HIST, energy_histogram
+
+            hist = energy_histogram(out / "energies.npz", out / ENERGY_HIST, "study train")
+            if hist is not None:
+                self.tracker.log_artifact(self.run_id, hist)
         self.tracker.set_tags(self.run_id, {"energy_study.early_stopped": "false"})
         self.end("FINISHED")
 
