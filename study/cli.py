@@ -214,7 +214,7 @@ def _print_outcome(outcome) -> None:
         f"\nstudy {spec.name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
     )
     columns = [*spec.metrics]
-    for extra in ("val/clean_acc", "test/clean_acc", "test/pgd_acc", "test/aa_acc"):
+    for extra in ("val/clean_acc", "test/clean_acc", "test/pgd_acc"):  # AutoAttack: finalists
         if extra not in columns:
             columns.append(extra)
     if spec.multi_objective:
