@@ -135,3 +135,28 @@ def test_pgd_and_autoattack_on_the_same_points(tmp_path) -> None:
     assert metrics["n"] == 40 and len(samples["aa_robust"]) == 40
     assert metrics["clean_acc"] == pytest.approx(m["test/clean_acc"])
     assert metrics["aa_acc"] == pytest.approx(m["test/aa_acc"])
+
+
+def test_a_space_preset_is_the_base_of_every_trial(tmp_path) -> None:
+    """preset < study base (--set) < the space's fixed values < the sampled parameters."""
+    from study.spec import StudySpec
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "preset: cifar100-weat_adv\nfixed:\n  attack_steps: 3\n"
+        "params:\n  beta: {type: float, low: 1.0, high: 2.0}\n"
+    )
+    spec = StudySpec(name="p", space=str(space), base={"data_root": "/data", "attack_steps": 7})
+    cfg = spec.trial_config({"beta": 1.5})
+    assert (cfg.dataset, cfg.model, cfg.epochs, cfg.select_from) == (
+        "cifar100",
+        "resnet18",
+        100,
+        91,
+    )
+    assert cfg.attack_steps == 3 and cfg.beta == 1.5 and cfg.data_root == "/data"
+    assert cfg.autoattack is False  # the search's trials; the finalists get AutoAttack
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: cifar10-wat_adv\nparams: {}\n")
+    with pytest.raises(Exception, match=r"bad.yaml:1: unknown preset 'cifar10-wat_adv'"):
+        StudySpec(name="p", space=str(bad), base={"data_root": "/d"}).validate()
