@@ -169,11 +169,8 @@ def finalist_breakdown(folder: Path, run_id: str) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from study.tracking import quiet_mlflow
-    from trainables.autoattack import autoattack_accuracy
     from trainables.config import TrainConfig
-    from trainables.data import load_data, to_float
-    from trainables.loop import measure, resolve_device
-    from trainables.models import create_model
+    from trainables.loop import autoattack_on, measure, resolve_device, trained_model
 
     quiet_mlflow()  # no download progress bar
     client = MlflowClient(f"sqlite:///{(folder / 'mlflow.db').as_posix()}")
@@ -190,22 +187,8 @@ def finalist_breakdown(folder: Path, run_id: str) -> dict[str, Any]:
     logger = logging.getLogger("auto-attack")
     try:
         t = time.perf_counter()
-        data = load_data(
-            cfg.dataset,
-            cfg.data_root,
-            val_fraction=cfg.val_fraction,
-            val_npz=cfg.val_npz,
-            split_seed=cfg.split_seed,
-            augment="none",
-        )
         device = resolve_device(cfg.device)
-        model = create_model(
-            cfg.model,
-            num_classes=data.num_classes,
-            in_channels=data.in_channels,
-            **cfg.model_kwargs,
-        ).to(device)
-        model.load_state_dict(state["model"])
+        model, data = trained_model(cfg, state["model"], device=device)
         points = data.test.take(data.test.subset_indices(None, seed=cfg.split_seed))
         load_s = time.perf_counter() - t
         GUARD.wait()
@@ -215,19 +198,7 @@ def finalist_breakdown(folder: Path, run_id: str) -> dict[str, Any]:
         GUARD.wait()
         logger.addHandler(handler)
         t = time.perf_counter()
-        aa = autoattack_accuracy(
-            model,
-            to_float(points.x).to(device),
-            points.y.to(device),
-            eps=cfg.eps,
-            norm="Linf" if cfg.norm == "linf" else "L2",
-            version=cfg.aa_version,
-            attacks=cfg.aa_attacks,
-            batch_size=max(cfg.batch_size, 256),
-            seed=cfg.seed,
-            device=device,
-            verbose=True,
-        )
+        aa = autoattack_on(cfg, model, points, device=device, verbose=True)
         aa_s = time.perf_counter() - t
     finally:
         logger.removeHandler(handler)

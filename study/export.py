@@ -16,13 +16,12 @@ from typing import Any
 
 import yaml
 
+from reports.data import TAG_FINALIST  # a finalist's rank: "1", "2", …
 from reports.intervals import Measured, accuracies, sample_size
 from reports.ranking import rank_runs, ranking_rules
 from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker
 from trainables.errors import ConfigError
 
-#: Run tag of a study's finalists (top-K trials evaluated again): their rank, "1", "2", …
-TAG_FINALIST = "energy_study.finalist"
 #: The objective of a study whose parent run does not name one.
 DEFAULT_OBJECTIVES = (["val/pgd_acc"], ["max"])
 #: Metric columns of ``study show`` after the study's objectives (duplicates dropped).

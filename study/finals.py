@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from reports.data import TAG_FINALIST
 from study.spec import StudySpec
 from study.tracking import TAG_STUDY, TAG_TRIAL, MlflowTracker
 
-TAG_FINALIST = "energy_study.finalist"
+__all__ = ["FINAL_ARTIFACT", "TAG_FINALIST", "FinalResult", "evaluate_finalists"]
 FINAL_ARTIFACT = "final_eval.npz"
 
 

@@ -131,25 +131,11 @@ def load_classifier(source: Source, device: torch.device) -> tuple[torch.nn.Modu
     """The source's model (eval mode, on ``device``) and its dataset (for statistics and FID)."""
     from trainables.checkpoint import load_checkpoint
     from trainables.config import TrainConfig
-    from trainables.data import load_data
-    from trainables.models import create_model
+    from trainables.loop import trained_model
 
     cfg = TrainConfig.from_dict(source.train_config)
-    data = load_data(
-        cfg.dataset,
-        cfg.data_root,
-        val_fraction=cfg.val_fraction,
-        val_npz=cfg.val_npz,
-        split_seed=cfg.split_seed,
-        download=False,
-        augment="none",
-        train_subset=cfg.train_subset,
-    )
-    model = create_model(
-        cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.model_kwargs
-    )
-    model.load_state_dict(load_checkpoint(source.checkpoint)["model"])
-    return model.to(device).eval(), data
+    weights = load_checkpoint(source.checkpoint)["model"]
+    return trained_model(cfg, weights, device=device)
 
 
 def dataset_key(train_config: dict[str, Any]) -> str:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from reports.data import TAG_FINALIST, TAG_TRIAL
 from trainables.errors import UserError
 
 #: The experiment tag with which MLflow's UI (without its workflow switch) opens an
@@ -62,7 +63,7 @@ VIEW_KEY = "energy-study"
 EXTRA_COLUMNS = ("val/clean_acc", "test/clean_acc", "test/pgd_acc", "final/pgd_acc",
                  "final/aa_acc")  # fmt: skip
 #: Tags shown as columns of the runs view.
-TAG_COLUMNS = ("energy_study.trial_id", "energy_study.finalist")
+TAG_COLUMNS = (TAG_TRIAL, TAG_FINALIST)
 #: Trials linked from the parent's description and compared by ``study show``'s link.
 TOP_TRIALS = 5
 #: Run names are cut to this many characters (an ellipsis marks a cut).

@@ -492,9 +492,11 @@ def train(
         )
         history.append({"epoch": epoch + 1, **metrics})
 
-        # no validation set (val_fraction 0, no val_npz): the last epoch is kept
-        score = metrics.get("val/pgd_acc", float(epoch + 1))
-        improved = epoch + 1 >= select_from and score > best_score
+        if val:
+            score = metrics["val/pgd_acc"]
+            improved = epoch + 1 >= select_from and score > best_score
+        else:  # no validation set (val_fraction 0, no val_npz): the last epoch is kept
+            score, improved = best_score, epoch + 1 == cfg.epochs
         if improved:
             best_epoch, best_score = epoch + 1, score
         if not writer:
@@ -537,13 +539,16 @@ def train(
     return TrainResult(out, best_epoch, history, test_metrics, artifacts)
 
 
+def with_n(metrics: dict[str, float], n: int) -> dict[str, float]:
+    """``metrics`` plus ``n`` and the 95 % Wilson bounds of every accuracy in it
+    (:mod:`trainables.stats`)."""
+    out = {**metrics, "n": float(n)}
+    return with_intervals(out, n=n, keys=[k for k in out if k.endswith("_acc")])
+
+
 def accuracies_with_n(prefix: str, metrics: dict[str, float], n: int) -> dict[str, float]:
-    """``metrics`` under ``prefix/``, with ``prefix/n`` and the 95 % Wilson bounds of
-    every accuracy (:mod:`trainables.stats`)."""
-    out = {f"{prefix}/{k}": v for k, v in metrics.items()}
-    out[f"{prefix}/n"] = float(n)
-    accuracies = [k for k in out if k.endswith("_acc")]
-    return with_intervals(out, n=n, keys=accuracies)
+    """:func:`with_n` under ``prefix/`` (``val/n``, ``test/pgd_acc_ci_low`` …)."""
+    return {f"{prefix}/{k}": v for k, v in with_n(metrics, n).items()}
 
 
 def probe_metrics(
@@ -565,6 +570,37 @@ def probe_metrics(
         "train_probe/adv_acc": m["pgd_acc"],
         "train_probe/n": float(len(data)),
     }
+
+
+def autoattack_on(
+    cfg: TrainConfig,
+    model: nn.Module,
+    points: TensorData,
+    *,
+    device: torch.device,
+    verbose: bool = False,
+) -> Any:
+    """AutoAttack (``cfg.aa_version``, the run's threat model and seed) on all of
+    ``points``; returns :class:`trainables.autoattack.AutoAttackResult`.
+
+    Args:
+        verbose: let the library log each attack (logger ``auto-attack``).
+    """
+    from trainables.autoattack import autoattack_accuracy
+
+    return autoattack_accuracy(
+        model,
+        to_float(points.x).to(device),
+        points.y.to(device),
+        eps=cfg.eps,
+        norm="Linf" if cfg.norm == "linf" else "L2",
+        version=cfg.aa_version,
+        attacks=cfg.aa_attacks,
+        batch_size=max(cfg.batch_size, 256),
+        seed=cfg.seed,
+        device=device,
+        verbose=verbose,
+    )
 
 
 def measure(
@@ -605,20 +641,7 @@ def measure(
     pgd_correct = samples["pred_adv"] == samples["y"]
     samples["pgd_correct"] = pgd_correct
     if autoattack:
-        from trainables.autoattack import autoattack_accuracy
-
-        aa = autoattack_accuracy(
-            model,
-            to_float(points.x).to(device),
-            points.y.to(device),
-            eps=cfg.eps,
-            norm="Linf" if cfg.norm == "linf" else "L2",
-            version=cfg.aa_version,
-            attacks=cfg.aa_attacks,
-            batch_size=max(cfg.batch_size, 256),
-            seed=cfg.seed,
-            device=device,
-        )
+        aa = autoattack_on(cfg, model, points, device=device)
         aa_robust = aa.robust_mask.cpu().numpy()
         samples["aa_robust"] = aa_robust
         metrics["aa_acc"] = aa.robust_acc
@@ -652,6 +675,41 @@ def final_evaluation(
     return accuracies_with_n("test", metrics, len(test)), {"energies": energies}
 
 
+def trained_model(
+    cfg: TrainConfig,
+    state_dict: dict[str, Tensor],
+    *,
+    data: DataBundle | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, DataBundle]:
+    """The model of ``cfg`` with ``state_dict`` loaded (eval mode, on ``device``) and the
+    data it is evaluated on: the run's own split and training subset, not augmented,
+    never downloaded (``data`` when given).
+
+    Args:
+        cfg: the run's training config.
+        state_dict: its weights (a checkpoint's ``"model"``).
+        data: an already loaded dataset bundle.
+        device: where the model goes.
+    """
+    if data is None:
+        data = load_data(
+            cfg.dataset,
+            cfg.data_root,
+            val_fraction=cfg.val_fraction,
+            val_npz=cfg.val_npz,
+            split_seed=cfg.split_seed,
+            download=False,
+            augment="none",
+            train_subset=cfg.train_subset,
+        )
+    model = create_model(
+        cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.model_kwargs
+    )
+    model.load_state_dict(state_dict)
+    return model.to(device).eval(), data
+
+
 def evaluate_weights(
     cfg: TrainConfig,
     state_dict: dict[str, Tensor],
@@ -677,25 +735,12 @@ def evaluate_weights(
         arrays, ``index`` (positions in the test set) included.
     """
     device = resolve_device(cfg.device)
-    if data is None:
-        data = load_data(
-            cfg.dataset,
-            cfg.data_root,
-            val_fraction=cfg.val_fraction,
-            val_npz=cfg.val_npz,
-            split_seed=cfg.split_seed,
-            augment="none",
-        )
-    model = create_model(
-        cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.model_kwargs
-    ).to(device)
-    model.load_state_dict(state_dict)
+    model, data = trained_model(cfg, state_dict, data=data, device=device)
     index = data.test.subset_indices(n, seed=cfg.split_seed)
     points = data.test.take(index)
     metrics, samples = measure(cfg, model, points, device=device, autoattack=True)
     samples["index"] = index.numpy()
-    with_n = accuracies_with_n("x", metrics, len(points))
-    return {k.split("/", 1)[1]: v for k, v in with_n.items()}, samples
+    return with_n(metrics, len(points)), samples
 
 
 def _check_resumable(state: dict[str, Any], cfg: TrainConfig) -> None:
