@@ -16,20 +16,69 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import yaml
 
 from trainables.errors import ConfigError, UserError
+from trainables.registry import check_choice, check_range
 
 LR_SCHEDULES = ("onecycle", "triangular", "cosine", "constant")
-AUGMENTS = ("auto", "none", "crop", "crop_flip")
+#: augmentation policies (trainables.data.augment_batch); a config may also say ``auto``
+AUGMENTS = ("none", "crop", "crop_flip")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+class ConfigBase:
+    """What the config dataclasses share: built from a mapping, copied, validated.
+
+    A subclass is a ``@dataclass`` (field types written as strings, as under
+    ``from __future__ import annotations``) with a ``validate()`` method.
+    """
+
+    KIND: ClassVar[str] = "config"  #: the word in "unknown <KIND> key(s)"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """All configuration keys."""
+        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
+        """Build and validate a config; unknown keys and bad values raise ConfigError."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(
+                f"a {cls.__name__} must be a mapping of keys to values, got {values!r}"
+            )
+        names = cls.field_names()
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown {cls.KIND} key(s): {', '.join(hints)}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data copy (YAML/JSON-serialisable)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with ``changes`` applied."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def validate(self) -> None:
+        """Check names and ranges; raise ConfigError naming the field."""
+        raise NotImplementedError
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigBase):
     """Everything one training run needs. Units are given per field."""
 
     # --- method -------------------------------------------------------------
@@ -52,7 +101,7 @@ class TrainConfig:
     val_fraction: float = 0.1  #: fraction of training data held out for validation
     val_npz: str | None = None  #: .npz validation set (x, y) instead of the held-out split
     split_seed: int = 0  #: seed of the validation split (kept fixed across training seeds)
-    augment: str = "auto"  #: auto | none | crop | crop_flip
+    augment: str = "auto"  #: auto (the dataset's) | none | crop | crop_flip
     train_subset: int | None = None  #: use only this many training points (None = all)
     # --- optimisation ---------------------------------------------------------
     epochs: int = 10  #: training epochs
@@ -99,41 +148,6 @@ class TrainConfig:
     compile: bool = False  #: torch.compile the model for attacks, training and evaluation
     output_dir: str = "runs/train"  #: where checkpoints and metrics are written
 
-    # ------------------------------------------------------------------------
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """All configuration keys."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build and validate a config; unknown keys and bad values raise ConfigError."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(
-                f"a training config must be a mapping of keys to values, got {values!r}"
-            )
-        names = cls.field_names()
-        unknown = [k for k in values if k not in names]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(str(k), names, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown config key(s): {', '.join(hints)}")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        kwargs = {k: _coerce(k, v, types[k]) for k, v in values.items()}
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data copy (YAML/JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with ``changes`` applied."""
-        return TrainConfig.from_dict({**self.to_dict(), **changes})
-
     def resolved_burn_in(self) -> int:
         """MAIL burn-in in epochs (default: ``burn_in_fraction`` of the run, paper 75 of 100)."""
         if self.burn_in is not None:
@@ -141,54 +155,43 @@ class TrainConfig:
         return int(math.floor(self.burn_in_fraction * self.epochs + 1e-9))
 
     def method_hparams(self) -> dict[str, Any]:
-        """The hyperparameters handed to ``compute_loss`` (epoch added by the loop)."""
+        """Every hyperparameter a method declares, for ``bind_method`` (burn_in resolved)."""
+        from trainables.methods import HPARAMS
+
         return {
-            "beta": self.beta,
-            "weight_fn": self.weight_fn,
-            "weight_params": self.weight_params,
-            "normalize": self.normalize,
-            "bias": self.bias,
-            "slope": self.slope,
-            "mail_scale": self.mail_scale,
+            **{name: getattr(self, name) for name in HPARAMS},
             "burn_in": self.resolved_burn_in(),
         }
 
     def validate(self) -> None:
         """Check names against the registries and values against their ranges."""
-        from trainables.data import DATASETS
-        from trainables.methods import METHODS
+        from trainables.data import DATASETS, require_root
+        from trainables.methods import HPARAMS, METHODS, check_hparams
         from trainables.models import MODELS
-        from trainables.weighting import NORMALIZATIONS, WEIGHT_FNS, resolve_weight_params
 
-        _choice("method", self.method, METHODS.names())
-        _choice("model", self.model, MODELS.names())
-        _choice("dataset", self.dataset, DATASETS.names())
-        _choice("weight_fn", self.weight_fn, WEIGHT_FNS.names())
-        _choice("normalize", self.normalize, NORMALIZATIONS)
-        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("augment", self.augment, AUGMENTS)
-        _choice("norm", self.norm, ("linf", "l2"))
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("aa_version", self.aa_version, ("standard", "custom", "plus", "rand"))
-        resolve_weight_params(self.weight_fn, self.weight_params)
-        if self.beta is not None:
-            _range("beta", self.beta, lo=0.0)
-        _range("eps", self.eps, lo=0.0, hi=1.0 if self.norm == "linf" else math.inf)
-        _range("step_size", self.step_size, lo=0.0, lo_open=True)
-        _range("eval_step_size", self.eval_step_size, lo=0.0, lo_open=True)
-        _range("val_fraction", self.val_fraction, lo=0.0, hi=0.9)
-        _range("lr_max", self.lr_max, lo=0.0, lo_open=True)
-        _range("momentum", self.momentum, lo=0.0, hi=1.0)
-        _range("weight_decay", self.weight_decay, lo=0.0)
-        _range("slope", self.slope, lo=0.0)
-        _range("mail_scale", self.mail_scale, lo=0.0)
-        _range("burn_in_fraction", self.burn_in_fraction, lo=0.0, hi=1.0)
-        _range("lr_pct_start", self.lr_pct_start, lo=0.0, hi=1.0, lo_open=True)
+        check_choice("method", self.method, METHODS.names())
+        check_hparams({name: getattr(self, name) for name in HPARAMS})
+        check_choice("model", self.model, MODELS.names())
+        check_choice("dataset", self.dataset, DATASETS.names())
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("augment", self.augment, ("auto", *AUGMENTS))
+        check_choice("norm", self.norm, ("linf", "l2"))
+        check_choice("device", self.device, DEVICES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("aa_version", self.aa_version, ("standard", "custom", "plus", "rand"))
+        check_range("eps", self.eps, lo=0.0, hi=1.0 if self.norm == "linf" else math.inf)
+        check_range("step_size", self.step_size, lo=0.0, lo_open=True)
+        check_range("eval_step_size", self.eval_step_size, lo=0.0, lo_open=True)
+        check_range("val_fraction", self.val_fraction, lo=0.0, hi=0.9)
+        check_range("lr_max", self.lr_max, lo=0.0, lo_open=True)
+        check_range("momentum", self.momentum, lo=0.0, hi=1.0)
+        check_range("weight_decay", self.weight_decay, lo=0.0)
+        check_range("burn_in_fraction", self.burn_in_fraction, lo=0.0, hi=1.0)
+        check_range("lr_pct_start", self.lr_pct_start, lo=0.0, hi=1.0, lo_open=True)
         if self.lr_pct_start >= 1.0:
             raise ConfigError(f"lr_pct_start = {self.lr_pct_start}; must lie in (0, 1)")
         for name in ("epochs", "batch_size", "select_from"):
-            _range(name, getattr(self, name), lo=1)
+            check_range(name, getattr(self, name), lo=1)
         for name in (
             "attack_steps",
             "val_attack_steps",
@@ -197,42 +200,15 @@ class TrainConfig:
             "seed",
             "split_seed",
         ):
-            _range(name, getattr(self, name), lo=0)
-        for name in ("burn_in", "train_subset", "test_subset", "val_subset", "num_threads"):
+            check_range(name, getattr(self, name), lo=0)
+        for name in ("train_subset", "test_subset", "val_subset", "num_threads"):
             value = getattr(self, name)
             if value is not None:
-                _range(name, value, lo=0 if name == "burn_in" else 1)
+                check_range(name, value, lo=1)
         if self.aa_version == "custom" and not self.aa_attacks:
             raise ConfigError("aa_attacks must list the attacks when aa_version is 'custom'")
-        if self.dataset != "digits" and not self.data_root:
-            raise ConfigError(
-                f"data_root must be set for dataset {self.dataset!r} (the folder holding its files)"
-            )
-
-
-def _choice(name: str, value: Any, allowed: Any) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not allowed; choose one of: {', '.join(allowed)}")
-
-
-def _range(
-    name: str,
-    value: float,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-) -> None:
-    bad = isinstance(value, float) and not math.isfinite(value)
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        bad = True
-    if hi is not None and value > hi:
-        bad = True
-    if bad:
-        lo_txt = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-        hi_txt = "" if hi is None or math.isinf(hi) else f"<= {hi}"
-        allowed = " and ".join(t for t in (lo_txt, hi_txt) if t)
-        raise ConfigError(f"{name} = {value!r} is out of range; allowed: {allowed}")
+        if DATASETS.get(self.dataset).needs_root:
+            require_root(self.dataset, self.data_root)
 
 
 def _number(name: str, value: Any) -> float:

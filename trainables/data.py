@@ -42,10 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainables.config import AUGMENTS
 from trainables.errors import ConfigError, DataNotFoundError
 from trainables.registry import Registry
 
-AUGMENTS = ("none", "crop", "crop_flip")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 TEST_SPLIT_SEED = 0  #: seed of the test split of datasets without one (never the run's seed)
 TEST_FRACTION = 0.2  #: fraction of such datasets held out as test set
@@ -139,10 +139,22 @@ class LoadedData(NamedTuple):
     default_augment: str
 
 
-#: Dataset loaders by name. Each is called as
-#: ``loader(root: Path | None, *, download: bool, image_size: tuple[int, int] | None)``
-#: and returns a :class:`LoadedData`.
-DATASETS: Registry[Callable[..., LoadedData]] = Registry("dataset")
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset.
+
+    Attributes:
+        load: ``load(root, *, download: bool, image_size: tuple[int, int] | None)`` returns
+            a :class:`LoadedData`; ``root`` is the ``data_root`` folder (``None`` unless
+            ``needs_root``).
+        needs_root: whether it reads files under ``data_root`` (else it ships with a library).
+    """
+
+    load: Callable[..., LoadedData]
+    needs_root: bool = True
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset", DatasetSpec)
 
 
 def to_float(x: Tensor) -> Tensor:
@@ -206,7 +218,8 @@ def _fixed_test_split(data: TensorData) -> tuple[TensorData, TensorData]:
     return data.take(keep), data.take(held)
 
 
-def _require_root(name: str, root: str | Path | None) -> Path:
+def require_root(name: str, root: str | Path | None) -> Path:
+    """``root`` as a path; :class:`ConfigError` naming ``data_root`` when it is not set."""
     if root is None or str(root) == "":
         raise ConfigError(
             f"data_root must be set for dataset {name!r} (the folder holding its files)"
@@ -215,7 +228,7 @@ def _require_root(name: str, root: str | Path | None) -> Path:
 
 
 # --- digits -------------------------------------------------------------------------------
-@DATASETS.register("digits")
+@DATASETS.register("digits", needs_root=False)
 def _digits(root: Path | None, *, download: bool, image_size: tuple[int, int] | None) -> LoadedData:
     """scikit-learn's 1797 8×8 digits (values 0..16 → float32 / 16), fixed 20% test split."""
     from sklearn.datasets import load_digits
@@ -256,9 +269,8 @@ def _missing_cifar_files(root: Path, cls: Any) -> list[Path]:
 
 
 def _torchvision_cifar(
-    name: str, root: Path | None, *, download: bool, image_size: tuple[int, int] | None
+    name: str, path: Path, *, download: bool, image_size: tuple[int, int] | None
 ) -> LoadedData:
-    path = _require_root(name, root)
     cls = _local_cifar(name)
     missing = _missing_cifar_files(path, cls)
     if missing and not download:
@@ -292,19 +304,15 @@ def _torchvision_cifar(
 
 
 @DATASETS.register("cifar10")
-def _cifar10(
-    root: Path | None, *, download: bool, image_size: tuple[int, int] | None
-) -> LoadedData:
+def _cifar10(path: Path, *, download: bool, image_size: tuple[int, int] | None) -> LoadedData:
     """CIFAR-10 from torchvision's ``cifar-10-batches-py`` folder under ``root``."""
-    return _torchvision_cifar("cifar10", root, download=download, image_size=image_size)
+    return _torchvision_cifar("cifar10", path, download=download, image_size=image_size)
 
 
 @DATASETS.register("cifar100")
-def _cifar100(
-    root: Path | None, *, download: bool, image_size: tuple[int, int] | None
-) -> LoadedData:
+def _cifar100(path: Path, *, download: bool, image_size: tuple[int, int] | None) -> LoadedData:
     """CIFAR-100 (fine labels) from torchvision's ``cifar-100-python`` folder under ``root``."""
-    return _torchvision_cifar("cifar100", root, download=download, image_size=image_size)
+    return _torchvision_cifar("cifar100", path, download=download, image_size=image_size)
 
 
 @cache
@@ -319,9 +327,8 @@ def _local_svhn() -> type:
 
 
 @DATASETS.register("svhn")
-def _svhn(root: Path | None, *, download: bool, image_size: tuple[int, int] | None) -> LoadedData:
+def _svhn(path: Path, *, download: bool, image_size: tuple[int, int] | None) -> LoadedData:
     """SVHN from torchvision's ``train_32x32.mat`` and ``test_32x32.mat`` under ``root``."""
-    path = _require_root("svhn", root)
     cls = _local_svhn()
     missing = [
         (url, path / fname)
@@ -466,9 +473,7 @@ def _read_tree(
 
 
 @DATASETS.register("imagefolder")
-def _imagefolder(
-    root: Path | None, *, download: bool, image_size: tuple[int, int] | None
-) -> LoadedData:
+def _imagefolder(path: Path, *, download: bool, image_size: tuple[int, int] | None) -> LoadedData:
     """Any folder-per-class tree, decoded into memory as uint8 RGB.
 
     Layouts: ``root/train/<class>/…`` with ``root/test/<class>/…`` (or ``val/``), or
@@ -476,7 +481,6 @@ def _imagefolder(
     split folder (a README) and hidden entries are ignored; class folders are read
     recursively.
     """
-    path = _require_root("imagefolder", root)
     if not path.is_dir():
         raise DataNotFoundError(
             f"image folder {path} does not exist (expected one sub-folder per class, or "
@@ -580,7 +584,7 @@ def load_data(
 
     Args:
         name: a name in :data:`DATASETS` (unknown names raise :class:`ConfigError`).
-        root: folder holding the dataset's files (``data_root``; not needed for ``digits``).
+        root: folder holding the dataset's files (``data_root``; for datasets that ``needs_root``).
         val_fraction: fraction in [0, 1) of the training data held out (stratified by
             class, seeded by ``split_seed``) as validation set; ignored with ``val_npz``.
         val_npz: an ``.npz`` file with ``x`` and ``y`` used as validation set instead
@@ -595,7 +599,8 @@ def load_data(
             (``H`` or ``(H, W)``); default the most common size. Other datasets accept
             only their native size here.
     """
-    loader = DATASETS.get(name)
+    dataset = DATASETS.get(name)
+    path = require_root(name, root) if dataset.needs_root else None
     if augment != "auto" and augment not in AUGMENTS:
         raise ConfigError(f"augment = {augment!r}; allowed: auto, {', '.join(AUGMENTS)}")
     if not 0.0 <= val_fraction < 1.0:
@@ -609,8 +614,8 @@ def load_data(
         if min(size) < 1:
             raise ConfigError(f"image_size = {image_size} must be positive")
 
-    train, test, class_names, default_augment = loader(
-        None if root is None else Path(root), download=download, image_size=size
+    train, test, class_names, default_augment = dataset.load(
+        path, download=download, image_size=size
     )
     c, h, w = (int(s) for s in train.x.shape[1:])
     if size is not None and size != (h, w):

@@ -8,24 +8,23 @@ out-of-range values fail with the field, the value and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
-from trainables.config import DEVICES, _choice, _coerce, _range
+from trainables.config import DEVICES, ConfigBase
 from trainables.errors import ConfigError
+from trainables.registry import check_choice, check_range
 
-INITS = ("random", "gaussian", "pca")
 DEFAULT_EXTRACTOR = "inception-v3-compat"
 
 
 @dataclass
-class SamplerConfig:
+class SamplerConfig(ConfigBase):
     """One sampling run. Defaults are the paper's (Table E) for robust TRADES-style models."""
 
-    init: str = "pca"  #: initialisation: random | gaussian | pca
+    KIND: ClassVar[str] = "sampler"
+
+    init: str = "pca"  #: initialisation (trainables.generation.INITS): random | gaussian | pca
     steps: int = 150  #: N, SGLD steps
     momentum: float = 0.8  #: ζ in [0, 1); 0 = plain SGLD
     step_size: float = 0.05  #: η, pixels (images in [0, 1]) per unit of -∇E, halved in Eq. 7
@@ -42,37 +41,6 @@ class SamplerConfig:
     inception_weights: str | None = None  #: local Inception weights file (else env/hub cache)
     extractor_plugin: str | None = None  #: a .py file or module that registers an extractor
     reference_n: int | None = None  #: real training images for the reference (None = all)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """All configuration keys."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> SamplerConfig:
-        """Build and validate a config; unknown keys and bad values raise ConfigError."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"a sampler config must be a mapping, got {values!r}")
-        names = cls.field_names()
-        unknown = [k for k in values if k not in names]
-        if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(str(k), names, n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"unknown sampler key(s): {', '.join(hints)}")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data copy (YAML/JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> SamplerConfig:
-        """A validated copy with ``changes`` applied."""
-        return SamplerConfig.from_dict({**self.to_dict(), **changes})
 
     def class_list(self, num_classes: int) -> list[int]:
         """The classes to sample, checked against the model's class count."""
@@ -91,17 +59,19 @@ class SamplerConfig:
 
     def validate(self) -> None:
         """Check names and ranges."""
-        _choice("init", self.init, INITS)
-        _choice("device", self.device, DEVICES)
-        _range("steps", self.steps, lo=0)
-        _range("momentum", self.momentum, lo=0.0, hi=0.999999)
-        _range("step_size", self.step_size, lo=0.0)
-        _range("noise", self.noise, lo=0.0)
-        _range("pca_sigma", self.pca_sigma, lo=0.0)
-        _range("retained_variance", self.retained_variance, lo=0.0, hi=1.0, lo_open=True)
-        _range("samples", self.samples, lo=1)
-        _range("batch_size", self.batch_size, lo=1)
+        from trainables.generation import INITS
+
+        check_choice("init", self.init, INITS.names())
+        check_choice("device", self.device, DEVICES)
+        check_range("steps", self.steps, lo=0)
+        check_range("momentum", self.momentum, lo=0.0, hi=0.999999)
+        check_range("step_size", self.step_size, lo=0.0)
+        check_range("noise", self.noise, lo=0.0)
+        check_range("pca_sigma", self.pca_sigma, lo=0.0)
+        check_range("retained_variance", self.retained_variance, lo=0.0, hi=1.0, lo_open=True)
+        check_range("samples", self.samples, lo=1)
+        check_range("batch_size", self.batch_size, lo=1)
         if self.reference_n is not None:
-            _range("reference_n", self.reference_n, lo=2)
+            check_range("reference_n", self.reference_n, lo=2)
         if self.classes is not None and not self.classes:
             raise ConfigError("classes: an empty list samples nothing; leave it out for all")

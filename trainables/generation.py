@@ -269,13 +269,24 @@ def fit_class_stats(
 
 
 # --- initialisations -----------------------------------------------------------------------
-#: An initialisation: ``fn(stats, y, generator, *, shape, sigma, retained_variance)`` returns
-#: flat starting images ``[B, C·H·W]`` (not yet clamped).
-InitFn = Callable[..., Tensor]
-INITS: Registry[InitFn] = Registry("initialisation")
+@dataclass(frozen=True)
+class InitSpec:
+    """A registered SGLD initialisation.
+
+    Attributes:
+        draw: ``draw(stats, y, generator, *, shape, sigma, retained_variance)`` returns flat
+            starting images ``[B, C·H·W]`` (not yet clamped).
+        needs_stats: whether ``draw`` reads the class statistics (:func:`fit_class_stats`).
+    """
+
+    draw: Callable[..., Tensor]
+    needs_stats: bool = True
 
 
-@INITS.register("random")
+INITS: Registry[InitSpec] = Registry("initialisation", InitSpec)
+
+
+@INITS.register("random", needs_stats=False)
 def _random_init(
     stats: ClassStats | None,
     y: Tensor,
@@ -347,15 +358,15 @@ def initial_images(
         retained_variance: fraction of each class's variance the PCA keeps, in (0, 1].
         clamp: clamp to [0, 1] (the pixel range); False returns the raw Gaussian draws.
     """
-    fn = INITS.get(kind)
+    init = INITS.get(kind)
     check_retained(retained_variance)
     if sigma < 0:
         raise ConfigError(f"sigma = {sigma!r} is out of range; allowed: >= 0 (a std)")
-    if kind != "random" and stats is None:
+    if init.needs_stats and stats is None:
         raise ConfigError(f"init {kind!r} needs the class statistics (fit_class_stats)")
     if shape is None:
         if stats is None:
-            raise ConfigError("init 'random' without class statistics needs shape=(C, H, W)")
+            raise ConfigError(f"init {kind!r} without class statistics needs shape=(C, H, W)")
         shape = stats.shape
     shape = tuple(int(s) for s in shape)
     if stats is not None and shape != tuple(stats.shape):
@@ -367,7 +378,9 @@ def initial_images(
         raise ConfigError(
             f"target classes must be in [0, {stats.num_classes}); got {y.unique().tolist()}"
         )
-    flat = fn(stats, y, generator, shape=shape, sigma=sigma, retained_variance=retained_variance)
+    flat = init.draw(
+        stats, y, generator, shape=shape, sigma=sigma, retained_variance=retained_variance
+    )
     x = flat.view(len(y), *shape)
     return x.clamp_(0.0, 1.0) if clamp else x
 

@@ -5,15 +5,25 @@ and a dict of detached diagnostics out. The attack that produces ``x*`` is not
 part of the loss; :class:`MethodSpec` only says which training attack a
 method expects (objective and start), so the epoch loop can build it.
 
-Public entry point::
+Public entry points: :func:`bind_method` resolves a method and its hyperparameters
+once (what the epoch loop does); :func:`compute_loss` is the one-call front door.
 
-    loss, diag = compute_loss("weat_adv", logits_nat, logits_adv, y, beta=6.0)
+>>> y = torch.tensor([0, 1])
+>>> nat, adv = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.5]])
+>>> loss, diag = compute_loss("weat_adv", nat, adv, y, beta=6.0)
+>>> sorted(diag)
+['ce_adv', 'energy_nat', 'kl', 'mean_weight']
+>>> method = bind_method("mail_trades", {"beta": 4.0})
+>>> method.hparams["beta"], method.hparams["slope"]
+(4.0, 2.0)
+>>> loss, diag = method.loss(nat, adv, y, epoch=3)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -22,8 +32,8 @@ from torch import Tensor
 
 from trainables.energy import kl_per_sample, marginal_energy
 from trainables.errors import ConfigError
-from trainables.registry import Registry
-from trainables.weighting import energy_weights
+from trainables.registry import Param, Registry
+from trainables.weighting import NORMALIZATIONS, WEIGHT_FNS, energy_weights, resolve_weight_params
 
 LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
@@ -38,14 +48,16 @@ class MethodSpec:
             for a method trained on natural inputs only (``standard``).
         attack_start: ``"uniform"`` (noise in the ε-ball) or ``"normal"`` (0.001·N(0, I)).
         needs_nat: whether the loss uses the logits of the natural input.
-        defaults: the method's hyperparameters and their defaults.
+        params: the hyperparameters ``loss`` takes, with defaults and allowed values.
+        uses_epoch: whether ``loss`` also takes the current ``epoch`` (from 0).
     """
 
     loss: LossFn
     attack_loss: str | None
     attack_start: str
     needs_nat: bool
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    params: tuple[Param, ...] = ()
+    uses_epoch: bool = False
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
@@ -61,19 +73,6 @@ had cosine 0.17 with the fp32 one, and the final perturbations of the 10-step KL
 attack agreed in sign on 57% of the pixels (98.5% for the CE attack). The CE
 attacks (SAT, MART) start from a point where the loss is well resolved.
 """
-
-#: Every hyperparameter name a method may take (others are rejected).
-HPARAM_NAMES = (
-    "beta",
-    "weight_fn",
-    "weight_params",
-    "normalize",
-    "bias",
-    "slope",
-    "mail_scale",
-    "burn_in",
-    "epoch",
-)
 
 
 def _detached(**values: Tensor) -> dict[str, Tensor]:
@@ -175,30 +174,82 @@ def _weat_adv(logits_nat, logits_adv, y, beta, weight_fn, weight_params, normali
     )  # fmt: skip
 
 
-_WEAT_DEFAULTS = {"beta": 6.0, "weight_fn": "weat", "weight_params": None, "normalize": "none"}
+def _beta(default: float) -> Param:
+    return Param("beta", default, "trade-off β: weight of the (weighted) KL term", lo=0.0)
+
+
+_WEAT = (
+    _beta(6.0),
+    Param("weight_fn", "weat", "shape of the sample weight w(|E(x)|)", choices=tuple(WEIGHT_FNS)),
+    Param("weight_params", None, "the shape's parameters by name (None: its defaults)"),
+    Param("normalize", "none", "mean: weights divided by their batch mean", choices=NORMALIZATIONS),
+)
+_MAIL = (
+    _beta(5.0),
+    Param("bias", 0.0, "added to the probability margin PM (in [-1, 1]) before the sigmoid"),
+    Param("slope", 2.0, "slope of the sigmoid, per unit of margin", lo=0.0),
+    Param("mail_scale", 3.0, "weight scale (official mail_loss.py: 3·sigmoid)", lo=0.0),
+    # 0 for a direct call; a run's default is TrainConfig's (burn_in_fraction of its epochs)
+    Param("burn_in", 0, "epochs of plain TRADES before the weights start", lo=0),
+)
 METHODS.add("standard", MethodSpec(_standard, None, "none", needs_nat=True))
 METHODS.add("sat", MethodSpec(_sat, "ce", "uniform", needs_nat=False))
-METHODS.add("trades", MethodSpec(_trades, "kl", "normal", True, {"beta": 6.0}))
-METHODS.add("mart", MethodSpec(_mart, "ce", "normal", True, {"beta": 5.0}))
-METHODS.add(
-    "mail_trades",
-    MethodSpec(
-        _mail_trades,
-        "kl",
-        "normal",
-        True,
-        {"beta": 5.0, "bias": 0.0, "slope": 2.0, "mail_scale": 3.0, "burn_in": 0, "epoch": 0},
-    ),
-)
-METHODS.add("weat_nat", MethodSpec(_weat_nat, "kl", "normal", True, _WEAT_DEFAULTS))
-METHODS.add("weat_adv", MethodSpec(_weat_adv, "kl", "normal", True, _WEAT_DEFAULTS))
+METHODS.add("trades", MethodSpec(_trades, "kl", "normal", True, (_beta(6.0),)))
+METHODS.add("mart", MethodSpec(_mart, "ce", "normal", True, (_beta(5.0),)))
+METHODS.add("mail_trades", MethodSpec(_mail_trades, "kl", "normal", True, _MAIL, uses_epoch=True))
+METHODS.add("weat_nat", MethodSpec(_weat_nat, "kl", "normal", True, _WEAT))
+METHODS.add("weat_adv", MethodSpec(_weat_adv, "kl", "normal", True, _WEAT))
+
+#: Every hyperparameter some method declares (ranges agree between methods; defaults may not).
+HPARAMS: dict[str, Param] = {p.name: p for n in METHODS for p in METHODS.get(n).params}
+#: Every hyperparameter name a method may be given (others are rejected); ``epoch`` is
+#: the loop's, handed only to a method that ``uses_epoch``.
+HPARAM_NAMES: tuple[str, ...] = (*sorted(HPARAMS), "epoch")
 
 
-def method_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The hyperparameters method ``name`` takes: its defaults overridden by ``hparams``.
+def check_hparams(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check hyperparameter values against their declarations (``None`` is skipped).
 
-    Names in :data:`HPARAM_NAMES` that the method does not use are dropped;
-    ``None`` values mean "the method's default". Any other name is an error.
+    Returns:
+        ``values`` with ``weight_params`` resolved against ``weight_fn`` (defaults filled).
+
+    Raises:
+        ConfigError: naming the hyperparameter, the bad value and what is allowed.
+    """
+    for name, value in values.items():
+        if value is not None and name in HPARAMS:
+            HPARAMS[name].check(value)
+    out = dict(values)
+    if "weight_params" in out:
+        out["weight_params"] = resolve_weight_params(out["weight_fn"], out["weight_params"])
+    return out
+
+
+@dataclass(frozen=True)
+class BoundMethod:
+    """A method with its hyperparameters resolved (defaults filled in, validated once)."""
+
+    name: str
+    spec: MethodSpec
+    hparams: Mapping[str, Any]  # resolved; no 'epoch'
+
+    def loss(
+        self, logits_nat: Tensor | None, logits_adv: Tensor | None, y: Tensor, epoch: int = 0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-batch loss: no name lookup, no re-validation."""
+        runtime = {"epoch": epoch} if self.spec.uses_epoch else {}
+        return self.spec.loss(logits_nat, logits_adv, y, **self.hparams, **runtime)
+
+
+def bind_method(name: str, hparams: Mapping[str, Any]) -> BoundMethod:
+    """Look the method up, fill defaults, validate (ConfigError naming the bad value).
+
+    Unknown names rejected; names the method does not use are dropped; None = default.
+
+    Args:
+        name: one of :data:`METHODS`.
+        hparams: values for names in :data:`HPARAM_NAMES` (``epoch`` is dropped:
+            :meth:`BoundMethod.loss` takes it per batch).
     """
     spec = METHODS.get(name)
     unknown = sorted(set(hparams) - set(HPARAM_NAMES))
@@ -207,14 +258,15 @@ def method_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
             f"unknown hyperparameter(s) {unknown} for method {name!r}; "
             f"allowed: {', '.join(HPARAM_NAMES)}"
         )
-    out = dict(spec.defaults)
-    for k, v in hparams.items():
-        if k in out and v is not None:
-            out[k] = v
-    beta = out.get("beta")
-    if beta is not None and not beta >= 0:
-        raise ConfigError(f"beta = {beta} for method {name!r}; must be >= 0")
-    return out
+    values = {
+        p.name: p.default if hparams.get(p.name) is None else hparams[p.name] for p in spec.params
+    }
+    return BoundMethod(name, spec, MappingProxyType(check_hparams(values)))
+
+
+def method_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyperparameters method ``name`` takes, resolved by :func:`bind_method`."""
+    return dict(bind_method(name, hparams).hparams)
 
 
 def compute_loss(
@@ -243,11 +295,16 @@ def compute_loss(
         ``mean_weight`` for the methods that weight samples.
 
     Example:
+        >>> y = torch.tensor([0, 1])
+        >>> ln, la = torch.eye(2), torch.zeros(2, 2)
         >>> loss, diag = compute_loss("trades", ln, la, y, beta=6.0)
+        >>> round(loss.item(), 4), sorted(diag)
+        (0.9789, ['ce_nat', 'kl'])
     """
-    spec = METHODS.get(name)
+    method = bind_method(name, hparams)
+    spec = method.spec
     if spec.needs_nat and logits_nat is None:
         raise ConfigError(f"method {name!r} needs the natural logits (logits_nat is None)")
     if spec.attack_loss is not None and logits_adv is None:
         raise ConfigError(f"method {name!r} needs the adversarial logits (logits_adv is None)")
-    return spec.loss(logits_nat, logits_adv, y, **method_hparams(name, hparams))
+    return method.loss(logits_nat, logits_adv, y, epoch=hparams.get("epoch") or 0)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from trainables.errors import ConfigError
-from trainables.registry import Registry
+from trainables.registry import Param, Registry
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,11 @@ class WeightFn:
 
     Attributes:
         log_weight: maps ``(|E|, params)`` to ``log w`` per sample.
-        params: parameter names with their defaults.
+        params: the shape's parameters (each a finite value > 0), with defaults.
     """
 
     log_weight: Callable[[Tensor, Mapping[str, float]], Tensor]
-    params: Mapping[str, float]
+    params: tuple[Param, ...] = ()
 
 
 WEIGHT_FNS: Registry[WeightFn] = Registry("weighting function")
@@ -55,17 +55,32 @@ def _neg_log_softplus(a: Tensor) -> Tensor:
     return -torch.log(F.softplus(a))
 
 
-WEIGHT_FNS.add("weat", WeightFn(lambda a, p: _neg_log_softplus(a), {}))
+def _positive(name: str, default: float, meaning: str) -> Param:
+    return Param(name, default, meaning, lo=0.0, lo_open=True)
+
+
+_T = "temperature T dividing |E| (energy units)"
+WEIGHT_FNS.add("weat", WeightFn(lambda a, p: _neg_log_softplus(a)))
 WEIGHT_FNS.add(
     "softplus_t",
-    WeightFn(lambda a, p: _neg_log_softplus(a / p["temperature"]), {"temperature": 1.0}),
+    WeightFn(
+        lambda a, p: _neg_log_softplus(a / p["temperature"]), (_positive("temperature", 1.0, _T),)
+    ),
 )
 WEIGHT_FNS.add(
     "power",
-    WeightFn(lambda a, p: -p["power"] * torch.log1p(a / p["scale"]), {"power": 1.0, "scale": 1.0}),
+    WeightFn(
+        lambda a, p: -p["power"] * torch.log1p(a / p["scale"]),
+        (
+            _positive("power", 1.0, "exponent p of the decay"),
+            _positive("scale", 1.0, "scale s of |E| (energy units)"),
+        ),
+    ),
 )
-WEIGHT_FNS.add("exp", WeightFn(lambda a, p: -a / p["temperature"], {"temperature": 10.0}))
-WEIGHT_FNS.add("none", WeightFn(lambda a, p: torch.zeros_like(a), {}))
+WEIGHT_FNS.add(
+    "exp", WeightFn(lambda a, p: -a / p["temperature"], (_positive("temperature", 10.0, _T),))
+)
+WEIGHT_FNS.add("none", WeightFn(lambda a, p: torch.zeros_like(a)))
 
 
 def resolve_weight_params(name: str, params: Mapping[str, float] | None) -> dict[str, float]:
@@ -76,17 +91,16 @@ def resolve_weight_params(name: str, params: Mapping[str, float] | None) -> dict
     """
     fn = WEIGHT_FNS.get(name)
     params = dict(params or {})
-    unknown = sorted(set(params) - set(fn.params))
+    unknown = sorted(set(params) - {p.name for p in fn.params})
     if unknown:
-        allowed = ", ".join(fn.params) or "none"
+        allowed = ", ".join(p.name for p in fn.params) or "none"
         raise ConfigError(
             f"weight_params: {unknown} not a parameter of weighting function {name!r} "
             f"(its parameters: {allowed})"
         )
-    out = {k: float(params.get(k, v)) for k, v in fn.params.items()}
-    for k, v in out.items():
-        if not (v > 0 and math.isfinite(v)):
-            raise ConfigError(f"weight_params.{k} = {v} for {name!r}; must be a finite value > 0")
+    out = {p.name: float(params.get(p.name, p.default)) for p in fn.params}
+    for p in fn.params:
+        p.check(out[p.name], f"weight_params.{p.name}")
     return out
 
 
