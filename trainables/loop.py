@@ -1,8 +1,10 @@
 """One training run, top to bottom: data, model, attack, loss, step, evaluate, checkpoint.
 
 Reads like CleanRL: the algorithm's lines are in :func:`train`'s batch loop,
-the bookkeeping around them. Nothing here knows about Ray or MLflow: metrics
-go to a :class:`~trainables.reporting.Reporter`.
+the bookkeeping around them; resuming (``_restore``), the epoch's metrics
+(``_epoch_metrics``) and its checkpoints (``_save``) are helpers beside it.
+Nothing here knows about Ray or MLflow: metrics go to a
+:class:`~trainables.reporting.Reporter`.
 
 Per batch (adversarial methods): the training attack (model in eval mode),
 one train-mode forward of ``x`` (if the method uses it) and of ``x*``, the
@@ -45,8 +47,9 @@ from trainables.data import (
     to_float,
 )
 from trainables.energy import joint_energy, marginal_energy
-from trainables.errors import CheckpointError, TrainingDiverged
-from trainables.methods import METHODS, compute_loss, method_hparams
+from trainables.errors import CheckpointError, ConfigError, TrainingDiverged
+from trainables.files import BEST_CHECKPOINT, CONFIG_FILE, ENERGIES_FILE, LAST_CHECKPOINT
+from trainables.methods import MethodSpec, bind_method
 from trainables.models import accelerate, create_model
 from trainables.reporting import NullReporter, Reporter
 from trainables.stats import with_intervals
@@ -92,8 +95,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from trainables.errors import ConfigError
-
         raise ConfigError("device = 'cuda' but no CUDA device is available; use auto or cpu")
     return torch.device(name)
 
@@ -147,6 +148,10 @@ def onecycle_at(
         total_steps: optimiser steps of the whole run.
         lr_max: the peak learning rate.
         pct_start: fraction of the steps spent rising to ``lr_max``.
+
+    Example:
+        >>> onecycle_at(29, total_steps=100, lr_max=0.1, pct_start=0.3)  # the peak
+        (0.1, 0.85)
     """
     initial = lr_max / ONECYCLE_DIV_FACTOR
     final = initial / ONECYCLE_FINAL_DIV_FACTOR
@@ -190,9 +195,8 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return schedule_at(step, total_steps, cfg)[0]
 
 
-def training_attack(cfg: TrainConfig) -> PGD | None:
-    """The attack a method trains against (None for ``standard``)."""
-    spec = METHODS.get(cfg.method)
+def training_attack(cfg: TrainConfig, spec: MethodSpec) -> PGD | None:
+    """The attack method ``spec`` trains against (None for ``standard``)."""
     if spec.attack_loss is None:
         return None
     return PGD(
@@ -289,7 +293,150 @@ def evaluate(
 
 def _write_config(cfg: TrainConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_run_data(cfg: TrainConfig, *, download: bool, augment: str) -> DataBundle:
+    """The dataset of ``cfg``: its split, validation file and training subset."""
+    return load_data(
+        cfg.dataset,
+        cfg.data_root,
+        val_fraction=cfg.val_fraction,
+        val_npz=cfg.val_npz,
+        split_seed=cfg.split_seed,
+        download=download,
+        augment=augment,
+        train_subset=cfg.train_subset,
+    )
+
+
+@dataclass
+class _Progress:
+    """Where a run stands after ``epoch`` epochs: what a resume restores besides the
+    weights, the optimiser and the RNGs."""
+
+    epoch: int = 0
+    step: int = 0  # optimiser steps taken
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = -math.inf  # the best epoch's val/pgd_acc
+
+    def record(self, metrics: dict[str, float], cfg: TrainConfig) -> bool:
+        """Append a finished epoch; True when its weights are the best so far: the
+        highest ``val/pgd_acc`` from epoch ``select_from`` on (the last epoch is always
+        eligible), or without a validation set the last epoch."""
+        self.epoch += 1
+        self.history.append({"epoch": self.epoch, **metrics})
+        score = metrics.get("val/pgd_acc")
+        if score is None:
+            improved = self.epoch == cfg.epochs
+        else:
+            eligible = self.epoch >= min(cfg.select_from, cfg.epochs)
+            improved = eligible and score > self.best_score
+        if improved:
+            self.best_epoch = self.epoch
+            self.best_score = self.best_score if score is None else score
+        return improved
+
+
+def _restore(
+    path: str | Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> _Progress:
+    """Load ``last.pt`` of the same run into ``model``, ``optimizer`` and the RNGs."""
+    state = load_checkpoint(path, map_location=device)
+    _check_resumable(state, cfg)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    best, step = state["best"], int(state["schedule"]["step"])
+    history = list(state["history"])
+    return _Progress(int(state["epoch"]), step, history, int(best["epoch"]), float(best["score"]))
+
+
+def _save(
+    out: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    run: _Progress,
+    total_steps: int,
+    best: bool,
+) -> Path:
+    """Write the epoch's ``last.pt`` (everything :func:`_restore` reads) and, for the
+    best epoch so far, ``best.pt`` (weights only); returns ``last.pt``'s path."""
+    weights = {"model": model.state_dict(), "epoch": run.epoch, "config": cfg.to_dict()}
+    if best:
+        save_checkpoint(out / BEST_CHECKPOINT, weights)
+    return save_checkpoint(
+        out / LAST_CHECKPOINT,
+        {
+            **weights,
+            "optimizer": optimizer.state_dict(),
+            "schedule": {"step": run.step, "total_steps": total_steps},
+            "rng": rng_state(),
+            "history": run.history,
+            "best": {"epoch": run.best_epoch, "score": run.best_score},
+        },
+    )
+
+
+def _epoch_metrics(
+    cfg: TrainConfig,
+    spec: MethodSpec,
+    model: nn.Module,
+    val: tuple[TensorData, PGD],
+    probe: tuple[TensorData, PGD] | None,
+    sums: Tensor,
+    count: int,
+    *,
+    epoch: int,
+    lr: float,
+    started: float,
+) -> dict[str, float]:
+    """The epoch's metrics: the training means from ``sums`` (loss·B, correct natural,
+    correct adversarial, weight·B over ``count`` samples), ``lr``, the validation and
+    probe metrics of ``model`` on each ``(points, attack)``, the times since ``started``.
+
+    Raises:
+        TrainingDiverged: the training loss is not finite.
+    """
+    loss_sum, correct_nat, correct_adv, weight_sum = sums.tolist()  # the epoch's one read
+    train_s = time.perf_counter() - started
+    t1 = time.perf_counter()
+    val_metrics: dict[str, float] = {}
+    if len(val[0]):
+        val_metrics, _ = evaluate(model, *val, batch_size=cfg.batch_size, device=sums.device)
+    val_s = time.perf_counter() - t1
+    probe_m = probe_metrics(model, *probe, cfg.batch_size, sums.device) if probe else {}
+    probe_s = time.perf_counter() - t1 - val_s
+    if not math.isfinite(loss_sum):
+        raise TrainingDiverged(
+            f"training diverged: train/loss is {loss_sum / count} in epoch {epoch + 1} "
+            f"(method {cfg.method}, lr_max {cfg.lr_max}); lower lr_max or beta"
+        )
+    metrics = {
+        "train/loss": loss_sum / count,
+        "train/mean_weight": weight_sum / count,
+        "lr": lr,
+    }
+    if spec.needs_nat:
+        metrics["train/clean_acc"] = correct_nat / count
+    if spec.attack_loss is not None:
+        metrics["train/adv_acc"] = correct_adv / count
+    if val_metrics:
+        metrics.update(accuracies_with_n("val", val_metrics, len(val[0])))
+    return {
+        **metrics,
+        **probe_m,
+        "time/epoch_s": time.perf_counter() - started,
+        "time/train_s": train_s,
+        "time/val_s": val_s,
+        "time/probe_s": probe_s,
+    }
 
 
 def train(
@@ -324,7 +471,6 @@ def train(
     """
     reporter = reporter or NullReporter()
     out = Path(output_dir or cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -332,16 +478,7 @@ def train(
     # --- set-up -------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     if data is None:
-        data = load_data(
-            cfg.dataset,
-            cfg.data_root,
-            val_fraction=cfg.val_fraction,
-            val_npz=cfg.val_npz,
-            split_seed=cfg.split_seed,
-            download=cfg.download,
-            augment=cfg.augment,
-            train_subset=cfg.train_subset,
-        )
+        data = load_run_data(cfg, download=cfg.download, augment=cfg.augment)
     model = create_model(
         cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.model_kwargs
     ).to(device)
@@ -352,44 +489,26 @@ def train(
     if wrap_model is not None:
         net = accelerate(wrap_model(model), channels_last=channels_last, compile=cfg.compile)
     amp = autocast_dtype(cfg, device)
-    pin = device.type == "cuda"
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     writer = rank == 0
-    steps_per_epoch = num_batches(len(data.train), cfg.batch_size, world_size=world_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    attack = training_attack(cfg)
+    total_steps = cfg.epochs * num_batches(len(data.train), cfg.batch_size, world_size=world_size)
+    method = bind_method(cfg.method, cfg.method_hparams())  # resolved and checked once
+    attack = training_attack(cfg, method.spec)
     val_attack = eval_attack(cfg, cfg.val_attack_steps)
-    val_data = data.val.subset(cfg.val_subset, seed=cfg.split_seed)
+    val = (data.val.subset(cfg.val_subset, seed=cfg.split_seed), val_attack)
     # the ΔE training probe (paper Fig. 3): fixed training points, not augmented,
     # against the training attack (the evaluation PGD for `standard`)
     probe_data = data.train.subset(cfg.probe_n, seed=cfg.split_seed) if cfg.probe_n else None
-    probe_attack = attack if attack is not None else val_attack
-    select_from = min(cfg.select_from, cfg.epochs)  # the last epoch is always eligible
-    if not len(val_data):
+    probe = (probe_data, attack or val_attack) if probe_data is not None else None
+    if not len(val[0]):
         warnings.warn(
             "no validation set (val_fraction 0 and no val_npz): no model selection, the "
             "last epoch's weights are kept as best.pt",
             stacklevel=2,
         )
-    spec = METHODS.get(cfg.method)
-    hparams = cfg.method_hparams()
-    method_hparams(cfg.method, hparams)  # validate once, before the first batch
-
-    start_epoch, step = 0, 0
-    history: list[dict[str, float]] = []
-    best_epoch, best_score = 0, -math.inf
-    if resume is not None:
-        state = load_checkpoint(resume, map_location=device)
-        _check_resumable(state, cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["schedule"]["step"])
-        start_epoch = int(state["epoch"])
-        history = list(state["history"])
-        best_epoch, best_score = int(state["best"]["epoch"]), float(state["best"]["score"])
-        set_rng_state(state["rng"])
+    run = _Progress() if resume is None else _restore(resume, cfg, model, optimizer, device)
     if writer:
         _write_config(cfg, out)
 
@@ -397,17 +516,19 @@ def train(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, unit="batch", leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=total_steps, initial=run.step, unit="batch", leave=False, dynamic_ncols=True
+        )
 
-    if resume is not None and start_epoch >= cfg.epochs and history:
+    if resume is not None and run.epoch >= cfg.epochs and run.history:
         # the run had finished its epochs: say its last epoch again, so that a
         # reporter that joined late (a restarted trial) still sees the metrics
-        last_epoch = {k: v for k, v in history[-1].items() if k != "epoch"}
+        last_epoch = {k: v for k, v in run.history[-1].items() if k != "epoch"}
         reporter.report(cfg.epochs, last_epoch, Path(resume) if writer else None)
 
     # --- epochs ---------------------------------------------------------------
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
+    for epoch in range(run.epoch, cfg.epochs):
+        started = time.perf_counter()
         model.train()
         sums = torch.zeros(4, device=device)  # loss·B, correct nat, correct adv, weight·B
         zero, one, count = sums.new_zeros(()), sums.new_ones(()), 0
@@ -421,23 +542,23 @@ def train(
             augment=data.augment,
             rank=rank,
             world_size=world_size,
-            pin_memory=pin,
+            pin_memory=device.type == "cuda",
         )
         for x, y in batches:
-            lr, beta1 = schedule_at(step, total_steps, cfg)
+            lr, beta1 = schedule_at(run.step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"], group["momentum"] = lr, beta1
 
             # the algorithm: attack, forward, loss, step
             with precision_context(amp, device):
                 x_adv = attack(fast, x, y) if attack is not None else None
-                logits_nat = net(x).float() if spec.needs_nat else None
+                logits_nat = net(x).float() if method.spec.needs_nat else None
                 logits_adv = net(x_adv).float() if x_adv is not None else None
-            loss, diag = compute_loss(cfg.method, logits_nat, logits_adv, y, **hparams, epoch=epoch)
+            loss, diag = method.loss(logits_nat, logits_adv, y, epoch=epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
+            run.step += 1
 
             # bookkeeping, on the device (the batch size is known on the host)
             b = y.shape[0]
@@ -453,90 +574,30 @@ def train(
                 ).float()
             if bar is not None:
                 bar.update(1)
-        loss_sum, correct_nat, correct_adv, weight_sum = sums.tolist()  # the epoch's one read
-        train_s = time.perf_counter() - t0
 
-        t1 = time.perf_counter()
-        val: dict[str, float] = {}
-        if len(val_data):
-            val, _ = evaluate(fast, val_data, val_attack, batch_size=cfg.batch_size, device=device)
-        val_s = time.perf_counter() - t1
-        probe: dict[str, float] = {}
-        if probe_data is not None:
-            probe = probe_metrics(fast, probe_data, probe_attack, cfg.batch_size, device)
-        probe_s = time.perf_counter() - t1 - val_s
-        if not math.isfinite(loss_sum):
-            raise TrainingDiverged(
-                f"training diverged: train/loss is {loss_sum / count} in epoch {epoch + 1} "
-                f"(method {cfg.method}, lr_max {cfg.lr_max}); lower lr_max or beta"
-            )
-        metrics: dict[str, float] = {
-            "train/loss": loss_sum / count,
-            "train/mean_weight": weight_sum / count,
-            "lr": lr_at(step, total_steps, cfg),
-        }
-        if spec.needs_nat:
-            metrics["train/clean_acc"] = correct_nat / count
-        if attack is not None:
-            metrics["train/adv_acc"] = correct_adv / count
-        if val:
-            metrics.update(accuracies_with_n("val", val, len(val_data)))
-        metrics.update(probe)
-        metrics.update(
-            {
-                "time/epoch_s": time.perf_counter() - t0,
-                "time/train_s": train_s,
-                "time/val_s": val_s,
-                "time/probe_s": probe_s,
-            }
+        lr = lr_at(run.step, total_steps, cfg)  # the next step's
+        metrics = _epoch_metrics(
+            cfg, method.spec, fast, val, probe, sums, count, epoch=epoch, lr=lr, started=started
         )
-        history.append({"epoch": epoch + 1, **metrics})
-
-        if val:
-            score = metrics["val/pgd_acc"]
-            improved = epoch + 1 >= select_from and score > best_score
-        else:  # no validation set (val_fraction 0, no val_npz): the last epoch is kept
-            score, improved = best_score, epoch + 1 == cfg.epochs
-        if improved:
-            best_epoch, best_score = epoch + 1, score
-        if not writer:
-            reporter.report(epoch + 1, metrics, None)
-            continue
-        if improved:
-            save_checkpoint(
-                ckpt_dir / "best.pt",
-                {"model": model.state_dict(), "epoch": epoch + 1, "config": cfg.to_dict()},
-            )
-        last = save_checkpoint(
-            ckpt_dir / "last.pt",
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": {"step": step, "total_steps": total_steps},
-                "epoch": epoch + 1,
-                "rng": rng_state(),
-                "config": cfg.to_dict(),
-                "history": history,
-                "best": {"epoch": best_epoch, "score": best_score},
-            },
-        )
-        reporter.report(epoch + 1, metrics, last)
+        best = run.record(metrics, cfg)
+        last = _save(out, cfg, model, optimizer, run, total_steps, best) if writer else None
+        reporter.report(run.epoch, metrics, last)
     if bar is not None:
         bar.close()
 
     # --- final test evaluation of the best checkpoint ------------------------
     if not writer:
         reporter.final({}, {})
-        return TrainResult(out, best_epoch, history, {}, {})
+        return TrainResult(out, run.best_epoch, run.history, {}, {})
     test_metrics, artifacts = final_evaluation(cfg, model, data, out, device=device, view=fast)
-    test_metrics["best_epoch"] = float(best_epoch)
-    if len(val_data):
-        test_metrics["best/val_pgd_acc"] = best_score
+    test_metrics["best_epoch"] = float(run.best_epoch)
+    if len(val[0]):
+        test_metrics["best/val_pgd_acc"] = run.best_score
     artifacts.update(
-        {"checkpoint_best": ckpt_dir / "best.pt", "checkpoint_last": ckpt_dir / "last.pt"}
+        {"checkpoint_best": out / BEST_CHECKPOINT, "checkpoint_last": out / LAST_CHECKPOINT}
     )
     reporter.final(test_metrics, artifacts)
-    return TrainResult(out, best_epoch, history, test_metrics, artifacts)
+    return TrainResult(out, run.best_epoch, run.history, test_metrics, artifacts)
 
 
 def with_n(metrics: dict[str, float], n: int) -> dict[str, float]:
@@ -664,13 +725,13 @@ def final_evaluation(
     points, each with its n and 95 % Wilson interval; writes per-point energies and
     outcomes to ``energies.npz`` (for energy histograms).
     """
-    best = load_checkpoint(out / "checkpoints" / "best.pt", map_location=device)
+    best = load_checkpoint(out / BEST_CHECKPOINT, map_location=device)
     model.load_state_dict(best["model"])
     test = data.test.subset(cfg.test_subset, seed=cfg.split_seed)
     metrics, samples = measure(
         cfg, model, test, device=device, view=view, autoattack=cfg.autoattack
     )
-    energies = out / "energies.npz"
+    energies = out / ENERGIES_FILE
     np.savez_compressed(energies, **samples)
     return accuracies_with_n("test", metrics, len(test)), {"energies": energies}
 
@@ -693,16 +754,7 @@ def trained_model(
         device: where the model goes.
     """
     if data is None:
-        data = load_data(
-            cfg.dataset,
-            cfg.data_root,
-            val_fraction=cfg.val_fraction,
-            val_npz=cfg.val_npz,
-            split_seed=cfg.split_seed,
-            download=False,
-            augment="none",
-            train_subset=cfg.train_subset,
-        )
+        data = load_run_data(cfg, download=False, augment="none")
     model = create_model(
         cfg.model, num_classes=data.num_classes, in_channels=data.in_channels, **cfg.model_kwargs
     )

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from trainables.files import FINAL_FILE
+
 
 class Reporter(Protocol):
     """Receives what a training run produces."""
@@ -72,7 +74,7 @@ class JsonlReporter:
             f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
 
     def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
-        out = self.path.with_name("final.json")
+        out = self.path.with_name(FINAL_FILE)
         payload: dict[str, Any] = {
             "metrics": metrics,
             "artifacts": {k: str(v) for k, v in artifacts.items()},
@@ -81,7 +83,15 @@ class JsonlReporter:
 
 
 class ConsoleReporter:
-    """Prints an epoch table (one row per epoch) and the final test metrics."""
+    """Prints an epoch table (one row per epoch) and the final test metrics.
+
+    A metric the epoch lacks (or NaN) prints as ``-``, as wide as its column::
+
+        >>> console = ConsoleReporter()
+        >>> console.report(1, {"train/loss": 0.5, "lr": 0.1, "time/epoch_s": 1.2}, None)
+        epoch     loss   train     val  val pgd     ΔE(x)   mean w        lr     sec
+            1   0.5000       -       -        -         -        -   0.10000     1.2
+    """
 
     COLUMNS = (
         ("epoch", "epoch", "{:>5d}"),
@@ -99,18 +109,15 @@ class ConsoleReporter:
         self.stream = stream or sys.stdout
         self._header_done = False
 
-    def _cell(self, fmt: str, value: Any) -> str:
-        width = int("".join(c for c in fmt if c.isdigit()).split(".")[0] or 6)
+    @staticmethod
+    def _cell(fmt: str, value: Any) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-".rjust(width)
+            return "-".rjust(len(fmt.format(0)))  # as wide as a number
         return fmt.format(value)
 
     def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
         if not self._header_done:
-            head = "  ".join(
-                title.rjust(len(self._cell(fmt, 0 if key == "epoch" else 0.0)))
-                for key, title, fmt in self.COLUMNS
-            )
+            head = "  ".join(title.rjust(len(fmt.format(0))) for _, title, fmt in self.COLUMNS)
             print(head, file=self.stream)
             self._header_done = True
         row = {"epoch": epoch, **metrics}
