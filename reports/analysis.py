@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from reports.data import TAG_FINALIST, RunData
+from reports.data import RunData
 from reports.intervals import group_interval, measured, sample_size
 from reports.ranking import rank_key, rank_runs, ranking_rules, trial_order
+from reports.vocabulary import TAG_FINALIST
 
 #: Final test metrics of the leaderboard: (metric, column title).
 TEST_METRICS = (
@@ -158,7 +159,7 @@ def leaderboard(
 
 
 def finalist_rank(run: RunData) -> int | None:
-    """A trial's finalist rank (its ``energy_study.finalist`` tag as a number), else None."""
+    """A trial's finalist rank (its :data:`TAG_FINALIST` tag as a number), else None."""
     raw = run.tags.get(TAG_FINALIST, "").strip()
     return int(raw) if raw.isdigit() else None
 

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,35 @@ import yaml
 
 from reports import analysis, figures
 from reports.data import (
-    TAG_EARLY,
-    TAG_FAILURE,
-    TAG_PROCESS,
-    TAG_ROLE,
-    TAG_STUDY,
     ReportError,
     RunData,
     StudyData,
     _search,
     client_for,
     download,
+    generation_study_filter,
     load_study,
     metric_history,
+    retry,
+    tags_filter,
 )
 from reports.intervals import Measured, measured, sample_size
 from reports.ranking import rank_runs, ranking_rules
 from reports.render import Cell, Image, Pre, Section, Table, num, render_html, render_markdown
+from reports.vocabulary import (
+    CONFIG_FILE,
+    ENERGIES_FILE,
+    GRID_ARTIFACT,
+    REPORT_ARTIFACT,
+    REPORT_INDEX,
+    REPORT_MARKDOWN,
+    ROLE_STUDY,
+    TAG_EARLY,
+    TAG_FAILURE,
+    TAG_PROCESS,
+    TAG_ROLE,
+    TAG_STUDY,
+)
 
 FORMATS = ("html", "md", "both")
 #: Panels of the training-dynamics figure: (metric, title); a panel no trial logged is left out.
@@ -165,7 +178,7 @@ def _trial_config_file(ctx: Context, run: RunData) -> str:
     rel = f"configs/{run.trial_id}.yaml"
     target = ctx.out / rel
     target.parent.mkdir(parents=True, exist_ok=True)
-    local = download(ctx.client, run.run_id, "config.yaml", ctx.tmp / "configs" / run.run_id)
+    local = download(ctx.client, run.run_id, CONFIG_FILE, ctx.tmp / "configs" / run.run_id)
     if local is not None:
         shutil.copyfile(local, target)
     else:
@@ -427,7 +440,7 @@ def energy_section(ctx: Context) -> Section:
             raise ReportError(f"--energy-run {ctx.energy_run!r} is not a trial of this study")
     candidates = rank_runs(candidates, ctx.data.objective, ctx.data.modes)
     for run in candidates:
-        local = download(ctx.client, run.run_id, "energies.npz", ctx.tmp / "energies" / run.run_id)
+        local = download(ctx.client, run.run_id, ENERGIES_FILE, ctx.tmp / "energies" / run.run_id)
         if local is None:
             continue
         with np.load(local) as z:
@@ -537,9 +550,7 @@ def generation_section(ctx: Context) -> Section:
         key=lambda r: r.metric("gen/fid") or math.inf,
     )[:3]
     for run in best_runs:
-        local = download(
-            ctx.client, run.run_id, "generation/samples.png", ctx.tmp / "gen" / run.run_id
-        )
+        local = download(ctx.client, run.run_id, GRID_ARTIFACT, ctx.tmp / "gen" / run.run_id)
         if local is None:
             continue
         path, rel = ctx.figure(f"samples-{run.run_id[:12]}")
@@ -561,12 +572,7 @@ SECTIONS: tuple[Callable[[Context], Section], ...] = (
 
 
 def build_report(
-    name: str,
-    tracking_uri: str,
-    out_dir: Path,
-    fmt: str = "html",
-    *,
-    energy_run: str | None = None,
+    name: str, tracking_uri: str, out_dir: Path, fmt: str = "html", *, energy_run: str | None = None
 ) -> Path:
     """Write the report of study ``name`` into ``out_dir``; returns the index file.
 
@@ -603,17 +609,16 @@ def build_report(
                 sections.append(sec)
     title = f"Study report: {name}"
     subtitle = f"Generated {_date(int(dt.datetime.now(dt.UTC).timestamp() * 1000))} from MLflow"
-    index = out / ("index.md" if fmt == "md" else "index.html")
+    index = out / (REPORT_MARKDOWN if fmt == "md" else REPORT_INDEX)
     if fmt in ("md", "both"):
-        (out / "index.md").write_text(render_markdown(title, subtitle, sections))
+        (out / REPORT_MARKDOWN).write_text(render_markdown(title, subtitle, sections))
     if fmt in ("html", "both"):
-        (out / "index.html").write_text(render_html(title, subtitle, sections))
+        (out / REPORT_INDEX).write_text(render_html(title, subtitle, sections))
     return index
 
 
-#: What ``study report`` logs into the study's parent run (under :data:`REPORT_ARTIFACT`).
-REPORT_FILES = ("index.html", "index.md", "figures", "tables", "configs")
-REPORT_ARTIFACT = "report"
+#: What ``study report`` logs into the study's run (under :data:`REPORT_ARTIFACT`).
+REPORT_FILES = (REPORT_INDEX, REPORT_MARKDOWN, "figures", "tables", "configs")
 
 
 def report_run(name: str, tracking_uri: str) -> str | None:
@@ -623,17 +628,12 @@ def report_run(name: str, tracking_uri: str) -> str | None:
     client = client_for(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        parents = _search(
-            client,
-            [experiment.experiment_id],
-            f"tags.`{TAG_ROLE}` = 'study' and tags.`{TAG_STUDY}` = '{name}'",
-        )
+        study = tags_filter({TAG_ROLE: ROLE_STUDY, TAG_STUDY: name})
+        parents = _search(client, [experiment.experiment_id], study)
         if parents:
             return min(parents, key=lambda r: r.info.start_time or 0).info.run_id
     ids = [e.experiment_id for e in client.search_experiments()]
-    found = _search(
-        client, ids, f"tags.`{TAG_ROLE}` = 'generation_study' and tags.`{TAG_STUDY}` = '{name}'"
-    ) if ids else []  # fmt: skip
+    found = _search(client, ids, generation_study_filter(name)) if ids else []
     return found[0].info.run_id if found else None
 
 
@@ -641,7 +641,8 @@ def log_report(name: str, tracking_uri: str, out_dir: Path) -> str | None:
     """Log a built report into the study's run, so the MLflow UI's artifact view shows
     it: ``report/index.html`` (and ``index.md``), ``report/figures/*.png``,
     ``report/tables/*.csv``, ``report/configs/*.yaml``; returns the run id (None: the
-    study has no run to hold it).
+    study has no run to hold it). Each write is retried while the store is busy
+    (:func:`reports.data.retry`, as ``study/``'s tracker does).
 
     Args:
         name: the study (as for :func:`build_report`).
@@ -654,15 +655,18 @@ def log_report(name: str, tracking_uri: str, out_dir: Path) -> str | None:
     client = client_for(tracking_uri)
     out = Path(out_dir)
     for item in REPORT_FILES:
-        path = out / item
-        if item == "index.html" and path.is_file():
+        path, target = out / item, f"{REPORT_ARTIFACT}/{item}"
+        if item == REPORT_INDEX and path.is_file():
             # the UI shows an HTML artifact from a blob: address, where the figures'
             # relative addresses lead nowhere: this copy carries them inline
-            client.log_text(run_id, inline_figures(path), f"{REPORT_ARTIFACT}/{item}")
+            call = partial(client.log_text, run_id, inline_figures(path), target)
         elif path.is_file():
-            client.log_artifact(run_id, str(path), REPORT_ARTIFACT)
+            call = partial(client.log_artifact, run_id, str(path), REPORT_ARTIFACT)
         elif path.is_dir():
-            client.log_artifacts(run_id, str(path), f"{REPORT_ARTIFACT}/{item}")
+            call = partial(client.log_artifacts, run_id, str(path), target)
+        else:
+            continue
+        retry(call, f"log {target}")
     return run_id
 
 

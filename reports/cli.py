@@ -59,7 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     """Build the report from parsed arguments, log it into the study's parent run (unless
     ``--no-mlflow``); prints the index path; returns 0."""
-    from reports.build import REPORT_ARTIFACT, build_report, log_report
+    from reports.build import build_report, log_report
+    from reports.vocabulary import REPORT_ARTIFACT
 
     uri = getattr(args, "tracking_uri", None) or default_tracking_uri()
     out = Path(args.output or f"report-{args.name}")

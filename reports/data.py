@@ -3,8 +3,9 @@
 The layout read here is the one ``study/`` writes: one experiment per study, a
 parent run (role ``study``), one child run per trial (role ``trial``) and
 sampling runs (role ``generation``) nested under a training run or under a
-generation-study run. Tag names are repeated here on purpose: ``reports/``
-depends on the data in MLflow, not on the code that wrote it.
+generation-study run. Tag and artifact names come from :mod:`reports.vocabulary`,
+which ``study/`` imports too; :func:`retry` is the one retry of a busy store, used by
+``study/``'s tracker as well.
 """
 
 from __future__ import annotations
@@ -12,24 +13,33 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from reports.vocabulary import (
+    COMMAND_ARTIFACT,
+    PARENT_TAG,
+    ROLE_GENERATION,
+    ROLE_GENERATION_STUDY,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    SPEC_ARTIFACT,
+    SPEC_DIR,
+    TAG_METHOD,
+    TAG_ROLE,
+    TAG_SEARCHED,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 from trainables.errors import UserError
 
-TAG_STUDY = "energy_study.study"
-TAG_ROLE = "energy_study.role"
-TAG_TRIAL = "energy_study.trial_id"
-TAG_METHOD = "energy_study.method"
-TAG_SEARCHED = "energy_study.searched"
-TAG_FAILURE = "energy_study.failure_reason"
-TAG_EARLY = "energy_study.early_stopped"
-TAG_PROCESS = "energy_study.process"
-TAG_FINALIST = "energy_study.finalist"  # finalist rank: "1", "2", … (second evaluation stage)
-PARENT_TAG = "mlflow.parentRunId"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class ReportError(UserError):
@@ -138,6 +148,38 @@ def client_for(tracking_uri: str) -> Any:
     return MlflowClient(tracking_uri)
 
 
+def retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
+    """``fn()``, called again (up to ``attempts`` times, waits doubling from 0.05 s to
+    2 s) while MLflow's store answers "database is locked"; any other error at once.
+
+    Args:
+        fn: one MLflow call.
+        what: what it does (for the debug log).
+        attempts: calls at most.
+    """
+    delay = 0.05
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # MlflowException wraps sqlalchemy's OperationalError
+            if "locked" not in str(exc).lower() or i == attempts - 1:
+                raise
+            log.debug("MLflow store busy during %s; retrying in %.2fs", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def tags_filter(tags: Mapping[str, str]) -> str:
+    """An MLflow search filter for runs carrying all ``tags``."""
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
+def generation_study_filter(name: str) -> str:
+    """The search filter of the generation-study runs named ``name``."""
+    return tags_filter({TAG_ROLE: ROLE_GENERATION_STUDY, TAG_STUDY: name})
+
+
 def _search(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
     runs: list[Any] = []
     token = None
@@ -200,23 +242,18 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
         parents = [
             r
             for r in in_exp
-            if r.tags.get(TAG_ROLE) == "study" and r.tags.get(TAG_STUDY, name) == name
+            if r.tags.get(TAG_ROLE) == ROLE_STUDY and r.tags.get(TAG_STUDY, name) == name
         ]
         parent = min(parents, key=lambda r: r.start_ms or 0) if parents else None
-        trials = [r for r in in_exp if r.tags.get(TAG_ROLE) == "trial"]
+        trials = [r for r in in_exp if r.tags.get(TAG_ROLE) == ROLE_TRIAL]
     trial_ids = {t.run_id for t in trials}
     generations = []
     gen_parents = set()
     if all_ids:
         gen_parents = {
-            r.info.run_id
-            for r in _search(
-                client,
-                all_ids,
-                f"tags.`{TAG_ROLE}` = 'generation_study' and tags.`{TAG_STUDY}` = '{name}'",
-            )
+            r.info.run_id for r in _search(client, all_ids, generation_study_filter(name))
         }
-        for run in _search(client, all_ids, f"tags.`{TAG_ROLE}` = 'generation'"):
+        for run in _search(client, all_ids, tags_filter({TAG_ROLE: ROLE_GENERATION})):
             r = _to_run(run)
             owner = r.tags.get(PARENT_TAG)
             if owner in trial_ids or owner in gen_parents or r.tags.get(TAG_STUDY) == name:
@@ -233,13 +270,13 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
     generations.sort(key=lambda r: (r.start_ms or 0, r.run_id))
     data = StudyData(name, tracking_uri, parent, trials, generations)
     if parent is not None:
-        text = read_text_artifact(client, parent.run_id, "spec/study.yaml", tmp / "spec")
+        text = read_text_artifact(client, parent.run_id, SPEC_ARTIFACT, tmp / SPEC_DIR)
         spec = yaml.safe_load(text) if text else None
         data.spec = spec if isinstance(spec, dict) else dict(parent.params)
         data.command = (
-            read_text_artifact(client, parent.run_id, "spec/command.txt", tmp / "spec") or ""
+            read_text_artifact(client, parent.run_id, COMMAND_ARTIFACT, tmp / SPEC_DIR) or ""
         ).strip()
-        space = _space_params(client, parent.run_id, tmp / "spec")
+        space = _space_params(client, parent.run_id, tmp / SPEC_DIR)
         _narrow_searched(trials, space)
         data.objective = _parse_list(data.spec.get("metrics"), data.objective)
         data.modes = _parse_list(data.spec.get("modes"), ["max"] * len(data.objective))
@@ -258,13 +295,13 @@ def metric_history(client: Any, run_id: str, key: str) -> list[tuple[int, float]
 def _space_params(client: Any, run_id: str, tmp: Path) -> set[str] | None:
     """Names under ``params:`` of the search-space file the parent run logged under ``spec/``."""
     try:
-        items = client.list_artifacts(run_id, "spec")
+        items = client.list_artifacts(run_id, SPEC_DIR)
     except Exception:  # noqa: BLE001 - no spec folder: no space
         return None
     for item in items:
         if item.is_dir or not item.path.endswith((".yaml", ".yml")):
             continue
-        if item.path.endswith("/study.yaml"):
+        if item.path == SPEC_ARTIFACT:
             continue
         text = read_text_artifact(client, run_id, item.path, tmp)
         try:

@@ -39,11 +39,11 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+from reports.vocabulary import TAG_TRIAL
+
 #: The tie-break metric after the objectives (maximised).
 TIE_METRIC = "val/clean_acc"
 TIE_MODE = "max"
-#: The tag holding the Tune trial id (as ``study/tracking.py`` writes it).
-TAG_TRIAL = "energy_study.trial_id"
 MODES = ("max", "min")
 
 _INDEX = re.compile(r"_(\d{5})$")

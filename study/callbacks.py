@@ -14,19 +14,40 @@ from typing import Any, TextIO
 import yaml
 from ray.tune import Callback
 
+from reports.vocabulary import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    ENERGIES_FILE,
+    ENERGY_HIST,
+    LAST_CHECKPOINT,
+    METRICS_LOG,
+    PARENT_TAG,
+    ROLE_TRIAL,
+    TAG_EARLY,
+    TAG_FAILURE,
+    TAG_METHOD,
+    TAG_PROCESS,
+    TAG_RESUMED,
+    TAG_ROLE,
+    TAG_SEARCHED,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 from study.spec import StudySpec
-from study.tracking import PARENT_TAG, TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker, flatten
+from study.tracking import MlflowTracker, flatten
 from study.trial import trial_output_dir
-from study.ui import ENERGY_HIST, energy_histogram, searched_values, trial_run_name
+from study.ui import energy_histogram, searched_values, trial_run_name
 
 #: Result keys that are ours (the loop's namespaced metrics), as opposed to Tune's.
 PLAIN_METRICS = {"lr", "epoch", "best_epoch"}
+#: A finished trial's files logged into its run: (path in its output folder, artifact folder).
 TRIAL_ARTIFACTS = (
-    ("checkpoints/best.pt", "checkpoints"),
-    ("checkpoints/last.pt", "checkpoints"),
-    ("energies.npz", None),
-    ("metrics.jsonl", None),
-    ("config.yaml", None),
+    (BEST_CHECKPOINT, CHECKPOINT_DIR),
+    (LAST_CHECKPOINT, CHECKPOINT_DIR),
+    (ENERGIES_FILE, None),
+    (METRICS_LOG, None),
+    (CONFIG_FILE, None),
 )
 
 
@@ -64,7 +85,7 @@ class MlflowCallback(Callback):
         parent_run_id: the study's parent MLflow run.
     """
 
-    def __init__(self, spec: dict[str, Any], parent_run_id: str) -> None:
+    def __init__(self, spec: StudySpec, parent_run_id: str) -> None:
         self.spec = spec
         self.parent_run_id = parent_run_id
         self._tracker: MlflowTracker | None = None
@@ -76,21 +97,21 @@ class MlflowCallback(Callback):
         self._process: dict[str, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spec": self.spec, "parent_run_id": self.parent_run_id}
+        return {"spec": self.spec.to_dict(), "parent_run_id": self.parent_run_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["spec"], state["parent_run_id"])  # type: ignore[misc]
+        self.__init__(StudySpec(**state["spec"]), state["parent_run_id"])  # type: ignore[misc]
 
     @property
     def tracker(self) -> MlflowTracker:
         if self._tracker is None:
-            self._tracker = MlflowTracker(self.spec["tracking_uri"], self.spec["name"])
+            self._tracker = MlflowTracker(self.spec.tracking_uri, self.spec.name)
         return self._tracker
 
     def run_id(self, trial: Any) -> str:
         """The trial's child run (found again after a resume, never duplicated)."""
         if trial.trial_id not in self._runs:
-            study = StudySpec(**self.spec)
+            study = self.spec
             found = self.tracker.find_runs(**{TAG_STUDY: study.name, TAG_TRIAL: trial.trial_id})
             if (
                 found
@@ -108,20 +129,15 @@ class MlflowCallback(Callback):
                 run_name=trial_run_name(
                     cfg.method, searched_values(study.load_space(), trial.config)
                 ),
-                tags={PARENT_TAG: self.parent_run_id, TAG_ROLE: "trial"},
+                tags={PARENT_TAG: self.parent_run_id, TAG_ROLE: ROLE_TRIAL},
                 key_tags={TAG_STUDY: study.name, TAG_TRIAL: trial.trial_id},
             )
             if created:
                 self.tracker.log_params(run_id, flatten(cfg.to_dict()))
-                self.tracker.set_tags(
-                    run_id,
-                    {
-                        "energy_study.searched": ",".join(sorted(trial.config)),
-                        "energy_study.method": cfg.method,
-                    },
-                )
+                searched = ",".join(sorted(trial.config))
+                self.tracker.set_tags(run_id, {TAG_SEARCHED: searched, TAG_METHOD: cfg.method})
                 self.tracker.log_text(
-                    run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml"
+                    run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), CONFIG_FILE
                 )
             else:
                 self._logged[trial.trial_id] = self.tracker.last_step(run_id, "epoch")
@@ -143,11 +159,11 @@ class MlflowCallback(Callback):
         if self._process.get(trial.trial_id) != process:
             # where the trial runs now (it changes when a failed trial is restarted)
             self._process[trial.trial_id] = process
-            tags = {"energy_study.process": process}
+            tags = {TAG_PROCESS: process}
             since = result.get("iterations_since_restore")
             if isinstance(since, int) and step - since > 0:
                 # this process continued the trial from its checkpoint of that epoch
-                tags["energy_study.resumed_from_epoch"] = str(step - since)
+                tags[TAG_RESUMED] = str(step - since)
             self.tracker.set_tags(run_id, tags)
         final = any(k.startswith("test/") for k in metrics)
         if step <= self._logged.get(trial.trial_id, 0) and not final:
@@ -161,21 +177,21 @@ class MlflowCallback(Callback):
         run_id = self.run_id(trial)
         if trial.trial_id in self._complete:
             return
-        out = trial_output_dir(StudySpec(**self.spec), trial.trial_id)
+        out = trial_output_dir(self.spec, trial.trial_id)
         for rel, folder in TRIAL_ARTIFACTS:
             self.tracker.log_artifact(run_id, out / rel, folder)
-        hist = energy_histogram(out / "energies.npz", out / ENERGY_HIST, f"trial {trial.trial_id}")
+        hist = energy_histogram(out / ENERGIES_FILE, out / ENERGY_HIST, f"trial {trial.trial_id}")
         if hist is not None:
             self.tracker.log_artifact(run_id, hist)
         last = trial.last_result or {}
-        epochs = StudySpec(**self.spec).trial_config(trial.config).epochs
+        epochs = self.spec.trial_config(trial.config).epochs
         done = int(last.get("epoch", 0)) >= epochs and "test/clean_acc" in last
-        self.tracker.set_tags(run_id, {"energy_study.early_stopped": str(not done).lower()})
+        self.tracker.set_tags(run_id, {TAG_EARLY: str(not done).lower()})
         self.tracker.end_run(run_id, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
-        self.tracker.set_tags(run_id, {"energy_study.failure_reason": trial_error_text(trial)})
+        self.tracker.set_tags(run_id, {TAG_FAILURE: trial_error_text(trial)})
         self.tracker.end_run(run_id, "FAILED")
 
 

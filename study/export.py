@@ -16,10 +16,20 @@ from typing import Any
 
 import yaml
 
-from reports.data import TAG_FINALIST  # a finalist's rank: "1", "2", …
 from reports.intervals import Measured, accuracies, sample_size
 from reports.ranking import rank_runs, ranking_rules
-from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker
+from reports.vocabulary import (
+    CONFIG_FILE,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    TAG_EARLY,
+    TAG_FAILURE,
+    TAG_FINALIST,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
+from study.tracking import MlflowTracker
 from trainables.errors import ConfigError
 
 #: The objective of a study whose parent run does not name one.
@@ -34,7 +44,7 @@ SHOW_WIDTH = 100
 
 def trial_runs(tracker: MlflowTracker, study: str) -> list[Any]:
     """All child runs of a study."""
-    return tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: "trial"})
+    return tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: ROLE_TRIAL})
 
 
 def _as_list(raw: str | None) -> list[str] | None:
@@ -55,7 +65,7 @@ def study_objectives(tracker: MlflowTracker, study: str) -> tuple[list[str], lis
     The parent run logs the spec's ``metrics`` and ``modes`` as params; a study
     without them (a study of one from ``study train``) gets ``val/pgd_acc``, ``max``.
     """
-    parents = tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: "study"})
+    parents = tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: ROLE_STUDY})
     for parent in sorted(parents, key=lambda r: r.info.start_time or 0):
         metrics = _as_list(parent.data.params.get("metrics"))
         modes = _as_list(parent.data.params.get("modes"))
@@ -108,7 +118,7 @@ def best_runs(
         r
         for r in trial_runs(tracker, study)
         if r.info.status == "FINISHED"
-        and r.data.tags.get("energy_study.early_stopped", "false") != "true"
+        and r.data.tags.get(TAG_EARLY, "false") != "true"
         and metric in r.data.metrics
         and math.isfinite(r.data.metrics[metric])
     ]
@@ -128,8 +138,7 @@ def run_config(tracker: MlflowTracker, run_id: str) -> dict[str, Any]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.client.download_artifacts(run_id, "config.yaml", tmp)
-        return yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(tracker.download(run_id, CONFIG_FILE, tmp).read_text())
 
 
 def export_best(
@@ -260,7 +269,7 @@ def show_lines(
         )
         for namespace in SHOW_NAMESPACES:
             lines += _namespace_lines(m, namespace, finalist, 6, width)
-        reason = tags.get("energy_study.failure_reason")
+        reason = tags.get(TAG_FAILURE)
         if reason:
             lines.append(f"    failure: {reason}")
     legend = "[low, high]: 95 % Wilson interval of the accuracy on the n points"

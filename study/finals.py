@@ -7,7 +7,7 @@ multi-objective study) are evaluated with PGD-``eval_steps`` (20 by default)
 and standard AutoAttack on the **same** test points (``spec.final_n`` of them;
 all by default), in parallel as Ray tasks. Each finalist's run gets
 ``final/*`` metrics (with ``final/n`` and 95 % Wilson bounds), the tag
-``energy_study.finalist`` (its rank) and ``final_eval.npz`` (per point: index
+:data:`~reports.vocabulary.TAG_FINALIST` (its rank) and ``final_eval.npz`` (per point: index
 in the test set, label, PGD and AutoAttack outcome).
 
 Weights travel from MLflow (the ``checkpoints/best.pt`` artifact the driver
@@ -26,12 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from reports.data import TAG_FINALIST
+from reports.vocabulary import BEST_CHECKPOINT, FINAL_ARTIFACT, TAG_FINALIST, TAG_STUDY, TAG_TRIAL
 from study.spec import StudySpec
-from study.tracking import TAG_STUDY, TAG_TRIAL, MlflowTracker
+from study.tracking import MlflowTracker
 
 __all__ = ["FINAL_ARTIFACT", "TAG_FINALIST", "FinalResult", "evaluate_finalists"]
-FINAL_ARTIFACT = "final_eval.npz"
 
 
 @dataclass
@@ -73,8 +72,7 @@ def _evaluate_task(
 
 def _best_checkpoint(tracker: MlflowTracker, run_id: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
-        path = tracker.client.download_artifacts(run_id, "checkpoints/best.pt", tmp)
-        return Path(path).read_bytes()
+        return tracker.download(run_id, BEST_CHECKPOINT, tmp).read_bytes()
 
 
 def evaluate_finalists(

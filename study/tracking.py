@@ -5,11 +5,14 @@ space, git commit, versions); one child run per trial (its config as params,
 every per-epoch metric with the epoch as step, checkpoints, final test
 metrics, status and failure reason).
 
-All writes go through one :class:`MlflowTracker` living in the driver process,
-so concurrent trials never write to the SQLite store at the same time; on top
-of that every write is retried when the store answers "database is locked".
-Runs are found again by tags (study name, trial id), so resuming a study
-reuses its runs instead of duplicating them.
+All writes of a study go through one :class:`MlflowTracker` living in the driver
+process, so concurrent trials never write to the SQLite store at the same time; on
+top of that each call the tracker makes to MLflow (writes, its searches and
+downloads) is retried while the store answers "database is locked" (a call on
+``tracker.client`` directly is not; ``study report`` logs its report with the same
+:func:`reports.data.retry`). Runs are found again by tags (study name, trial id), so
+resuming a study reuses its runs instead of duplicating them. Tag and artifact
+names: :mod:`reports.vocabulary`.
 """
 
 from __future__ import annotations
@@ -19,19 +22,31 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from study.ui import EXPERIMENT_TAGS
+from reports.data import retry, tags_filter
+from reports.vocabulary import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    ENERGIES_FILE,
+    ENERGY_HIST,
+    METRICS_LOG,
+    PARENT_STUDY,
+    PARENT_TAG,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    TAG_EARLY,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    TRAIN_TRIAL,
+)
+from study.ui import EXPERIMENT_TAGS, energy_histogram
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-TAG_STUDY = "energy_study.study"
-TAG_ROLE = "energy_study.role"  # "study" | "trial" | "train" | "generation"
-TAG_TRIAL = "energy_study.trial_id"
-PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
 SEARCH_PAGE = 1000  #: runs per MLflow search call (its maximum)
 
@@ -78,20 +93,6 @@ def quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _retry(fn: Callable[[], T], what: str, attempts: int = 8) -> T:
-    delay = 0.05
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:  # MlflowException wraps sqlalchemy's OperationalError
-            if "locked" not in str(exc).lower() or i == attempts - 1:
-                raise
-            log.debug("MLflow store busy during %s; retrying in %.2fs", what, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config → ``{"weight_params.temperature": "2.0", ...}`` as MLflow params."""
     out: dict[str, str] = {}
@@ -119,10 +120,10 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         with store_lock(tracking_uri):  # one process creates a fresh SQLite store
             self.client = MlflowClient(tracking_uri)
-            found = _retry(lambda: self.client.get_experiment_by_name(experiment), "lookup")
+            found = retry(lambda: self.client.get_experiment_by_name(experiment), "lookup")
             if found is None:
                 # tells the MLflow UI this is model training, not GenAI (study/ui.py)
-                self.experiment_id = _retry(
+                self.experiment_id = retry(
                     lambda: self.client.create_experiment(
                         experiment,
                         artifact_location=artifact_root_for(tracking_uri),
@@ -138,14 +139,13 @@ class MlflowTracker:
     def find_runs(self, **tags: str) -> list[Any]:
         """Runs of this experiment carrying all ``tags`` (newest first), every page of
         the search (MLflow returns at most 1,000 runs per call)."""
-        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
         runs: list[Any] = []
         token: str | None = None
         while True:
-            page = _retry(
+            page = retry(
                 lambda t=token: self.client.search_runs(
                     [self.experiment_id],
-                    filter_string=" and ".join(clauses),
+                    filter_string=tags_filter(tags),
                     order_by=["attributes.start_time DESC"],
                     max_results=SEARCH_PAGE,
                     page_token=t,
@@ -167,44 +167,57 @@ class MlflowTracker:
         existing = self.find_runs(**key_tags)
         if existing:
             run_id = existing[0].info.run_id
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+            retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
             return run_id, False
-        run = _retry(
-            lambda: self.client.create_run(
-                self.experiment_id, run_name=run_name, tags={**tags, **key_tags}
-            ),
-            "create run",
-        )
-        return run.info.run_id, True
+        return self.create_run(run_name, {**tags, **key_tags}), True
+
+    def create_run(self, run_name: str, tags: Mapping[str, str]) -> str:
+        """A new run of this experiment with ``tags``; returns its id."""
+        create = self.client.create_run
+        run = retry(lambda: create(self.experiment_id, run_name=run_name, tags=dict(tags)), "run")
+        return run.info.run_id
+
+    def get_run(self, run_id: str) -> Any:
+        """The MLflow run ``run_id`` (info and data)."""
+        return retry(lambda: self.client.get_run(run_id), "get run")
+
+    def download(self, run_id: str, artifact: str, folder: str | Path) -> Path:
+        """Download a run's artifact into ``folder``; returns the local path."""
+        get = self.client.download_artifacts
+        return Path(retry(lambda: get(run_id, artifact, str(folder)), "download"))
 
     # --- logging ---------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params that are not logged yet (MLflow params are write-once)."""
         from mlflow.entities import Param
 
-        current = _retry(lambda: self.client.get_run(run_id), "get run").data.params
+        current = self.get_run(run_id).data.params
         new = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in current]
         for i in range(0, len(new), 100):
             chunk = new[i : i + 100]
-            _retry(lambda c=chunk: self.client.log_batch(run_id, params=c), "log params")
+            retry(lambda c=chunk: self.client.log_batch(run_id, params=c), "log params")
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (the epoch for training runs)."""
+        numbers = [(k, v) for k, v in metrics.items() if not isinstance(v, bool)]
+        self._log_batch(run_id, [(k, v, step) for k, v in numbers if isinstance(v, int | float)])
+
+    def log_series(self, run_id: str, key: str, values: Iterable[float]) -> None:
+        """Log metric ``key`` with ``values`` at steps 0, 1, … (a per-step trace)."""
+        self._log_batch(run_id, [(key, v, step) for step, v in enumerate(values)])
+
+    def _log_batch(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, step)
-            for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        batch = [Metric(key, float(v), now, step) for key, v, step in points]
         for i in range(0, len(batch), 500):
             chunk = batch[i : i + 500]
-            _retry(lambda c=chunk: self.client.log_batch(run_id, metrics=c), "log metrics")
+            retry(lambda c=chunk: self.client.log_batch(run_id, metrics=c), "log metrics")
 
     def last_step(self, run_id: str, metric: str) -> int:
         """The largest step logged for ``metric`` in a run (0 when none)."""
-        history = _retry(lambda: self.client.get_metric_history(run_id, metric), "history")
+        history = retry(lambda: self.client.get_metric_history(run_id, metric), "history")
         return max((int(m.step) for m in history), default=0)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -212,26 +225,32 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
-        _retry(lambda: self.client.log_batch(run_id, tags=batch), "set tags")
+        retry(lambda: self.client.log_batch(run_id, tags=batch), "set tags")
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file or folder into the run's artifacts."""
         path = Path(path)
         if path.is_dir():
-            _retry(
+            retry(
                 lambda: self.client.log_artifacts(run_id, str(path), artifact_path),
                 "log artifacts",
             )
         elif path.is_file():
-            _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path), "artifact")
+            retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path), "artifact")
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Store ``text`` as an artifact file."""
-        _retry(lambda: self.client.log_text(run_id, text, artifact_file), "log text")
+        retry(lambda: self.client.log_text(run_id, text, artifact_file), "log text")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED, FAILED or KILLED."""
-        _retry(lambda: self.client.set_terminated(run_id, status=status), "end run")
+        retry(lambda: self.client.set_terminated(run_id, status=status), "end run")
+
+    def set_experiment_tags(self, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags of this study's experiment."""
+        set_tag = self.client.set_experiment_tag
+        for k, v in tags.items():
+            retry(lambda k=k, v=v: set_tag(self.experiment_id, k, v), "experiment tag")
 
 
 class MlflowRunReporter:
@@ -246,45 +265,34 @@ class MlflowRunReporter:
         import yaml
 
         self.tracker = tracker
-        parent = tracker.client.create_run(
-            tracker.experiment_id,
-            run_name=run_name,
-            tags={TAG_STUDY: tracker.experiment, TAG_ROLE: "study", "energy_study.parent": "true"},
+        study = {TAG_STUDY: tracker.experiment}
+        self.parent_id = tracker.create_run(
+            run_name, {**study, TAG_ROLE: ROLE_STUDY, TAG_PARENT: PARENT_STUDY}
         )
-        self.parent_id = parent.info.run_id
-        child = tracker.client.create_run(
-            tracker.experiment_id,
-            run_name=f"{run_name}-train",
-            tags={
-                PARENT_TAG: self.parent_id,
-                TAG_STUDY: tracker.experiment,
-                TAG_ROLE: "trial",
-                TAG_TRIAL: "train",
-            },
+        self.run_id = tracker.create_run(
+            f"{run_name}-train",
+            {PARENT_TAG: self.parent_id, **study, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: TRAIN_TRIAL},
         )
-        self.run_id = child.info.run_id
         tracker.log_params(self.run_id, flatten(config))
-        tracker.log_text(self.run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
+        tracker.log_text(self.run_id, yaml.safe_dump(dict(config), sort_keys=False), CONFIG_FILE)
 
     def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
         self.tracker.log_metrics(self.run_id, {"epoch": epoch, **metrics}, step=epoch)
 
     def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
-        last = self.tracker.client.get_run(self.run_id).data.metrics.get("epoch", 0)
+        last = self.tracker.get_run(self.run_id).data.metrics.get("epoch", 0)
         self.tracker.log_metrics(self.run_id, metrics, step=int(last))
         for name, path in artifacts.items():
             self.tracker.log_artifact(
-                self.run_id, path, "checkpoints" if name.startswith("checkpoint") else None
+                self.run_id, path, CHECKPOINT_DIR if name.startswith("checkpoint") else None
             )
         out = Path(next(iter(artifacts.values()))).parent if artifacts else None
         if out is not None:
-            self.tracker.log_artifact(self.run_id, out / "metrics.jsonl")
-            from study.ui import ENERGY_HIST, energy_histogram
-
-            hist = energy_histogram(out / "energies.npz", out / ENERGY_HIST, "study train")
+            self.tracker.log_artifact(self.run_id, out / METRICS_LOG)
+            hist = energy_histogram(out / ENERGIES_FILE, out / ENERGY_HIST, "study train")
             if hist is not None:
                 self.tracker.log_artifact(self.run_id, hist)
-        self.tracker.set_tags(self.run_id, {"energy_study.early_stopped": "false"})
+        self.tracker.set_tags(self.run_id, {TAG_EARLY: "false"})
         self.end("FINISHED")
 
     def end(self, status: str) -> None:

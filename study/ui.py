@@ -43,22 +43,25 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from reports.data import TAG_FINALIST, TAG_TRIAL
+from reports.vocabulary import (
+    DESCRIPTION_TAG,
+    EXPERIMENT_KIND_TAG,
+    ROLE_STUDY,
+    SHARED_VIEW_PREFIX,
+    TAG_FINALIST,
+    TAG_ROLE,
+    TAG_SEARCHED,
+    TAG_STUDY,
+    TAG_TRIAL,
+    TRAINING_KIND,
+    VIEW_KEY,
+)
 from trainables.errors import UserError
 
-#: The experiment tag with which MLflow's UI (without its workflow switch) opens an
-#: experiment on its training view rather than the GenAI one.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-TRAINING_KIND = "custom_model_development"
 #: What every experiment the platform creates is tagged with.
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: TRAINING_KIND}
 #: The address parameter with which MLflow 3.17's UI shows the "Model training" view.
 WORKFLOW_PARAM = ("workflowType", "machine_learning")
-#: A run's description in the MLflow UI (Markdown).
-DESCRIPTION_TAG = "mlflow.note.content"
-#: Experiment tag prefix of a saved ("shared") runs-table view, and our view's key.
-SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
-VIEW_KEY = "energy-study"
 #: Metrics shown after the objectives in the runs view, when some trial logged them.
 EXTRA_COLUMNS = ("val/clean_acc", "test/clean_acc", "test/pgd_acc", "final/pgd_acc",
                  "final/aa_acc")  # fmt: skip
@@ -154,10 +157,6 @@ def searched_values(space: Any, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- trial figures ----------------------------------------------------------------------
-#: Each trial run's histogram of its test energies (natural vs adversarial), a PNG artifact.
-ENERGY_HIST = "energy_hist.png"
-
-
 def energy_histogram(npz: Path, png: Path, title: str) -> Path | None:
     """Draw the histograms of E(x) and E(x, y), natural vs adversarial test points, of a
     trial's ``energies.npz`` into ``png``; None when there is no such file or it cannot be
@@ -303,7 +302,7 @@ def _searched_names(parents: Sequence[Any], runs: Sequence[Any]) -> list[str]:
             continue
     keys: set[str] = set()
     for run in runs:
-        keys.update(n for n in run.data.tags.get("energy_study.searched", "").split(",") if n)
+        keys.update(n for n in run.data.tags.get(TAG_SEARCHED, "").split(",") if n)
     varying = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     return sorted(varying, key=lambda n: (n != "method", n))
 
@@ -324,12 +323,11 @@ def publish_view(
         searched: the searched parameter names (default: read from the store).
     """
     from study.export import study_objectives, trial_runs
-    from study.tracking import TAG_ROLE, TAG_STUDY
 
     objectives, modes = study_objectives(tracker, study)
     runs = trial_runs(tracker, study)
     logged = {k for r in runs for k in r.data.metrics}
-    found = tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: "study"})
+    found = tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: ROLE_STUDY})
     parents = sorted(found, key=lambda r: r.info.start_time or 0)
     if searched is None:
         searched = _searched_names(parents, runs)
@@ -340,11 +338,8 @@ def publish_view(
         metrics=[m for m in EXTRA_COLUMNS if m in logged],
         expanded=[r.info.run_id for r in parents],
     )
-    client, eid = tracker.client, tracker.experiment_id
-    client.set_experiment_tag(eid, SHARED_VIEW_PREFIX + key, json.dumps(state))
-    for tag, value in EXPERIMENT_TAGS.items():
-        client.set_experiment_tag(eid, tag, value)
-    return str(eid)
+    tracker.set_experiment_tags({SHARED_VIEW_PREFIX + key: json.dumps(state), **EXPERIMENT_TAGS})
+    return str(tracker.experiment_id)
 
 
 # --- the parent run's description ----------------------------------------------------------
@@ -391,11 +386,11 @@ def study_description(
     """
     space = spec.load_space()
     objective = ", ".join(f"`{m}` ({o})" for m, o in zip(spec.metrics, spec.modes))
-    epochs = spec.trial_config(space.sample_defaults()).epochs
+    epochs = spec.default_epochs
     lines = [
         f"**Study `{spec.name}`**: {spec.trials} trials of the space `{spec.space}` "
         f"(`{space.source}`); epochs per trial: {epochs}; ASHA "
-        f"{'on' if spec.uses_asha(space) else 'off'}; finalists: {spec.finalists}; "
+        f"{'on' if spec.uses_asha() else 'off'}; finalists: {spec.finalists}; "
         f"seed {spec.seed}.",
         "",
         f"**Objective**: {objective}" + (" (multi-objective)" if spec.multi_objective else ""),
@@ -428,7 +423,7 @@ def study_description(
         if experiment_id is not None:
             name = f"[{name}](#/experiments/{experiment_id}/runs/{run.info.run_id})"
         cells = [_cell(run.data.metrics.get(c)) for c in columns]
-        trial = run.data.tags.get("energy_study.trial_id", "?")
+        trial = run.data.tags.get(TAG_TRIAL, "?")
         lines.append(f"| {rank} | {name} | {trial} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

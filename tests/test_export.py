@@ -23,16 +23,26 @@ from reports.ranking import (
     trial_number,
     trial_order,
 )
+from reports.vocabulary import (
+    CONFIG_FILE,
+    PARENT_STUDY,
+    TAG_EARLY,
+    TAG_FAILURE,
+    TAG_FINALIST,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 from study import cli
 from study.export import (
-    TAG_FINALIST,
     best_runs,
     export_best,
     ranking_of,
     show_lines,
     study_objectives,
 )
-from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker, flatten
+from study.tracking import MlflowTracker, flatten
 from trainables.stats import wilson_interval
 
 PGD, CLEAN = "val/pgd_acc", "val/clean_acc"
@@ -196,7 +206,7 @@ def show_runs() -> list:
             **test,
             **final,
         ),  # fmt: skip
-        mlflow_like("abc12_00002", "FAILED", {"energy_study.failure_reason": "diverged: nan"}),
+        mlflow_like("abc12_00002", "FAILED", {TAG_FAILURE: "diverged: nan"}),
         mlflow_like("abc12_00003", val__pgd_acc=0.7),
     ]
 
@@ -226,7 +236,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     tracker = MlflowTracker(uri, "ties")
     parent, _ = tracker.get_or_create_run(
-        "ties", {TAG_ROLE: "study"}, {TAG_STUDY: "ties", "energy_study.parent": "true"}
+        "ties", {TAG_ROLE: "study"}, {TAG_STUDY: "ties", TAG_PARENT: PARENT_STUDY}
     )
     tracker.log_params(parent, flatten({"metrics": [PGD, "train/loss"], "modes": ["max", "min"]}))
     trials = [  # (trial id, val/pgd_acc, train/loss, val/clean_acc, early stopped)
@@ -244,8 +254,8 @@ def store(tmp_path_factory):
         tracker.log_metrics(
             run_id, {PGD: pgd, "train/loss": loss, CLEAN: clean, "val/n": 512}, step=2
         )
-        tracker.log_text(run_id, yaml.safe_dump({"method": "weat_adv", "beta": pgd}), "config.yaml")
-        tracker.set_tags(run_id, {"energy_study.early_stopped": str(early).lower()})
+        tracker.log_text(run_id, yaml.safe_dump({"method": "weat_adv", "beta": pgd}), CONFIG_FILE)
+        tracker.set_tags(run_id, {TAG_EARLY: str(early).lower()})
         tracker.end_run(run_id)
     return {"uri": uri, "tracker": tracker, "tmp": tmp}
 
@@ -276,10 +286,3 @@ def test_study_show_prints_the_ranking(store, capsys) -> None:
     order = [ln.split()[1] for ln in out.splitlines() if "abc12_" in ln]
     assert order == ["abc12_00002", "abc12_00003", "abc12_00004", "abc12_00001", "abc12_00000"]
     assert f"val n=512: clean 0.9900 [{wilson_interval(0.99, 512)[0]:.3f}" in out
-
-
-def test_the_finalist_tag_is_one_name_everywhere() -> None:
-    from reports.data import TAG_FINALIST as REPORTS_TAG
-    from study.finals import TAG_FINALIST as FINALS_TAG
-
-    assert TAG_FINALIST == REPORTS_TAG == FINALS_TAG == "energy_study.finalist"

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from reports.vocabulary import FINAL_ARTIFACT, TAG_FINALIST, TAG_TRIAL
 from study.export import trial_runs
-from study.finals import FINAL_ARTIFACT, TAG_FINALIST
 from study.runner import finalists, run_study
 from study.spec import StudySpec
-from study.tracking import TAG_TRIAL, MlflowTracker
+from study.tracking import MlflowTracker
 from trainables.data import load_data
 from trainables.stats import wilson_interval
 

@@ -26,7 +26,20 @@ from PIL import Image
 
 from reports.build import build_report
 from reports.cli import add_parser, main
-from reports.data import ReportError
+from reports.data import ReportError, tags_filter
+from reports.vocabulary import (
+    ENERGIES_FILE,
+    PARENT_TAG,
+    ROLE_GENERATION,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    SPEC_ARTIFACT,
+    TAG_FINALIST,
+    TAG_ROLE,
+    TAG_SEARCHED,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 from trainables.stats import wilson_interval
 
 PLUGIN = str(Path(__file__).with_name("standin_extractor.py"))
@@ -99,10 +112,8 @@ def _client(uri: str):
 
 def _trial_runs(client, study: str, trial_id: str | None = None) -> list:
     exp = client.get_experiment_by_name(study)
-    flt = "tags.`energy_study.role` = 'trial'"
-    if trial_id:
-        flt += f" and tags.`energy_study.trial_id` = '{trial_id}'"
-    return list(client.search_runs([exp.experiment_id], filter_string=flt))
+    tags = {TAG_ROLE: ROLE_TRIAL, **({TAG_TRIAL: trial_id} if trial_id else {})}
+    return list(client.search_runs([exp.experiment_id], filter_string=tags_filter(tags)))
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +282,7 @@ def test_leaderboard_matches_mlflow(store, report) -> None:
         # the ranking of the groups: objective mean, then val/clean_acc mean, then trial id
         pgd = float(np.mean([r.data.metrics["val/pgd_acc"] for r in runs]))
         clean = float(np.mean([r.data.metrics["val/clean_acc"] for r in runs]))
-        first = min(_id_order(r.data.tags["energy_study.trial_id"]) for r in runs)
+        first = min(_id_order(r.data.tags[TAG_TRIAL]) for r in runs)
         order.append(((-pgd, -clean, first), label))
     assert [r[0][0] for r in table] == [label for _, label in sorted(order)]
     for col, means in best.items():  # the best mean of each column is marked
@@ -282,9 +293,9 @@ def test_leaderboard_matches_mlflow(store, report) -> None:
 def test_finalists_table_matches_mlflow(store, report) -> None:
     client = _client(store["uri"])
     finals = sorted(
-        (int(r.data.tags["energy_study.finalist"]), r)
+        (int(r.data.tags[TAG_FINALIST]), r)
         for r in _trial_runs(client, "rep")
-        if "energy_study.finalist" in r.data.tags
+        if TAG_FINALIST in r.data.tags
     )
     assert [rank for rank, _ in finals] == [1, 2]
     page = parse(report)
@@ -292,7 +303,7 @@ def test_finalists_table_matches_mlflow(store, report) -> None:
     assert [r[0][0] for r in table] == ["#1", "#2"]
     for row, (_, run) in zip(table, finals):
         m = run.data.metrics
-        assert row[1][0] == run.data.tags["energy_study.trial_id"]
+        assert row[1][0] == run.data.tags[TAG_TRIAL]
         assert row[3][1] == m["final/n"] == 60  # every attack on the same 60 points
         got = {c: cell for c, cell in zip(("clean", "pgd", "aa", "robust"), row[4:])}
         for name, cell in got.items():
@@ -305,13 +316,13 @@ def test_finalists_table_matches_mlflow(store, report) -> None:
     board = rows(page, "leaderboard-table")
     named = " ".join(r[-1][0] for r in board)
     for rank, run in finals:
-        assert f"#{rank} {run.data.tags['energy_study.trial_id']}" in named
+        assert f"#{rank} {run.data.tags[TAG_TRIAL]}" in named
 
 
 def test_trials_pareto_energy_and_generation_match_mlflow(store, report) -> None:
     client = _client(store["uri"])
     page = parse(report)
-    runs = {r.data.tags["energy_study.trial_id"]: r for r in _trial_runs(client, "rep")}
+    runs = {r.data.tags[TAG_TRIAL]: r for r in _trial_runs(client, "rep")}
     table = rows(page, "trials")
     assert {r[0][0] for r in table} == set(runs)
     for row in table:
@@ -323,8 +334,8 @@ def test_trials_pareto_energy_and_generation_match_mlflow(store, report) -> None
         assert row[6][1] == pytest.approx(m["test/pgd_acc"])
         assert cell_text(row[6]).endswith(_bracket(m["test/pgd_acc"], int(m["test/n"])))
         assert row[8][0] == f"{int(m['val/n'])} / {int(m['test/n'])}"
-        if "energy_study.finalist" in run.data.tags:
-            assert f"finalist #{run.data.tags['energy_study.finalist']}" in row[9][0]
+        if TAG_FINALIST in run.data.tags:
+            assert f"finalist #{run.data.tags[TAG_FINALIST]}" in row[9][0]
         config = report / row[-1][0].split("--config ")[1]
         assert config.is_file() and f"seed: {run.data.params['seed']}" in config.read_text()
 
@@ -340,7 +351,7 @@ def test_trials_pareto_energy_and_generation_match_mlflow(store, report) -> None
     # energies: the chosen run's npz, downloaded directly
     text = page.sections["energy"]["text"]
     run_id = text.split("Run ")[1].split()[0]
-    npz = Path(client.download_artifacts(run_id, "energies.npz", str(store["tmp"] / "e")))
+    npz = Path(client.download_artifacts(run_id, ENERGIES_FILE, str(store["tmp"] / "e")))
     with np.load(npz) as z:
         expected = {k: float(np.mean(z[k].astype(np.float64))) for k in z.files if "energy" in k}
     got = {r[0][0]: r[2][1] for r in rows(page, "energy-table")}
@@ -350,7 +361,7 @@ def test_trials_pareto_energy_and_generation_match_mlflow(store, report) -> None
 
     # generation: one row per momentum, scores as logged
     exp = client.get_experiment_by_name("rep")
-    gen = client.search_runs([exp.experiment_id], "tags.`energy_study.role` = 'generation'")
+    gen = client.search_runs([exp.experiment_id], tags_filter({TAG_ROLE: ROLE_GENERATION}))
     assert len(gen) == 2
     by_momentum = {r.data.params["momentum"]: r for r in gen}
     for row in rows(page, "generation-table"):
@@ -385,10 +396,10 @@ def test_dynamics_show_the_training_probe(store, report) -> None:
             key=lambda r: (
                 -r.data.metrics["val/pgd_acc"],
                 -r.data.metrics["val/clean_acc"],
-                _id_order(r.data.tags["energy_study.trial_id"]),
+                _id_order(r.data.tags[TAG_TRIAL]),
             ),
         )
-        trial = best.data.tags["energy_study.trial_id"]
+        trial = best.data.tags[TAG_TRIAL]
         assert f"{method}: {trial}" in dyn
         for key in ("train_probe/delta_energy", "val/delta_energy", "train_probe/energy_adv"):
             logged = sorted(
@@ -422,10 +433,10 @@ def written(tmp_path_factory) -> dict:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("syn", artifact_location=(tmp / "art").as_uri())
-    tag = {"energy_study.study": "syn"}
-    parent = client.create_run(exp, run_name="syn", tags={**tag, "energy_study.role": "study"})
+    tag = {TAG_STUDY: "syn"}
+    parent = client.create_run(exp, run_name="syn", tags={**tag, TAG_ROLE: ROLE_STUDY})
     client.log_text(parent.info.run_id, "name: syn\nmetrics: [val/pgd_acc]\nmodes: [max]\n",
-                    "spec/study.yaml")  # fmt: skip
+                    SPEC_ARTIFACT)  # fmt: skip
     final = {"final/clean_acc": 0.9, "final/pgd_acc": 0.6, "final/aa_acc": 0.55,
              "final/robust_acc": 0.5, "final/n": 400.0}  # fmt: skip
     trials = [
@@ -435,11 +446,10 @@ def written(tmp_path_factory) -> dict:
         ("t_00003", "trades", "3.0", "0", 0.99, {"test/aa_n": 20.0}, None),
     ]
     for i, (trial, method, beta, seed, clean, extra, finalist) in enumerate(trials):
-        tags = {**tag, "energy_study.role": "trial", "energy_study.trial_id": trial,
-                "energy_study.searched": "method,beta,seed",
-                "mlflow.parentRunId": parent.info.run_id}  # fmt: skip
+        tags = {**tag, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: trial, TAG_SEARCHED: "method,beta,seed",
+                PARENT_TAG: parent.info.run_id}  # fmt: skip
         if finalist:
-            tags["energy_study.finalist"] = finalist
+            tags[TAG_FINALIST] = finalist
         run_id = client.create_run(exp, run_name=trial, tags=tags, start_time=1000 + i).info.run_id
         for k, v in {"method": method, "beta": beta, "seed": seed}.items():
             client.log_param(run_id, k, v)

@@ -29,15 +29,24 @@ from types import SimpleNamespace
 
 import pytest
 
+from reports.data import tags_filter
+from reports.vocabulary import (
+    DESCRIPTION_TAG,
+    ENERGIES_FILE,
+    ENERGY_HIST,
+    EXPERIMENT_KIND_TAG,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    SHARED_VIEW_PREFIX,
+    TAG_ROLE,
+    TAG_TRIAL,
+    TRAINING_KIND,
+    VIEW_KEY,
+)
 from study import cli
 from study.spec import StudySpec
 from study.ui import (
-    DESCRIPTION_TAG,
-    EXPERIMENT_KIND_TAG,
     RUN_NAME_MAX,
-    SHARED_VIEW_PREFIX,
-    TRAINING_KIND,
-    VIEW_KEY,
     compare_url,
     runs_view_url,
     study_description,
@@ -175,7 +184,7 @@ def test_the_parent_description_says_space_objective_command_and_best_trials() -
     def run(run_id: str, name: str, trial: str, **metrics: float) -> SimpleNamespace:
         return SimpleNamespace(
             info=SimpleNamespace(run_id=run_id, run_name=name),
-            data=SimpleNamespace(metrics=metrics, tags={"energy_study.trial_id": trial}),
+            data=SimpleNamespace(metrics=metrics, tags={TAG_TRIAL: trial}),
         )
 
     best = [run("r1", "weat_adv β=3 weat", "t_00001", **{"val/pgd_acc": 0.75, "final/aa_acc": 0.5}),
@@ -313,7 +322,7 @@ def _client(uri: str):
 def _runs(uri: str, role: str) -> list:
     client = _client(uri)
     exp = client.get_experiment_by_name("uis")
-    return list(client.search_runs([exp.experiment_id], f"tags.`energy_study.role` = '{role}'"))
+    return list(client.search_runs([exp.experiment_id], tags_filter({TAG_ROLE: role})))
 
 
 def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
@@ -330,7 +339,7 @@ def test_trial_runs_are_named_described_and_carry_energy_histograms(study_store)
     uri = study_store["uri"]
     client = _client(uri)
     space = load_space("smoke")
-    trials = _runs(uri, "trial")
+    trials = _runs(uri, ROLE_TRIAL)
     assert len(trials) == 3
     for run in trials:
         params = run.data.params
@@ -338,10 +347,10 @@ def test_trial_runs_are_named_described_and_carry_energy_histograms(study_store)
                   for k in searched_values(space, params)}  # fmt: skip
         assert run.info.run_name == trial_run_name(params["method"], config)
         assert run.info.run_name.startswith(params["method"] + " β=")
-        assert re.fullmatch(r"[0-9a-f]{8}", run.data.tags["energy_study.trial_id"])
+        assert re.fullmatch(r"[0-9a-f]{8}", run.data.tags[TAG_TRIAL])
         arts = _artifacts(client, run.info.run_id)
-        assert {"energies.npz", "energy_hist.png"} <= arts
-        png = client.download_artifacts(run.info.run_id, "energy_hist.png", str(study_store["tmp"]))
+        assert {ENERGIES_FILE, ENERGY_HIST} <= arts
+        png = client.download_artifacts(run.info.run_id, ENERGY_HIST, str(study_store["tmp"]))
         assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the experiment opens on MLflow's training view and carries the study's runs view
     exp = client.get_experiment_by_name("uis")
@@ -353,7 +362,7 @@ def test_trial_runs_are_named_described_and_carry_energy_histograms(study_store)
     # the parent's description: space, objective, command, best trials with final/*
     from reports.ranking import rank_runs
 
-    (parent,) = _runs(uri, "study")
+    (parent,) = _runs(uri, ROLE_STUDY)
     text = parent.data.tags[DESCRIPTION_TAG]
     assert "**Objective**: `val/pgd_acc` (max)" in text and "**Command**:" in text
     assert "final/aa_acc" in text and "[compare them](#/compare-runs?" in text
@@ -382,7 +391,7 @@ def test_study_report_is_logged_into_the_parent_run(study_store, tmp_path, capsy
     uri = study_store["uri"]
     out = tmp_path / "report"
     assert cli.main(["report", "uis", "--tracking-uri", uri, "-o", str(out)]) == 0
-    (parent,) = _runs(uri, "study")
+    (parent,) = _runs(uri, ROLE_STUDY)
     assert f"logged into MLflow run {parent.info.run_id}" in capsys.readouterr().out
     client = _client(uri)
     arts = _artifacts(client, parent.info.run_id)
@@ -426,7 +435,7 @@ def test_study_ui_shows_the_study_compares_and_stops_on_sigterm(study_store, tmp
                    and "/runs?" in ln]  # fmt: skip
 
         # the runs view: every trial by its name, the objective column, the training view
-        trials = _runs(uri, "trial")
+        trials = _runs(uri, ROLE_TRIAL)
         names = [r.info.run_name for r in trials]
         shot = tmp_path / "runs.png"
         dom, text = render_until(view, [*names, "val/pgd_acc"], shot)

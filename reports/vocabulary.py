@@ -1,0 +1,74 @@
+"""The MLflow vocabulary: every tag, run role and artifact path the project writes or reads.
+
+Declared once, here, and imported by ``study/`` (which writes) and ``reports/`` (which
+reads); plain names only, so that both may import it (``reports/`` never imports
+``study/``). Metric names (``train/loss``, ``val/pgd_acc``, …) are the training
+loop's own.
+
+Layout of a study in MLflow: one experiment per study; a parent run (role
+:data:`ROLE_STUDY`), one child run per trial (:data:`ROLE_TRIAL`, nested by
+:data:`PARENT_TAG`) and sampling runs (:data:`ROLE_GENERATION`) nested under a
+training run or under a generation-study run (:data:`ROLE_GENERATION_STUDY`).
+"""
+
+from __future__ import annotations
+
+from trainables.files import (  # noqa: F401  (a trial's files, re-exported)
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    ENERGIES_FILE,
+    LAST_CHECKPOINT,
+    METRICS_LOG,
+)
+
+# --- our run tags ------------------------------------------------------------------------
+TAG_STUDY = "energy_study.study"  #: the study's name, on each of its runs
+TAG_ROLE = "energy_study.role"  #: what a run is: one of :data:`ROLES`
+TAG_TRIAL = "energy_study.trial_id"  #: the Tune trial id (:data:`TRAIN_TRIAL` for ``study train``)
+TAG_PARENT = "energy_study.parent"  #: marks a parent run: :data:`PARENT_STUDY` or ``…_GENERATION``
+TAG_METHOD = "energy_study.method"  #: a trial's training method
+TAG_SEARCHED = "energy_study.searched"  #: the keys of a trial's Tune config, comma-separated
+TAG_FAILURE = "energy_study.failure_reason"  #: the last line of a failed run's error
+TAG_EARLY = "energy_study.early_stopped"  #: "true" when a trial stopped before its last epoch
+TAG_PROCESS = "energy_study.process"  #: ``host:pid`` of the process a trial runs in
+TAG_RESUMED = "energy_study.resumed_from_epoch"  #: the checkpoint's epoch a restarted trial took
+TAG_FINALIST = "energy_study.finalist"  #: finalist rank: "1", "2", … (second evaluation stage)
+TAG_SOURCE = "energy_study.source"  #: the checkpoint a generation study samples from
+
+# --- MLflow's own tags -------------------------------------------------------------------
+PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI
+DESCRIPTION_TAG = "mlflow.note.content"  #: a run's description in the UI (Markdown)
+#: The experiment tag with which MLflow's UI (without its workflow switch) opens an
+#: experiment on its training view rather than the GenAI one, and that view's value.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+#: Experiment tag prefix of a saved ("shared") runs-table view, and our view's key.
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "energy-study"
+
+# --- values of TAG_ROLE, TAG_PARENT and TAG_TRIAL ----------------------------------------
+ROLE_STUDY = "study"
+ROLE_TRIAL = "trial"
+ROLE_GENERATION = "generation"
+ROLE_GENERATION_STUDY = "generation_study"
+ROLES = (ROLE_STUDY, ROLE_TRIAL, ROLE_GENERATION, ROLE_GENERATION_STUDY)
+PARENT_STUDY = "true"
+PARENT_GENERATION = "generation"
+TRAIN_TRIAL = "train"
+
+# --- artifacts (paths inside a run; a trial's files keep the same paths on disk) -------
+ENERGY_HIST = "energy_hist.png"  #: the histogram of a trial's test energies
+FINAL_ARTIFACT = "final_eval.npz"  #: a finalist's per point outcomes
+SPEC_DIR = "spec"  #: the parent run's spec, space file and command
+SPEC_ARTIFACT = "spec/study.yaml"
+COMMAND_ARTIFACT = "spec/command.txt"
+GENERATION_DIR = "generation"  #: a sampling run's files
+GRID_FILE = "samples.png"
+INIT_GRID_FILE = "init_vs_final.png"
+TRACE_FILE = "trace.npz"
+GEN_METRICS_FILE = "metrics.json"
+GRID_ARTIFACT = f"{GENERATION_DIR}/{GRID_FILE}"
+REPORT_ARTIFACT = "report"  #: ``study report``'s folder in the study's run
+REPORT_INDEX = "index.html"  #: the report's page (in the report's folder)
+REPORT_MARKDOWN = "index.md"
