@@ -17,24 +17,41 @@ import importlib.util
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from ray.tune import Callback
 
+from reports.vocabulary import (
+    BEST_CHECKPOINT,
+    GEN_METRICS_FILE,
+    GENERATION_DIR,
+    GRID_FILE,
+    INIT_GRID_FILE,
+    PARENT_GENERATION,
+    PARENT_TAG,
+    ROLE_GENERATION,
+    ROLE_GENERATION_STUDY,
+    TAG_FAILURE,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_SOURCE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    TRACE_FILE,
+)
+from search_spaces import SearchSpace
+from study.runner import TrialOutcome
+from study.spec import SearchSpec
+from study.trial import trial_output_dir
 from trainables.errors import ConfigError, UserError
 from trainables.gen_config import SamplerConfig
 from trainables.scores import INCEPTION, inception_weights
-
-ROLE_GENERATION = "generation"
-ROLE_GENERATION_STUDY = "generation_study"
-TRACE_FILE = "trace.npz"
-GRID_FILE = "samples.png"
-INIT_GRID_FILE = "init_vs_final.png"
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -63,7 +80,7 @@ def resolve_source(source: str, tracking_uri: str, cache: Path, experiment: str)
         state = load_checkpoint(path)
         if "config" not in state or "model" not in state:
             raise UserError(f"{path} is not a training checkpoint (no model or config in it)")
-        return Source(path, dict(state["config"]), None, experiment)
+        return Source(path.resolve(), dict(state["config"]), None, experiment)
     if path.suffix in (".pt", ".pth") or "/" in source:
         raise UserError(f"checkpoint file {source!r} does not exist")
 
@@ -84,10 +101,10 @@ def resolve_source(source: str, tracking_uri: str, cache: Path, experiment: str)
     target = cache / source
     target.mkdir(parents=True, exist_ok=True)
     try:
-        ckpt = Path(client.download_artifacts(source, "checkpoints/best.pt", str(target)))
+        ckpt = Path(client.download_artifacts(source, BEST_CHECKPOINT, str(target)))
     except (MlflowException, OSError):
         raise UserError(
-            f"run {source} has no checkpoints/best.pt artifact (did its training finish?)"
+            f"run {source} has no {BEST_CHECKPOINT} artifact (did its training finish?)"
         ) from None
     from trainables.checkpoint import load_checkpoint
 
@@ -178,7 +195,7 @@ def sample_and_score(
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     stats = None
-    if cfg.init != "random":
+    if generation.INITS.get(cfg.init).needs_stats:
         stats = generation.fit_class_stats(
             to_float(data.train.x), data.train.y, cache_dir=cache_dir, key=key
         )
@@ -240,7 +257,7 @@ def sample_and_score(
             )
         )
         metrics["time/score_s"] = time.perf_counter() - t1
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / GEN_METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -259,7 +276,7 @@ def log_sampling_run(
     error: str | None = None,
 ) -> str:
     """One sampling run, nested under ``parent_run_id``, with params, scores, trace and grids."""
-    from study.tracking import PARENT_TAG, TAG_ROLE, TAG_STUDY, TAG_TRIAL, flatten
+    from study.tracking import flatten
 
     run_id, created = tracker.get_or_create_run(
         run_name=name,
@@ -273,32 +290,24 @@ def log_sampling_run(
     trace = out / TRACE_FILE
     if trace.is_file():
         with np.load(trace) as z:
-            target, other = z["energy_target"], z["energy_other"]
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric("gen/energy_target", float(v), now, i) for i, v in enumerate(target)]
-        batch += [Metric("gen/energy_other", float(v), now, i) for i, v in enumerate(other)]
-        for i in range(0, len(batch), 500):
-            tracker.client.log_batch(run_id, metrics=batch[i : i + 500])
-    for file in (GRID_FILE, INIT_GRID_FILE, TRACE_FILE, METRICS_FILE):
-        tracker.log_artifact(run_id, out / file, "generation")
+            for key in ("energy_target", "energy_other"):
+                tracker.log_series(run_id, f"gen/{key}", z[key])
+    for file in (GRID_FILE, INIT_GRID_FILE, TRACE_FILE, GEN_METRICS_FILE):
+        tracker.log_artifact(run_id, out / file, GENERATION_DIR)
     if error:
-        tracker.set_tags(run_id, {"energy_study.failure_reason": error[:1000]})
+        tracker.set_tags(run_id, {TAG_FAILURE: error[:1000]})
     tracker.end_run(run_id, status)
     return run_id
 
 
 def parent_run(tracker: Any, source: Source, study: str, space: str | None) -> str:
     """The run sampling runs nest under: the source training run, or a generation-study run."""
-    from study.tracking import TAG_ROLE, TAG_STUDY
-
     if source.run_id is not None:
         return source.run_id
     run_id, created = tracker.get_or_create_run(
         run_name=study,
-        tags={TAG_ROLE: ROLE_GENERATION_STUDY, "energy_study.source": str(source.checkpoint)},
-        key_tags={TAG_STUDY: study, "energy_study.parent": "generation"},
+        tags={TAG_ROLE: ROLE_GENERATION_STUDY, TAG_SOURCE: str(source.checkpoint)},
+        key_tags={TAG_STUDY: study, TAG_PARENT: PARENT_GENERATION},
     )
     if created:
         tracker.log_params(
@@ -307,69 +316,102 @@ def parent_run(tracker: Any, source: Source, study: str, space: str | None) -> s
     return run_id
 
 
-def validate_space(space_name: str) -> Any:
-    """A sampler search space, checked against the sampler's keys before Ray starts."""
-    from search_spaces import load_space
-    from search_spaces.space import SpaceError
+@dataclass
+class GenerationSpec(SearchSpec):
+    """One ``study generate``: the fields of :class:`~study.spec.SearchSpec` and these.
 
-    try:
-        space = load_space(space_name)
-        space.check_keys(SamplerConfig.field_names())
-    except SpaceError as exc:
-        raise ConfigError(str(exc)) from None
-    return space
+    Its ``space`` is a sampler space (None: one sampling run with ``base``); its
+    metrics are ``gen/*`` (default ``gen/fid``, min); ``trials`` defaults to 8.
+
+    Attributes:
+        source: an MLflow run id of a training run (its ``checkpoints/best.pt`` is
+            sampled from) or a training checkpoint file.
+        base: the sampler config (a :class:`SamplerConfig` mapping) every run starts from.
+        experiment: MLflow experiment of the sampling runs when ``source`` is a file
+            (a run id's runs go to that run's experiment).
+    """
+
+    config_keys: ClassVar[tuple[str, ...]] = tuple(SamplerConfig.field_names())
+    presets: ClassVar[Iterable[str]] = ()
+
+    space: str | None = None
+    trials: int = 8
+    metrics: list[str] = field(default_factory=lambda: ["gen/fid"])
+    modes: list[str] = field(default_factory=lambda: ["min"])
+    source: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    experiment: str = "generation"
+
+    @property
+    def cache(self) -> Path:
+        """``<storage>/cache``: fetched checkpoints, class statistics, reference features."""
+        return Path(self.storage) / "cache"
+
+    @cached_property
+    def template(self) -> dict[str, Any]:
+        """base < the space's ``fixed`` values, with the file paths absolute (resolved
+        once on the driver; Tune runs a trial in a working folder of its own)."""
+        values = {**self.base, **(self.load_space().fixed if self.space else {})}
+        plugin = values.get("extractor_plugin")
+        if plugin and str(plugin).endswith(".py"):
+            values["extractor_plugin"] = str(Path(plugin).resolve())
+        if values.get("inception_weights"):
+            values["inception_weights"] = str(Path(values["inception_weights"]).resolve())
+        return values
+
+    def trial_config(self, sampled: Mapping[str, Any]) -> SamplerConfig:
+        """One run's validated sampler config: :attr:`template` < ``sampled``."""
+        return SamplerConfig.from_dict({**self.template, **sampled})
+
+    def validate(self) -> None:
+        """Check every field, the space and one sampled config, before anything starts."""
+        self.check()
+        if not self.source:
+            raise ConfigError("source: give a training run id or a checkpoint file")
+        SamplerConfig.from_dict(self.base)
+        for metric in self.metrics:
+            if not metric.startswith("gen/"):
+                raise ConfigError(
+                    f"metric {metric!r}: generation objectives are gen/fid, gen/is, ..."
+                )
+        self.trial_config(self.load_space().sample_defaults() if self.space else {})
 
 
-def trial_config(base: dict[str, Any], space: Any, sampled: dict[str, Any]) -> SamplerConfig:
-    """base < space constants < sampled values."""
-    return SamplerConfig.from_dict({**base, **dict(space.fixed), **sampled})
+def validate_space(space_name: str) -> SearchSpace:
+    """A sampler search space, checked against the sampler's keys (a ConfigError if not)."""
+    return GenerationSpec(name="generate", space=space_name).load_space()
 
 
-def generation_trial(config: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Tune function trainable: one sampling run; reports its ``gen/*`` metrics once."""
+def generation_trial(
+    config: dict[str, Any], spec: GenerationSpec, source: Source, template: dict[str, Any]
+) -> None:
+    """Tune function trainable: one sampling run; reports its ``gen/*`` metrics once.
+
+    Args:
+        config: the trial's Tune config (sampled values and the space's constants).
+        spec: the generation study (folder and cache).
+        source: the classifier sampled from (its checkpoint path absolute).
+        template: :attr:`GenerationSpec.template`, resolved on the driver.
+    """
     from ray import tune
 
-    from search_spaces import load_space
-
-    space = load_space(payload["space"])
-    cfg = trial_config(payload["base"], space, config)
+    cfg = SamplerConfig.from_dict({**template, **config})
     torch.set_num_threads(1)
-    trial_id = tune.get_context().get_trial_id()
-    out = Path(payload["folder"]) / "trials" / trial_id
-    source = Source(
-        Path(payload["checkpoint"]),
-        payload["train_config"],
-        payload["run_id"],
-        payload["experiment"],
-    )
-    metrics = sample_and_score(cfg, source, out, cache_dir=Path(payload["cache_dir"]))
-    tune.report(metrics)
+    out = trial_output_dir(spec, tune.get_context().get_trial_id())
+    tune.report(sample_and_score(cfg, source, out, cache_dir=spec.cache))
 
 
 class GenerationWriter(Callback):
     """Driver-side MLflow writer of sampling trials (one writer for the SQLite store).
 
     Args:
-        tracking_uri: the MLflow store.
+        spec: the generation study (its space and template read once, on the driver).
         experiment: the experiment of the source run (or the generation experiment).
         parent_run_id: the run the sampling runs nest under.
-        study: the generation study's name.
-        base: the sampler config every trial starts from (a mapping).
-        space_name: the search space.
-        folder: the study's folder (trial outputs under ``trials/<id>``).
     """
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str,
-        parent_run_id: str,
-        study: str,
-        base: dict[str, Any],
-        space_name: str,
-        folder: str,
-    ) -> None:
-        self._args = (tracking_uri, experiment, parent_run_id, study, base, space_name, folder)
+    def __init__(self, spec: GenerationSpec, experiment: str, parent_run_id: str) -> None:
+        self._args = (spec, experiment, parent_run_id)
         self._tracker: Any = None
         self.run_ids: dict[str, str] = {}
 
@@ -380,20 +422,17 @@ class GenerationWriter(Callback):
         self.__init__(*state["args"])  # type: ignore[misc]
 
     def _log(self, trial: Any, status: str, error: str | None = None) -> None:
-        from search_spaces import load_space
         from study.tracking import MlflowTracker
         from study.ui import searched_values, trial_run_name
 
-        uri, experiment, parent, study, base, space_name, folder = self._args
+        spec, experiment, parent = self._args
         if self._tracker is None:
-            self._tracker = MlflowTracker(uri, experiment)
-        space = load_space(space_name)
-        cfg = trial_config(base, space, trial.config)
-        name = trial_run_name("sgld", searched_values(space, trial.config))  # what it tried
+            self._tracker = MlflowTracker(spec.tracking_uri, experiment)
+        name = trial_run_name("sgld", searched_values(spec.load_space(), trial.config))
         self.run_ids[trial.trial_id] = log_sampling_run(
-            self._tracker, parent, cfg, _gen_metrics(trial.last_result or {}),
-            Path(folder) / "trials" / trial.trial_id, name=name,
-            study=study, trial_id=trial.trial_id, status=status, error=error,
+            self._tracker, parent, spec.trial_config(trial.config),
+            _gen_metrics(trial.last_result or {}), trial_output_dir(spec, trial.trial_id),
+            name=name, study=spec.name, trial_id=trial.trial_id, status=status, error=error,
         )  # fmt: skip
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -403,18 +442,6 @@ class GenerationWriter(Callback):
         from study.callbacks import trial_error_text
 
         self._log(trial, "FAILED", trial_error_text(trial))
-
-
-@dataclass
-class GenerationOutcome:
-    """One sampling run of ``study generate``."""
-
-    trial_id: str
-    status: str
-    config: dict[str, Any]
-    metrics: dict[str, float]
-    run_id: str | None
-    error: str | None = None
 
 
 def _gen_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -427,116 +454,54 @@ def _gen_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def run_generation(
-    *,
-    source_arg: str,
-    base: dict[str, Any],
-    space_name: str | None,
-    trials: int,
-    metrics: list[str],
-    modes: list[str],
-    name: str,
-    tracking_uri: str,
-    storage: Path,
-    experiment: str,
-    address: str | None = None,
-    seed: int = 0,
-    max_concurrent: int = 0,
-) -> list[GenerationOutcome]:
-    """``study generate``: one sampling run, or a Tune + Optuna study over the sampler."""
+def run_generation(spec: GenerationSpec) -> list[TrialOutcome]:
+    """``study generate``: one sampling run (no space), or a Tune + Optuna study over
+    the sampler (:func:`study.runner.build_tuner`); the runs' outcomes, MLflow run ids
+    included."""
     from study.tracking import MlflowTracker
 
-    base_cfg = SamplerConfig.from_dict(base)  # bad values fail before anything starts
-    space = validate_space(space_name) if space_name else None
-    if space is not None:
-        trial_config(base, space, space.sample_defaults())
-    for metric in metrics:
-        if not metric.startswith("gen/"):
-            raise ConfigError(f"metric {metric!r}: generation objectives are gen/fid, gen/is, ...")
-    folder = storage / name
-    cache = storage / "cache"
-    source = resolve_source(source_arg, tracking_uri, cache / "sources", experiment)
+    spec.validate()  # bad values fail before anything starts
+    base_cfg = spec.trial_config({})
+    source = resolve_source(spec.source, spec.tracking_uri, spec.cache / "sources", spec.experiment)
     # fail on a missing extractor plugin or Inception weights before anything runs
     load_plugin(base_cfg.extractor_plugin)
     if base_cfg.score and base_cfg.feature_extractor == INCEPTION:
         inception_weights(base_cfg.inception_weights)
-    tracker = MlflowTracker(tracking_uri, source.experiment)
-    parent = parent_run(tracker, source, name, space_name)
+    tracker = MlflowTracker(spec.tracking_uri, source.experiment)
+    parent = parent_run(tracker, source, spec.name, spec.space)
 
-    if space is None:
-        out = folder / "single"
+    if not spec.space:
+        out, run = spec.folder / "single", {"name": f"{spec.name}-single", "study": spec.name}
         try:
-            values = sample_and_score(base_cfg, source, out, cache_dir=cache)
+            values = sample_and_score(base_cfg, source, out, cache_dir=spec.cache)
         except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
             log_sampling_run(
-                tracker, parent, base_cfg, None, out, name=f"{name}-single", study=name,
-                trial_id="single", status="FAILED", error=f"{type(exc).__name__}: {exc}",
+                tracker, parent, base_cfg, None, out, **run, trial_id="single", status="FAILED",
+                error=error,
             )  # fmt: skip
             raise
-        run_id = log_sampling_run(
-            tracker, parent, base_cfg, values, out, name=f"{name}-single", study=name,
-            trial_id="single",
-        )  # fmt: skip
-        return [GenerationOutcome("single", "FINISHED", base_cfg.to_dict(), values, run_id)]
+        run_id = log_sampling_run(tracker, parent, base_cfg, values, out, **run, trial_id="single")
+        return [TrialOutcome("single", "FINISHED", base_cfg.to_dict(), values, None, run_id)]
 
-    import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
-    from search_spaces import compile_space
     from study.callbacks import ProgressCallback
-    from study.runner import init_ray
+    from study.runner import build_tuner, init_ray, trial_outcomes
 
-    multi = len(metrics) > 1
-    searcher = OptunaSearch(
-        space=compile_space(space),
-        metric=metrics if multi else metrics[0],
-        mode=modes if multi else modes[0],
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        study_name=name,
+    init_ray(spec.address)
+    writer = GenerationWriter(spec, source.experiment, parent)
+    trainable = tune.with_parameters(
+        generation_trial, spec=spec, source=source, template=spec.template
     )
-    payload = {
-        "space": space_name,
-        "base": base,
-        "folder": str(folder.resolve()),
-        "cache_dir": str(cache.resolve()),
-        "checkpoint": str(source.checkpoint.resolve()),
-        "train_config": source.train_config,
-        "run_id": source.run_id,
-        "experiment": source.experiment,
-    }
-    init_ray(address)
-    writer = GenerationWriter(
-        tracking_uri, source.experiment, parent, name, base, space_name, str(folder)
+    tuner = build_tuner(
+        spec,
+        tune.with_resources(trainable, {"cpu": 1}),
+        [writer, ProgressCallback(spec.metrics, spec.trials)],
     )
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(generation_trial, payload=payload), {"cpu": 1}),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, num_samples=trials, max_concurrent_trials=max_concurrent or None
-        ),
-        run_config=tune.RunConfig(
-            name="tune",
-            storage_path=str(folder.resolve()),
-            callbacks=[writer, ProgressCallback(metrics, trials)],
-            verbose=0,
-        ),
-    )
-    grid = tuner.fit()
-    outcomes = []
-    for result in grid:
-        trial_id = str((result.metrics or {}).get("trial_id") or Path(result.path).name)
-        status = "FAILED" if result.error else "FINISHED"
-        error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
-        outcomes.append(
-            GenerationOutcome(
-                trial_id,
-                status,
-                dict(result.config),
-                _gen_metrics(result.metrics or {}),
-                writer.run_ids.get(trial_id),
-                error,
-            )
-        )
+    outcomes = trial_outcomes(tuner.fit(), lambda config, metrics: True)
+    for outcome in outcomes:
+        outcome.run_id = writer.run_ids.get(outcome.trial_id)
     if source.run_id is None:
         tracker.end_run(parent, "FINISHED")
     return outcomes

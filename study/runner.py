@@ -10,16 +10,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from reports.vocabulary import (
+    COMMAND_ARTIFACT,
+    PARENT_STUDY,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    SPEC_ARTIFACT,
+    SPEC_DIR,
+    TAG_FAILURE,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 from search_spaces import compile_space
-from study.spec import StudySpec
-from study.tracking import TAG_ROLE, TAG_STUDY, TAG_TRIAL, MlflowTracker, flatten
+from study.spec import SearchSpec, StudySpec
+from study.tracking import MlflowTracker, flatten
 from study.trial import uses_train_backend
 from study.ui import describe_study, name_optuna_study
 
@@ -40,9 +53,10 @@ class TrialOutcome:
 
     trial_id: str
     status: str  # FINISHED | FAILED | STOPPED
-    config: dict[str, Any]
-    metrics: dict[str, float]
+    config: dict[str, Any]  # the trial's Tune config (what Optuna sampled + constants)
+    metrics: dict[str, float]  # its last result's numbers
     error: str | None
+    run_id: str | None = None  # its MLflow run (study generate sets it)
 
 
 @dataclass
@@ -206,8 +220,8 @@ def open_parent_run(spec: StudySpec) -> tuple[MlflowTracker, str]:
     tracker = MlflowTracker(spec.tracking_uri, spec.name)
     run_id, created = tracker.get_or_create_run(
         run_name=spec.name,
-        tags={TAG_ROLE: "study"},
-        key_tags={TAG_STUDY: spec.name, "energy_study.parent": "true"},
+        tags={TAG_ROLE: ROLE_STUDY},
+        key_tags={TAG_STUDY: spec.name, TAG_PARENT: PARENT_STUDY},
     )
     if created:
         tracker.log_params(run_id, flatten({k: v for k, v in spec.to_dict().items()}))
@@ -220,67 +234,59 @@ def open_parent_run(spec: StudySpec) -> tuple[MlflowTracker, str]:
             },
         )
         space_file = spec.load_space().source
-        tracker.log_artifact(run_id, space_file, "spec")
-        tracker.log_text(run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False), "spec/study.yaml")
-        tracker.log_text(run_id, " ".join(sys.argv), "spec/command.txt")
+        tracker.log_artifact(run_id, space_file, SPEC_DIR)
+        tracker.log_text(run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False), SPEC_ARTIFACT)
+        tracker.log_text(run_id, " ".join(sys.argv), COMMAND_ARTIFACT)
         describe_study(tracker, spec, run_id, ended=False)  # the UI's description
     return tracker, run_id
 
 
-def build_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: bool = False):
-    """The Tuner of a study (new, or restored from its folder)."""
+def build_tuner(
+    spec: SearchSpec,
+    trainable: Any,
+    callbacks: list[Any],
+    *,
+    scheduler: Any = None,
+    resume: bool = False,
+    verbose: bool = False,
+) -> Any:
+    """A Tuner searching ``spec``'s space with Optuna (TPE), new or restored from its folder.
+
+    Serves ``study run`` (:func:`study_tuner`) and ``study generate``.
+
+    Args:
+        spec: the search: its space (read once per spec), objectives, trials, seed,
+            concurrency, retries, Optuna storage and folder (Tune state in ``tune/``).
+        trainable: the Tune trainable, its parameters and resources attached.
+        callbacks: driver-side Tune callbacks (MLflow writers, console progress).
+        scheduler: a trial scheduler (ASHA) or None.
+        resume: restore the Tuner saved in the folder (callbacks and searcher come back
+            with it; ``callbacks`` and ``scheduler`` are then unused).
+        verbose: Tune's own console output.
+    """
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from study.callbacks import MlflowCallback, PlacementGroupSweeper, ProgressCallback
-    from study.trial import run_trial, trial_resources, uses_train_backend
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec.to_dict()), trial_resources(spec)
-    )
     tune_dir = spec.folder / TUNE_DIR
     if resume:
         return tune.Tuner.restore(
             str(tune_dir.resolve()), trainable, resume_unfinished=True, resume_errored=False
         )
-    space = spec.load_space()
     multi = spec.multi_objective
-    metric: str | list[str] = spec.metrics if multi else spec.metrics[0]
-    mode: str | list[str] = spec.modes if multi else spec.modes[0]
     storage = None
     if spec.optuna_storage:
         storage = optuna.storages.RDBStorage(spec.optuna_storage)
     searcher: Any = OptunaSearch(
-        space=compile_space(space),
-        metric=metric,
-        mode=mode,
+        space=compile_space(spec.load_space()),
+        metric=spec.metrics if multi else spec.metrics[0],
+        mode=spec.modes if multi else spec.modes[0],
         sampler=optuna.samplers.TPESampler(seed=spec.seed),
         study_name=spec.name,
         storage=storage,
     )
     if storage is not None:  # optuna-dashboard: objective and parameter names
         name_optuna_study(searcher._ot_study, spec)
-    scheduler = None
-    epochs = spec.trial_config(space.sample_defaults()).epochs
-    if spec.uses_asha(space):
-        scheduler = ASHAScheduler(
-            # the loop's epoch counter survives a restored trial; Tune's
-            # training_iteration restarts at 1 for a resumed TorchTrainer run
-            time_attr="epoch",
-            metric=spec.metrics[0],
-            mode=spec.modes[0],
-            max_t=epochs,
-            grace_period=spec.grace_period,
-            reduction_factor=spec.reduction_factor,
-        )
-    callbacks = [
-        MlflowCallback(spec.to_dict(), parent_run_id),
-        ProgressCallback(spec.metrics, spec.trials),
-    ]
-    if uses_train_backend(spec):
-        callbacks.append(PlacementGroupSweeper())
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -298,6 +304,69 @@ def build_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
             verbose=2 if verbose else 0,
         ),
     )
+
+
+def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: bool = False):
+    """The Tuner of a study: trials get the spec and its :attr:`~StudySpec.template`
+    (resolved here, once); ASHA when the spec uses it; MLflow and progress callbacks."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from study.callbacks import MlflowCallback, PlacementGroupSweeper, ProgressCallback
+    from study.trial import run_trial, trial_resources
+
+    trainable = tune.with_parameters(run_trial, spec=spec, template=spec.template)
+    scheduler = None
+    if spec.uses_asha():
+        scheduler = ASHAScheduler(
+            # the loop's epoch counter survives a restored trial; Tune's
+            # training_iteration restarts at 1 for a resumed TorchTrainer run
+            time_attr="epoch",
+            metric=spec.metrics[0],
+            mode=spec.modes[0],
+            max_t=spec.default_epochs,
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+        )
+    callbacks = [
+        MlflowCallback(spec, parent_run_id),
+        ProgressCallback(spec.metrics, spec.trials),
+    ]
+    if uses_train_backend(spec):
+        callbacks.append(PlacementGroupSweeper())
+    return build_tuner(
+        spec,
+        tune.with_resources(trainable, trial_resources(spec)),
+        callbacks,
+        scheduler=scheduler,
+        resume=resume,
+        verbose=verbose,
+    )
+
+
+def trial_outcomes(
+    grid: Any, finished: Callable[[dict[str, Any], dict[str, float]], bool]
+) -> list[TrialOutcome]:
+    """Every started trial of a Tune result grid, as the search ended it.
+
+    Args:
+        grid: what ``Tuner.fit`` returned.
+        finished: ``(config, metrics) -> bool``: whether a trial without an error ran
+            to its end (FINISHED) rather than being stopped early (STOPPED).
+    """
+    outcomes = []
+    for result in grid:
+        if result.config is None:  # a trial that never started (study interrupted)
+            continue
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+        if result.error is not None:
+            status = "FAILED"
+        else:
+            status = "FINISHED" if finished(result.config, metrics) else "STOPPED"
+        error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
+        outcomes.append(TrialOutcome(str(trial_id), status, dict(result.config), metrics, error))
+    return outcomes
 
 
 def can_resume(spec: StudySpec) -> bool:
@@ -323,7 +392,7 @@ def run_study(spec: StudySpec, *, resume: bool = False, verbose: bool = False) -
     preflight.check_resources(spec)
     spec.save()
     tracker, parent = open_parent_run(spec)
-    tuner = build_tuner(spec, parent, resume=resume, verbose=verbose)
+    tuner = study_tuner(spec, parent, resume=resume, verbose=verbose)
     with _Interrupts(spec) as sigint:
         return _fit_and_finish(spec, tuner, tracker, parent, sigint)
 
@@ -341,21 +410,12 @@ def _fit_and_finish(
         # the last trials Tune stopped inside TorchTrainer.fit left their workers'
         # placement groups behind; the study is over, so every one of them goes
         remove_orphaned_placement_groups(all_of_this_job=True)
-    outcomes = []
-    for result in grid:
-        if result.config is None:  # a trial that never started (study interrupted)
-            continue
-        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
-        epochs = spec.trial_config(result.config).epochs
-        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-        if result.error is not None:
-            status = "FAILED"
-        elif metrics.get("epoch", 0) >= epochs and "test/clean_acc" in metrics:
-            status = "FINISHED"
-        else:
-            status = "STOPPED"
-        error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
-        outcomes.append(TrialOutcome(str(trial_id), status, dict(result.config), metrics, error))
+    outcomes = trial_outcomes(
+        grid,
+        lambda config, m: (
+            m.get("epoch", 0) >= spec.trial_config(config).epochs and "test/clean_acc" in m
+        ),
+    )
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
     if interrupted:
         _reconcile(tracker, spec, outcomes, interrupted=True)
@@ -482,7 +542,7 @@ def _reconcile(
     """No child run stays RUNNING once its trial has ended (e.g. after a driver kill);
     after an interrupt, the unfinished ones are KILLED (``study resume`` reopens them)."""
     by_id = {t.trial_id: t for t in outcomes}
-    for run in tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: "trial"}):
+    for run in tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: ROLE_TRIAL}):
         if run.info.status != "RUNNING":
             continue
         trial = by_id.get(run.data.tags.get(TAG_TRIAL, ""))
@@ -490,5 +550,5 @@ def _reconcile(
         if trial is None or (interrupted and trial.status == "STOPPED"):
             status = "KILLED"
         if trial is not None and trial.error:
-            tracker.set_tags(run.info.run_id, {"energy_study.failure_reason": trial.error})
+            tracker.set_tags(run.info.run_id, {TAG_FAILURE: trial.error})
         tracker.end_run(run.info.run_id, status)

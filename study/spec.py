@@ -2,6 +2,9 @@
 
 A spec is saved as ``<storage>/<name>/study.yaml`` so that ``study resume``
 and ``study export`` find the tracking URI, the space and the objective again.
+The driver reads the space once per spec object and resolves the trials' common
+config into one :class:`TrialTemplate`, which travels to every trial; no trial
+opens the space file.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -27,68 +32,79 @@ DEFAULT_BASE = HERE / "default.yaml"
 DEFAULT_SPACE = "weat"
 BACKENDS = ("auto", "train", "direct")
 SPEC_FILE = "study.yaml"
+#: TrainConfig fields holding paths: made absolute on the driver, since Tune runs a
+#: trial in a working folder of its own.
+PATH_FIELDS = ("data_root", "val_npz", "output_dir")
+
+
+@dataclass(frozen=True)
+class TrialTemplate:
+    """The config every trial of a study shares, resolved once on the driver.
+
+    Attributes:
+        values: space preset < base config < space ``fixed`` values (nested mapping),
+            with the :data:`PATH_FIELDS` absolute.
+        overrides: what wins over the sampled values: ``autoattack: false`` and the
+            study's ``epochs`` when it sets one.
+    """
+
+    values: dict[str, Any]
+    overrides: dict[str, Any]
+
+    def config(self, sampled: Mapping[str, Any]) -> TrainConfig:
+        """One trial's validated config: the template < ``sampled`` < the overrides.
+
+        Args:
+            sampled: the trial's Tune config (dotted keys address nested values).
+        """
+        return TrainConfig.from_dict({**_merge(self.values, nest(sampled)), **self.overrides})
 
 
 @dataclass
-class StudySpec:
-    """One study.
+class SearchSpec:
+    """What every search over a space has (a study; a ``study generate`` study).
 
     Attributes:
-        name: study name (MLflow experiment name, Tune run name); letters, digits, ``-_.``.
-        space: search-space file or shipped space name.
-        base: base training config (mapping) every trial starts from.
+        name: study name (MLflow experiment or run name, Tune run name); letters,
+            digits, ``-_.``.
+        space: search-space file or shipped space name (a file is kept by its
+            absolute path).
         trials: number of trials Optuna proposes.
-        epochs: epochs per trial (overrides the base config when set).
         metrics: objective metric name(s); several make the study multi-objective.
         modes: ``max``/``min`` per metric.
-        asha: early stopping of poor trials with ASHA (single objective only).
-        grace_period: epochs every trial runs before ASHA may stop it.
-        reduction_factor: ASHA keeps the best 1/reduction_factor of trials at each rung.
         max_concurrent: trials run at once (0 = as many as resources allow).
         max_failures: retries of a failed trial.
-        seed: seed of the Optuna sampler (trial seeds come from the base config).
-        workers_per_trial: Ray Train workers per trial (DDP when > 1).
-        cpus_per_worker: CPUs reserved per worker (torch threads follow it).
-        gpus_per_trial: GPUs per trial, split over its workers (fractions allowed).
-        backend: ``train`` (a TorchTrainer per trial), ``direct`` (the loop runs in
-            the Tune trial; single CPU worker only) or ``auto`` (``direct`` for one
-            CPU worker without GPU, ``train`` otherwise).
+        seed: seed of the Optuna sampler.
         tracking_uri: MLflow tracking URI.
-        storage: folder of Ray results, checkpoints and trial outputs.
+        storage: folder of Ray results, checkpoints and trial outputs (made absolute).
         address: Ray cluster address (None = start a local cluster).
         optuna_storage: Optuna RDB URL (e.g. ``sqlite:///optuna.db``) for optuna-dashboard.
-        finalists: trials evaluated in the study's second stage (top-K finished trials
-            by the objective; a multi-objective study takes its Pareto set); 0 = none.
-        final_n: test points of the second stage (PGD and AutoAttack on the same
-            points; None = the whole test set).
-        connect_timeout: seconds the tracking server and the Ray address have to answer
-            before the study starts.
     """
 
+    #: the config keys a space may set, and the preset names it may give
+    config_keys: ClassVar[tuple[str, ...]]
+    presets: ClassVar[Iterable[str]]
+
     name: str
-    space: str = DEFAULT_SPACE
-    base: dict[str, Any] = field(default_factory=dict)
+    space: str | None = DEFAULT_SPACE
     trials: int = 12
-    epochs: int | None = None
     metrics: list[str] = field(default_factory=lambda: ["val/pgd_acc"])
     modes: list[str] = field(default_factory=lambda: ["max"])
-    asha: bool = True
-    grace_period: int = 3
-    reduction_factor: int = 2
     max_concurrent: int = 0
     max_failures: int = 0
     seed: int = 0
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_trial: float = 0.0
-    backend: str = "auto"
     tracking_uri: str = ""
     storage: str = ""
     address: str | None = None
     optuna_storage: str | None = None
-    finalists: int = 3
-    final_n: int | None = None
-    connect_timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        """Make ``storage`` and a space file's path absolute (Tune moves trials' cwd)."""
+        if self.storage and "://" not in self.storage:  # a URI stays as it is
+            self.storage = str(Path(self.storage).resolve())
+        if self.space and Path(self.space).suffix in (".yaml", ".yml"):
+            if Path(self.space).is_file():
+                self.space = str(Path(self.space).resolve())
 
     @property
     def multi_objective(self) -> bool:
@@ -100,16 +116,82 @@ class StudySpec:
         """``<storage>/<name>``: Ray's experiment folder and the trials' outputs."""
         return Path(self.storage) / self.name
 
-    def load_space(self) -> SearchSpace:
-        """The search space, validated against the training config's keys and presets."""
-        space = load_space(self.space)
-        space.check_keys(TrainConfig.field_names())
-        space.check_preset(PRESETS)
+    @cached_property
+    def _space(self) -> SearchSpace:
+        try:
+            space = load_space(str(self.space))
+            space.check_keys(self.config_keys)
+            space.check_preset(self.presets)
+        except SpaceError as exc:
+            raise ConfigError(str(exc)) from None
         return space
 
-    def trial_config(self, sampled: dict[str, Any]) -> TrainConfig:
-        """The validated training config of one trial:
-        space preset < base < space fixed < sampled < ``epochs``.
+    def load_space(self) -> SearchSpace:
+        """The search space, validated against the config's keys and the presets; the
+        file is read once per spec object, whose fields stay as they are from then on
+        (a bad space is a ConfigError)."""
+        return self._space
+
+    def check(self) -> None:
+        """Check the fields every search has (name, trials, objectives, concurrency)."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ConfigError(
+                f"study name {self.name!r}: use letters, digits, '-', '_' or '.' (no spaces)"
+            )
+        if self.trials < 1:
+            raise ConfigError(f"trials = {self.trials}; must be >= 1")
+        if len(self.metrics) != len(self.modes):
+            raise ConfigError(f"{len(self.metrics)} metric(s) but {len(self.modes)} mode(s)")
+        for mode in self.modes:
+            if mode not in ("max", "min"):
+                raise ConfigError(f"mode = {mode!r}; allowed: max, min")
+        if self.max_failures < 0 or self.max_concurrent < 0:
+            raise ConfigError("max_failures >= 0, max_concurrent >= 0")
+
+
+@dataclass
+class StudySpec(SearchSpec):
+    """One study: the fields of :class:`SearchSpec` and these.
+
+    Attributes:
+        base: base training config (mapping) every trial starts from.
+        epochs: epochs per trial (overrides the base config when set).
+        asha: early stopping of poor trials with ASHA (single objective only).
+        grace_period: epochs every trial runs before ASHA may stop it.
+        reduction_factor: ASHA keeps the best 1/reduction_factor of trials at each rung.
+        workers_per_trial: Ray Train workers per trial (DDP when > 1).
+        cpus_per_worker: CPUs reserved per worker (torch threads follow it).
+        gpus_per_trial: GPUs per trial, split over its workers (fractions allowed).
+        backend: ``train`` (a TorchTrainer per trial), ``direct`` (the loop runs in
+            the Tune trial; single CPU worker only) or ``auto`` (``direct`` for one
+            CPU worker without GPU, ``train`` otherwise).
+        finalists: trials evaluated in the study's second stage (top-K finished trials
+            by the objective; a multi-objective study takes its Pareto set); 0 = none.
+        final_n: test points of the second stage (PGD and AutoAttack on the same
+            points; None = the whole test set).
+        connect_timeout: seconds the tracking server and the Ray address have to answer
+            before the study starts.
+    """
+
+    config_keys: ClassVar[tuple[str, ...]] = tuple(TrainConfig.field_names())
+    presets: ClassVar[Iterable[str]] = PRESETS
+
+    base: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    asha: bool = True
+    grace_period: int = 3
+    reduction_factor: int = 2
+    workers_per_trial: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_trial: float = 0.0
+    backend: str = "auto"
+    finalists: int = 3
+    final_n: int | None = None
+    connect_timeout: float = 15.0
+
+    @cached_property
+    def template(self) -> TrialTemplate:
+        """The trials' common config (built once per spec object, from :meth:`load_space`).
 
         Trials of a study run no AutoAttack (``autoattack: false``): the search
         compares trials on cheap numbers, and the finalists get PGD-20 and AutoAttack
@@ -118,34 +200,28 @@ class StudySpec:
         space = self.load_space()
         values = load_preset(space.preset) if space.preset else {}
         values = _merge(_merge(values, dict(self.base)), nest(dict(space.fixed)))
-        values = _merge(values, nest(sampled))
-        if self.epochs is not None:
-            values["epochs"] = self.epochs
-        values["autoattack"] = False
-        return TrainConfig.from_dict(values)
+        for key in PATH_FIELDS:
+            if values.get(key):
+                values[key] = str(Path(values[key]).expanduser().resolve())
+        epochs = {} if self.epochs is None else {"epochs": self.epochs}
+        return TrialTemplate(values, {**epochs, "autoattack": False})
+
+    def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
+        """The validated training config of one trial: space preset < base < space
+        fixed < ``sampled`` (a Tune config) < ``epochs``; see :attr:`template`."""
+        return self.template.config(sampled)
 
     def validate(self) -> None:
         """Check every field, the space, and one sampled trial config, before Ray starts."""
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ConfigError(
-                f"study name {self.name!r}: use letters, digits, '-', '_' or '.' (no spaces)"
-            )
-        if self.trials < 1:
-            raise ConfigError(f"trials = {self.trials}; must be >= 1")
+        self.check()
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs = {self.epochs}; must be >= 1")
-        if len(self.metrics) != len(self.modes):
-            raise ConfigError(f"{len(self.metrics)} metric(s) but {len(self.modes)} mode(s)")
-        for mode in self.modes:
-            if mode not in ("max", "min"):
-                raise ConfigError(f"mode = {mode!r}; allowed: max, min")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend = {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if self.backend == "direct" and (self.workers_per_trial > 1 or self.gpus_per_trial > 0):
             raise ConfigError("backend 'direct' runs one CPU worker; use 'train' for more")
-        for key in ("workers_per_trial",):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} = {getattr(self, key)}; must be >= 1")
+        if self.workers_per_trial < 1:
+            raise ConfigError(f"workers_per_trial = {self.workers_per_trial}; must be >= 1")
         if self.cpus_per_worker <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("cpus_per_worker must be > 0 and gpus_per_trial >= 0")
         if self.reduction_factor < 2:
@@ -156,12 +232,9 @@ class StudySpec:
             raise ConfigError(f"finalists = {self.finalists}; must be >= 0 (0: no final stage)")
         if self.final_n is not None and self.final_n < 1:
             raise ConfigError(f"final_n = {self.final_n}; must be >= 1 (or unset: all)")
-        if self.grace_period < 1 or self.max_failures < 0 or self.max_concurrent < 0:
-            raise ConfigError("grace_period >= 1, max_failures >= 0, max_concurrent >= 0")
-        try:
-            space = self.load_space()
-        except SpaceError as exc:
-            raise ConfigError(str(exc)) from None
+        if self.grace_period < 1:
+            raise ConfigError(f"grace_period = {self.grace_period}; must be >= 1")
+        space = self.load_space()
         for metric in self.metrics:
             if not is_metric(metric) or metric.startswith("final/"):
                 close = difflib.get_close_matches(metric, objective_names(), n=1)
@@ -170,7 +243,7 @@ class StudySpec:
                     f"metric {metric!r} is not one the trials report{hint}; objectives: "
                     f"{', '.join(objective_names())}"
                 )
-            if self.uses_asha(space) and not is_epoch_metric(metric):
+            if self.uses_asha() and not is_epoch_metric(metric):
                 raise ConfigError(
                     f"metric {metric!r} is reported once, after a trial's last epoch; ASHA "
                     "stops trials on a metric reported every epoch (val/..., train/...): "
@@ -188,13 +261,15 @@ class StudySpec:
                     f"valid training config: {exc}"
                 ) from None
 
-    def uses_asha(self, space: SearchSpace | None = None) -> bool:
+    @property
+    def default_epochs(self) -> int:
+        """Epochs of a trial with the space's default values (ASHA's ``max_t``)."""
+        return self.trial_config(self.load_space().sample_defaults()).epochs
+
+    def uses_asha(self) -> bool:
         """Whether ASHA stops trials: asked for, one objective, more epochs than the
         grace period."""
-        if not self.asha or self.multi_objective:
-            return False
-        space = space or self.load_space()
-        return self.trial_config(space.sample_defaults()).epochs > self.grace_period
+        return self.asha and not self.multi_objective and self.default_epochs > self.grace_period
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for ``study.yaml`` and MLflow params)."""
@@ -220,7 +295,8 @@ class StudySpec:
         return cls(**yaml.safe_load(path.read_text()))
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """``a`` updated by ``b``, nested mappings merged key by key (``b`` wins)."""
     out = dict(a)
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v

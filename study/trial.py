@@ -8,8 +8,8 @@ no CPU (a 0-CPU bundle with 1 MB of memory, which Ray accepts where a bare
 0.01-CPU launcher, two 1-CPU trials need 2.02 CPUs and do not fit on 2 cores.
 
 The ``direct`` backend (what ``auto`` picks for one CPU worker, no GPU) runs
-the loop inside the Tune function: no Train controller or worker process to
-start (about 9 s per trial on 2 cores), real Tune checkpoints.
+the loop inside the Tune function: no Train controller or worker processes to
+start per trial, and real Tune checkpoints.
 """
 
 from __future__ import annotations
@@ -17,15 +17,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from study.spec import StudySpec
+from study.spec import SearchSpec, StudySpec, TrialTemplate
 
 #: What the Tune function that launches a TorchTrainer reserves: no CPU (1 MB of
 #: memory makes the bundle non-empty, which Ray requires).
 LAUNCHER_RESOURCES = {"cpu": 0.0, "memory": 1e6}
 
+#: The folder in a study's folder with the checkpoints (``last.pt``, ``best.pt``) of a
+#: run that a trial of the ``train`` backend continues when Ray has none of its own
+#: (``study train --workers N --resume CKPT`` puts them there).
+START_FOLDER = "start"
 
-def trial_output_dir(spec: StudySpec, trial_id: str) -> Path:
-    """Where a trial's loop writes its checkpoints, metrics and energies."""
+
+def trial_output_dir(spec: SearchSpec, trial_id: str) -> Path:
+    """Where a trial writes its outputs (checkpoints, metrics, energies, samples)."""
     return spec.folder / "trials" / trial_id
 
 
@@ -47,51 +52,51 @@ def trial_resources(spec: StudySpec) -> dict[str, float]:
     return {"cpu": spec.cpus_per_worker}
 
 
-def run_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) -> None:
     """Tune function trainable: build the trial's config and train it.
 
     Args:
-        config: the parameters Optuna sampled for this trial (dotted keys for nested
-            config values) plus the space's constants.
-        spec: the study spec as plain data.
+        config: the trial's Tune config: the parameters Optuna sampled (dotted keys
+            for nested config values) plus the space's constants.
+        spec: the study (resources, backend, storage).
+        template: the trials' common config, resolved on the driver
+            (:attr:`StudySpec.template`); the trial never reads the space file.
     """
     from ray import tune
 
     from trainables.ray_adapter import train_in_trial, train_worker
 
-    study = StudySpec(**spec)
-    cfg = study.trial_config(config)
-    trial_id = tune.get_context().get_trial_id()
-    payload = {
-        "train": cfg.to_dict(),
-        "output_dir": str(trial_output_dir(study, trial_id)),
-        "cpus_per_worker": study.cpus_per_worker,
-    }
-    if not uses_train_backend(study):
-        train_in_trial(payload)
+    cfg = template.config(config)
+    out = trial_output_dir(spec, tune.get_context().get_trial_id())
+    if not uses_train_backend(spec):
+        train_in_trial(cfg, out, spec.cpus_per_worker)
         return
 
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    workers = study.workers_per_trial
-    per_worker: dict[str, float] = {"CPU": study.cpus_per_worker}
-    if study.gpus_per_trial > 0:
-        per_worker["GPU"] = study.gpus_per_trial / workers
-    trainer = TorchTrainer(
+    workers = spec.workers_per_trial
+    per_worker: dict[str, float] = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_trial > 0:
+        per_worker["GPU"] = spec.gpus_per_trial / workers
+    start = spec.folder / START_FOLDER
+    TorchTrainer(
         train_worker,
-        train_loop_config=payload,
+        # the one serialisation of the config: Train hands its workers plain data
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "output_dir": str(out),
+            "cpus_per_worker": spec.cpus_per_worker,
+            "start": str(start) if start.is_dir() else None,
+        },
         scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=study.gpus_per_trial > 0,
-            resources_per_worker=per_worker,
+            num_workers=workers, use_gpu=spec.gpus_per_trial > 0, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
-            name=trial_id,
-            storage_path=str(study.folder / "train"),
+            name=out.name,
+            storage_path=str(spec.folder / "train"),
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-    )
-    trainer.fit()
+    ).fit()

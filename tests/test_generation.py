@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from study import cli
+from study.generate import GenerationSpec, run_generation
 from study.tracking import TAG_ROLE, TAG_STUDY, MlflowTracker
 from trainables.data import load_data, to_float
 from trainables.errors import ConfigError
@@ -377,19 +378,21 @@ def test_missing_inception_weights_say_which_file_and_where(tmp_path, monkeypatc
 
 
 # --- study generate ------------------------------------------------------------------------
-def test_generate_once_from_a_run_nests_under_it(trained, tmp_path, capsys) -> None:
+def test_generate_once_from_a_run_nests_under_it(trained, tmp_path) -> None:
     db = trained["db"]
-    code = cli.main(["generate", "--from", trained["run_id"], "--samples", "40", "--set",
-                     "steps=10", "--tracking-uri", db, "--storage", str(tmp_path),
-                     "--name", "once", "--extractor-plugin", PLUGIN,
-                     "--feature-extractor", STANDIN])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+    base = {"samples": 40, "steps": 10, "extractor_plugin": PLUGIN, "feature_extractor": STANDIN}
+    spec = GenerationSpec(name="once", source=trained["run_id"], base=base, tracking_uri=db,
+                          storage=str(tmp_path))  # fmt: skip
+    (outcome,) = run_generation(spec)
+    assert outcome.trial_id == "single" and outcome.status == "FINISHED"
     tracker = MlflowTracker(db, "src")
     (run,) = tracker.find_runs(**{TAG_ROLE: "generation", TAG_STUDY: "once"})
+    assert run.info.run_id == outcome.run_id
     assert run.data.tags["mlflow.parentRunId"] == trained["run_id"]
     assert run.info.status == "FINISHED"
     for key in ("gen/fid", "gen/is", "gen/kid", "gen/diversity"):
         assert np.isfinite(run.data.metrics[key]), key
+        assert run.data.metrics[key] == pytest.approx(outcome.metrics[key])
     trace = tracker.client.get_metric_history(run.info.run_id, "gen/energy_target")
     assert sorted(m.step for m in trace) == list(range(11))
     names = {a.path for a in tracker.client.list_artifacts(run.info.run_id, "generation")}
@@ -407,17 +410,19 @@ def test_generate_without_weights_fails_before_sampling(trained, tmp_path, capsy
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_generation_study_from_a_checkpoint_file(trained, tmp_path, capsys) -> None:
+def test_generation_study_from_a_checkpoint_file(trained, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # relative paths are resolved on the driver
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = cli.main(["generate", "--from", str(trained["ckpt"]), "--space", "sgld_smoke",
-                     "--trials", "3", "--tracking-uri", db, "--storage", str(tmp_path),
-                     "--name", "gstudy", "--extractor-plugin", PLUGIN,
-                     "--feature-extractor", STANDIN])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+    base = {"extractor_plugin": PLUGIN, "feature_extractor": STANDIN}
+    spec = GenerationSpec(name="gstudy", source=str(trained["ckpt"]), space="sgld_smoke",
+                          trials=3, base=base, tracking_uri=db, storage=".")  # fmt: skip
+    outcomes = run_generation(spec)
+    assert [o.status for o in outcomes] == ["FINISHED"] * 3
     tracker = MlflowTracker(db, "generation")
     (parent,) = tracker.find_runs(**{TAG_ROLE: "generation_study", TAG_STUDY: "gstudy"})
     runs = tracker.find_runs(**{TAG_ROLE: "generation", TAG_STUDY: "gstudy"})
     assert len(runs) == 3
+    assert {r.info.run_id for r in runs} == {o.run_id for o in outcomes}
     for run in runs:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED"
@@ -425,5 +430,6 @@ def test_generation_study_from_a_checkpoint_file(trained, tmp_path, capsys) -> N
         assert run.data.params["samples"] == "40" and run.data.params["steps"] == "10"
         steps = tracker.client.get_metric_history(run.info.run_id, "gen/energy_target")
         assert len(steps) == 11
-    out = capsys.readouterr().out
-    assert "gen/fid" in out
+    for outcome in outcomes:  # the sampled values and the space's constants
+        assert {"init", "momentum", "step_size", "samples", "steps"} <= set(outcome.config)
+        assert np.isfinite(outcome.metrics["gen/fid"])

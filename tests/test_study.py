@@ -361,12 +361,24 @@ def test_resume_after_the_driver_is_killed(tmp_path) -> None:
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
-def test_cli_run_prints_the_best_trials_and_the_commands(tmp_path, capsys) -> None:
+def test_cli_run_prints_the_best_trials_and_the_commands(tmp_path, capsys, monkeypatch) -> None:
+    import search_spaces.space
+
+    loads, parse = [], search_spaces.space.parse_space  # the space files the driver reads
+    monkeypatch.setattr(
+        search_spaces.space,
+        "parse_space",
+        lambda text, source: loads.append(source) or parse(text, source),
+    )
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["run", "--space", "smoke", "--name", "cli-smoke", "--trials", "2", "--epochs", "1",
             "--finalists", "1", "--final-n", "20",
             "--tracking-uri", tracking, "--storage", str(tmp_path / "studies")]  # fmt: skip
     assert cli.main(args) == 0
+    # the command's defaults and the spec (validation, searcher, ASHA, finals, the
+    # outcome); trials read none. MlflowCallback still rebuilds a spec from plain
+    # data, reading the space twice per trial (study/callbacks.py)
+    assert len(loads) <= 2, loads
     out = capsys.readouterr().out
     assert "best trials by val/pgd_acc (max)" in out
     # the second stage: one finalist, its accuracies with n and a 95 % interval

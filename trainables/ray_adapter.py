@@ -28,10 +28,11 @@ import torch
 
 from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig
+from trainables.files import CHECKPOINT_DIR, CONFIG_FILE, FINAL_FILE, LAST_CHECKPOINT, METRICS_LOG
 from trainables.loop import train
 from trainables.reporting import JsonlReporter, MultiReporter, Reporter
 
-CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_FILE = Path(LAST_CHECKPOINT).name  #: the file a Ray checkpoint holds
 
 
 class RayReporter:
@@ -91,7 +92,7 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict[str, float] | None:
     then not trained or evaluated again: its last epoch and test metrics, read
     from ``metrics.jsonl`` and ``final.json``, are reported once more.
     """
-    final, lines, saved = out / "final.json", out / "metrics.jsonl", out / "config.yaml"
+    final, lines, saved = out / FINAL_FILE, out / METRICS_LOG, out / CONFIG_FILE
     if not (final.is_file() and lines.is_file() and saved.is_file()):
         return None
     try:
@@ -115,24 +116,25 @@ def _reporters(out: Path, ray_reporter: RayReporter, rank: int, resume: Path | N
     start = 0
     if resume is not None:
         start = int(load_checkpoint(resume).get("epoch", 0))
-    return MultiReporter(ray_reporter, JsonlReporter(out / "metrics.jsonl", resume_epoch=start))
+    return MultiReporter(ray_reporter, JsonlReporter(out / METRICS_LOG, resume_epoch=start))
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for ``TorchTrainer``.
 
-    ``config`` holds ``train`` (a TrainConfig mapping), ``output_dir`` (the
-    trial's folder, on storage every worker can reach) and ``cpus_per_worker``
-    (torch threads are set to it, so workers never oversubscribe the cores).
+    Args:
+        config: ``train`` (a TrainConfig mapping), ``output_dir`` (the trial's
+            folder, on storage every worker can reach), ``cpus_per_worker``
+            (torch threads are set to it, so workers never oversubscribe the cores)
+            and ``start`` (a folder with another run's ``last.pt`` and ``best.pt`` to
+            continue when Ray has no checkpoint, or None).
     """
     import ray.train
     from ray.train import Checkpoint
 
     cfg = TrainConfig.from_dict(config["train"])
-    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    out = Path(config["output_dir"])
     wrap = None
     if world > 1:
         from ray.train.torch import prepare_model
@@ -144,12 +146,49 @@ def train_worker(config: dict[str, Any]) -> None:
         from ray.train.torch import get_device
 
         cfg = cfg.replace(device=get_device().type)
+    out, cpus = Path(config["output_dir"]), config["cpus_per_worker"]
+    start = Path(config["start"]) if config.get("start") else None
+    _train(cfg, out, cpus, ray.train, Checkpoint, rank=rank, world=world, wrap=wrap, start=start)
+
+
+def train_in_trial(cfg: TrainConfig, output_dir: Path, cpus_per_worker: float) -> None:
+    """Run the loop directly in the Tune function (single CPU worker fast path).
+
+    Args:
+        cfg: the trial's training config.
+        output_dir: the trial's folder (absolute).
+        cpus_per_worker: CPUs the trial holds; torch threads are set to it.
+    """
+    from ray import tune
+
+    _train(cfg, output_dir, cpus_per_worker, tune, tune.Checkpoint)
+
+
+def _train(
+    cfg: TrainConfig,
+    out: Path,
+    cpus: float,
+    ray_api: Any,
+    checkpoint_cls: Any,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    start: Path | None = None,
+) -> None:
+    """Train (or report a run already finished in ``out``) through ``ray.train`` or
+    ``ray.tune`` (``ray_api``: its ``report`` and ``get_checkpoint``)."""
+    torch.set_num_threads(max(1, int(cpus)))
     done = finished_run(out, cfg)
     if done is not None:
-        ray.train.report(done)
+        ray_api.report(done)
         return
-    resume = _resume_file(ray.train.get_checkpoint(), out / f".resume-rank{rank}")
-    reporter = RayReporter(ray.train.report, Checkpoint, cfg.epochs)
+    resume = _resume_file(ray_api.get_checkpoint(), out / f".resume-rank{rank}")
+    if resume is None and start is not None:  # continue another run, its best.pt beside
+        resume = start / CHECKPOINT_FILE
+        if rank == 0:
+            shutil.copytree(start, out / CHECKPOINT_DIR, dirs_exist_ok=True)
+    reporter = RayReporter(ray_api.report, checkpoint_cls, cfg.epochs)
     train(
         cfg,
         reporter=_reporters(out, reporter, rank, resume),
@@ -158,24 +197,4 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
         wrap_model=wrap,
-    )
-
-
-def train_in_trial(config: dict[str, Any]) -> None:
-    """Run the loop directly in the Tune function (single CPU worker fast path)."""
-    from ray import tune
-
-    cfg = TrainConfig.from_dict(config["train"])
-    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
-    out = Path(config["output_dir"])
-    done = finished_run(out, cfg)
-    if done is not None:
-        tune.report(done)
-        return
-    resume = _resume_file(tune.get_checkpoint(), out / ".resume")
-    train(
-        cfg,
-        reporter=_reporters(out, RayReporter(tune.report, tune.Checkpoint, cfg.epochs), 0, resume),
-        output_dir=out,
-        resume=resume,
     )
