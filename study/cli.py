@@ -2,8 +2,10 @@
 
 Sub-commands:
 
-* ``study run``: a Ray Tune + Optuna study whose trials train through Ray Train,
-  recorded in MLflow (no arguments: a small WEAT study on the bundled digits).
+* ``study run``: a Ray Tune + Optuna study recorded in MLflow (no arguments: a small
+  WEAT study on the bundled digits). A trial with one CPU worker trains inside its
+  Tune trial; several workers or GPUs train through a Ray Train TorchTrainer
+  (``--backend``).
 * ``study resume NAME``: continue an interrupted study.
 * ``study export NAME -o best.yaml``: the best config(s) for final training.
 * ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
@@ -28,18 +30,32 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trainables.errors import ConfigError, UserError
+from trainables.files import METRICS_LOG
 
 if TYPE_CHECKING:
+    from study.runner import StudyOutcome
     from study.spec import StudySpec
+    from trainables.config import TrainConfig
 
-#: The default study (``study run`` with no arguments): sized to finish in well
-#: under 5 minutes on 2 CPU cores (two trials at once, ~1 s per digits epoch).
-DEFAULT_TRIALS = 12
+#: Epochs per trial of the default study (no ``--config``, a space that sets none): with
+#: StudySpec's trials and grace period it ends in well under 5 minutes on 2 CPU cores.
 DEFAULT_EPOCHS = 8
-DEFAULT_GRACE = 3
+
+#: ``study run`` options that are StudySpec fields of that name and default: (field, type, help)
+_SPEC_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("max_failures", int, "retries of a failed trial"),
+    ("workers_per_trial", int, "Ray Train workers (DDP if > 1)"),
+    ("cpus_per_worker", float, "CPUs per Train worker"),
+    ("gpus_per_trial", float, "GPUs per trial (fractions ok)"),
+    ("optuna_storage", str, "Optuna RDB URL, e.g. sqlite:///optuna.db"),
+    ("finalists", int, "top trials evaluated with PGD + AutoAttack at the end (0: none; "
+     "multi-objective: the Pareto set)"),
+    ("final_n", int, "test points of that final evaluation (None: all)"),
+    ("connect_timeout", float, "seconds the tracking server and --address may take to answer"),
+)  # fmt: skip
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
@@ -76,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     reporters: list = [
         ConsoleReporter(),
-        JsonlReporter(out / "metrics.jsonl", resume_epoch=start_epoch),
+        JsonlReporter(out / METRICS_LOG, resume_epoch=start_epoch),
     ]
     mlflow_reporter = None
     if not args.no_mlflow:
@@ -111,10 +127,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_on_ray(args: argparse.Namespace, cfg) -> int:
-    """``study train --workers N``: a study of one through Ray Train (DDP when N > 1)."""
+def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """``study train --workers N``: a study of one through Ray Train (DDP when N > 1).
+
+    ``--resume`` travels through the study's folder (:data:`study.trial.START_FOLDER`);
+    ``-o`` gets a copy of the trial's folder.
+    """
+    import shutil
+
     from study.runner import run_study
     from study.spec import StudySpec
+    from study.trial import trial_output_dir
 
     name = (
         args.experiment if args.experiment != "train" else f"train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -132,6 +155,15 @@ def _train_on_ray(args: argparse.Namespace, cfg) -> int:
         storage=_storage(args),
         address=args.address,
     )
+    if args.resume:  # its trial continues the run from START_FOLDER (last.pt, best.pt)
+        from study.trial import START_FOLDER
+
+        spec.validate()  # nothing is written for a bad spec
+        start = spec.folder / START_FOLDER
+        start.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(args.resume, start / "last.pt")
+        if (best := Path(args.resume).with_name("best.pt")).is_file():
+            shutil.copy2(best, start / "best.pt")
     outcome = run_study(spec)
     trial = outcome.trials[0]
     print(f"trial {trial.trial_id}: {trial.status}")
@@ -139,70 +171,53 @@ def _train_on_ray(args: argparse.Namespace, cfg) -> int:
         print(f"  {key:<28s} {trial.metrics[key]:.4f}")
     if trial.error:
         print(f"error: {trial.error}", file=sys.stderr)
+    folder = trial_output_dir(spec, trial.trial_id)
+    if args.output and folder.is_dir():
+        ignore = shutil.ignore_patterns(".resume*")
+        shutil.copytree(folder, args.output, dirs_exist_ok=True, ignore=ignore)
+        print(f"outputs in {args.output}")
     return 0 if trial.status == "FINISHED" else 1
 
 
 def _spec_from_args(args: argparse.Namespace) -> StudySpec:
+    """The study of ``study run``: options given > the space's ``study`` section >
+    :class:`StudySpec`'s defaults (epochs: :data:`DEFAULT_EPOCHS` without ``--config``)."""
     from search_spaces import load_space
     from search_spaces.space import SpaceError
-    from study.spec import DEFAULT_SPACE, StudySpec, base_config
+    from study.spec import DEFAULT_SPACE, StudySpec, _merge, base_config
+    from trainables.config import parse_overrides
 
     space_name = args.space or DEFAULT_SPACE
     try:
-        defaults = dict(load_space(space_name).study)
+        suggested = dict(load_space(space_name).study)
     except SpaceError as exc:
         raise ConfigError(str(exc)) from None
-    metrics = args.metric or _as_list(defaults.get("metric", "val/pgd_acc"))
-    modes = args.mode or _as_list(defaults.get("mode", "max"))
-    if len(modes) == 1 and len(metrics) > 1:
-        modes = modes * len(metrics)
-    base = base_config(args.config)
-    for key, value in _parse_sets(args.set).items():
-        base[key] = value
-    stem = Path(space_name).stem
-    return StudySpec(
-        name=args.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}",
+    if not args.config:
+        suggested.setdefault("epochs", DEFAULT_EPOCHS)
+    keys = ("trials", "epochs", "asha", "grace_period")  # None: not given (0 is checked)
+    values = {k: suggested.get(k) if getattr(args, k) is None else getattr(args, k) for k in keys}
+    for key, option in (("metric", args.metric), ("mode", args.mode)):
+        values[f"{key}s"] = option or (_as_list(suggested[key]) if key in suggested else None)
+    spec = StudySpec(
+        name=args.name or f"{Path(space_name).stem}-{time.strftime('%Y%m%d-%H%M%S')}",
         space=space_name,
-        base=base,
-        trials=_given(args.trials, int(defaults.get("trials", DEFAULT_TRIALS))),
-        epochs=_given(
-            args.epochs, defaults.get("epochs") or (None if args.config else DEFAULT_EPOCHS)
-        ),
-        metrics=metrics,
-        modes=modes,
-        asha=args.asha if args.asha is not None else bool(defaults.get("asha", True)),
-        grace_period=_given(args.grace_period, int(defaults.get("grace_period", DEFAULT_GRACE))),
-        max_concurrent=args.max_concurrent,
-        max_failures=args.max_failures,
-        seed=args.seed,
-        workers_per_trial=args.workers_per_trial,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_trial=args.gpus_per_trial,
-        backend=args.backend,
+        base=_merge(base_config(args.config), parse_overrides(args.set)),  # as study train
         tracking_uri=_tracking_uri(args),
         storage=_storage(args),
+        **{key: getattr(args, key) for key, _, _ in _SPEC_OPTIONS},
+        seed=args.seed,
+        max_concurrent=args.max_concurrent,
+        backend=args.backend,
         address=args.address,
-        optuna_storage=args.optuna_storage,
-        finalists=args.finalists,
-        final_n=args.final_n,
-        connect_timeout=args.connect_timeout,
+        **{key: value for key, value in values.items() if value is not None},
     )
+    if len(spec.modes) == 1 and len(spec.metrics) > 1:
+        spec.modes = spec.modes * len(spec.metrics)
+    return spec
 
 
-def _given(value, default):
-    """An option's value when given (0 included: it is checked, not replaced), else the
-    default."""
-    return default if value is None else value
-
-
-def _as_list(value) -> list[str]:
+def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
-def _parse_sets(items: list[str]) -> dict:
-    from trainables.config import parse_overrides
-
-    return parse_overrides(items)
 
 
 def _print_outcome(outcome) -> None:
@@ -276,7 +291,6 @@ def _print_finals(outcome) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-
     spec = _spec_from_args(args)
     spec.validate()  # before any Ray process starts
     print(
@@ -285,7 +299,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"MLflow {spec.tracking_uri}; storage {spec.folder}",
         flush=True,
     )
-    outcome = _run_or_interrupted(spec, resume=False, verbose=args.verbose)
+    return _finish(_run_or_interrupted(spec, resume=False, verbose=args.verbose))
+
+
+def _finish(outcome: StudyOutcome | None) -> int:
+    """Print the outcome of ``study run``/``resume``; 130 after Ctrl-C, 1 if no trial finished."""
     if outcome is None:
         return 130
     _print_outcome(outcome)
@@ -319,11 +337,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if not can_resume(spec):
         raise UserError(f"study {args.name!r} has no Tune state under {spec.folder} to resume")
     print(f"resuming study {spec.name} from {spec.folder}", flush=True)
-    outcome = _run_or_interrupted(spec, resume=True, verbose=args.verbose)
-    if outcome is None:
-        return 130
-    _print_outcome(outcome)
-    return 0
+    return _finish(_run_or_interrupted(spec, resume=True, verbose=args.verbose))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -331,7 +345,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from study.spec import StudySpec
     from study.tracking import MlflowTracker
 
-    metric, mode = args.metric, args.mode
+    if len(args.metric or []) > 1:
+        raise ConfigError("study export ranks by one --metric")
+    metric, mode = (args.metric or [None])[0], (args.mode or [None])[0]
     spec_path = Path(_storage(args)) / args.name / "study.yaml"
     if spec_path.is_file():
         spec = StudySpec.load(_storage(args), args.name)
@@ -361,13 +377,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
+    from reports.data import tags_filter
+    from reports.vocabulary import ROLE_TRIAL, TAG_ROLE
     from study.tracking import quiet_mlflow
 
     quiet_mlflow()
     client = MlflowClient(_tracking_uri(args))
     found = False
     for exp in client.search_experiments():
-        runs = client.search_runs([exp.experiment_id], "tags.`energy_study.role` = 'trial'")
+        runs = client.search_runs([exp.experiment_id], tags_filter({TAG_ROLE: ROLE_TRIAL}))
         if not runs:
             continue
         found = True
@@ -406,7 +424,9 @@ def _latest_study(uri: str) -> str | None:
     """The study whose parent run started last in the store (None: no study, no store)."""
     from mlflow.tracking import MlflowClient
 
-    from study.tracking import TAG_ROLE, TAG_STUDY, quiet_mlflow, store_lock
+    from reports.data import tags_filter
+    from reports.vocabulary import ROLE_STUDY, TAG_ROLE, TAG_STUDY
+    from study.tracking import quiet_mlflow, store_lock
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         return None
@@ -415,7 +435,10 @@ def _latest_study(uri: str) -> str | None:
         client = MlflowClient(uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
-        ids, f"tags.`{TAG_ROLE}` = 'study'", max_results=1, order_by=["attributes.start_time DESC"]
+        ids,
+        tags_filter({TAG_ROLE: ROLE_STUDY}),
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
     )
     return runs[0].data.tags.get(TAG_STUDY) if runs else None
 
@@ -485,7 +508,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from study.generate import run_generation, validate_space
+    from study.generate import GenerationSpec, run_generation, validate_space
     from trainables.config import parse_overrides
 
     base = parse_overrides(args.set)
@@ -502,27 +525,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     modes = args.mode or _as_list(defaults.get("mode", "min"))
     if len(modes) == 1 and len(metrics) > 1:
         modes = modes * len(metrics)
-    if len(modes) != len(metrics):
-        raise ConfigError(f"{len(metrics)} metric(s) but {len(modes)} mode(s)")
-    name = args.name or f"gen-{time.strftime('%Y%m%d-%H%M%S')}"
-    trials = args.trials or int(defaults.get("trials", 8))
-    what = f"a study of {trials} trials over {args.space}" if args.space else "one sampling run"
-    print(f"generate {name}: {what} from {args.source}", flush=True)
-    outcomes = run_generation(
-        source_arg=args.source,
-        base=base,
-        space_name=args.space,
-        trials=trials,
+    spec = GenerationSpec(
+        name=args.name or f"gen-{time.strftime('%Y%m%d-%H%M%S')}",
+        space=args.space,
+        trials=args.trials or int(defaults.get("trials", 8)),
         metrics=metrics,
         modes=modes,
-        name=name,
-        tracking_uri=_tracking_uri(args),
-        storage=Path(_storage(args)),
-        experiment=args.experiment,
-        address=args.address,
-        seed=args.seed,
         max_concurrent=args.max_concurrent,
+        seed=args.seed,
+        tracking_uri=_tracking_uri(args),
+        storage=_storage(args),
+        address=args.address,
+        source=args.source,
+        base=base,
+        experiment=args.experiment,
     )
+    what = (
+        f"a study of {spec.trials} trials over {args.space}" if args.space else "one sampling run"
+    )
+    print(f"generate {spec.name}: {what} from {args.source}", flush=True)
+    outcomes = run_generation(spec)
     key, mode = metrics[0], modes[0]
     done = [o for o in outcomes if key in o.metrics]
     done.sort(key=lambda o: o.metrics[key], reverse=mode == "max")
@@ -544,102 +566,102 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0 if done else 1
 
 
-def _add_store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
-    p.add_argument(
-        "--storage", help="folder of studies' Ray state and outputs (default: ./studies)"
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``study`` command."""
+    from study.spec import BACKENDS, DEFAULT_SPACE, StudySpec
+
+    # options shared by several sub-commands, declared once (parent parsers)
+    # fmt: off
+    store, cluster, sets, objective, search = (argparse.ArgumentParser(add_help=False)
+                                               for _ in range(5))
+    store.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
+    store.add_argument("--storage", help="studies' Ray state and outputs (default: ./studies)")
+    cluster.add_argument("--address", help="join this Ray cluster instead of starting one "
+                         "(train: with --workers; generate: with --space)")
+    sets.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="set one config key (repeatable; a.b=V sets b in the mapping a, "
+                      "keeping its other keys), e.g. --set eps=8/255")
+    objective.add_argument("--metric", action="append", help="objective (repeat: multi-objective; "
+                           "default: the study's or space's, else val/pgd_acc; generate: gen/fid)")
+    objective.add_argument("--mode", action="append", choices=["max", "min"], help="per --metric")
+    search.add_argument("--seed", type=int, default=StudySpec.seed, help="Optuna sampler's seed")
+    search.add_argument("--max-concurrent", type=int, default=StudySpec.max_concurrent,
+                        help="trials at once (0: no limit)")
+    # fmt: on
+    verbose = {"action": "store_true", "help": "show Ray's own output"}
     parser = argparse.ArgumentParser(
         prog="study",
         description="Hyperparameter studies of energy-based adversarial training.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run a Ray Tune + Optuna study (default: small WEAT on digits)")
-    p.add_argument("--space", help="search space YAML or shipped name (default: weat)")
+    p = sub.add_parser(
+        "run",
+        parents=[sets, objective, search, cluster, store],
+        help="run a Ray Tune + Optuna study (default: small WEAT on digits)",
+    )
+    p.add_argument("--space", help=f"search space YAML or shipped name (default: {DEFAULT_SPACE})")
     p.add_argument("--config", help="base training config YAML (default: digits settings)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config key (repeatable)")  # fmt: skip
-    p.add_argument("--trials", type=int, help="number of trials (default: the space's, else 12)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default 8 on the digits default)")
-    p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (3)")
+    p.add_argument(
+        "--trials", type=int, help=f"trials (default: the space's, else {StudySpec.trials})"
+    )
+    p.add_argument("--epochs", type=int, help="epochs per trial (default: the space's, else "
+                   f"{DEFAULT_EPOCHS} on the digits default, else the config's)")  # fmt: skip
+    p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial "
+                   f"(default: the space's, else {StudySpec.grace_period})")  # fmt: skip
     p.add_argument("--name", help="study name (default: <space>-<date>-<time>)")
-    p.add_argument("--metric", action="append", help="objective (repeat: multi-objective)")
-    p.add_argument("--mode", action="append", choices=["max", "min"], help="per --metric")
     p.add_argument("--asha", dest="asha", action="store_true", default=None, help="ASHA on")
     p.add_argument("--no-asha", dest="asha", action="store_false", help="ASHA off")
-    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: no limit)")
-    p.add_argument("--max-failures", type=int, default=0, help="retries of a failed trial")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
-    p.add_argument("--address", help="join this Ray cluster instead of starting one")
-    p.add_argument(
-        "--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (fractions ok)"
-    )
-    p.add_argument(
-        "--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP if > 1)"
-    )
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per Train worker")
-    p.add_argument("--backend", choices=["auto", "train", "direct"], default="auto",
-                   help="train: TorchTrainer per trial; direct: loop in the trial")  # fmt: skip
-    p.add_argument("--optuna-storage", help="Optuna RDB URL, e.g. sqlite:///optuna.db")
-    p.add_argument("--finalists", type=int, default=3,
-                   help="top trials evaluated with PGD + AutoAttack at the end (0: none; "
-                   "multi-objective: the Pareto set)")  # fmt: skip
-    p.add_argument("--final-n", type=int, default=None,
-                   help="test points of that final evaluation (default: all)")  # fmt: skip
-    p.add_argument("--connect-timeout", type=float, default=15.0,
-                   help="seconds the tracking server and --address may take to answer")  # fmt: skip
-    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output")
-    _add_store_args(p)
+    p.add_argument("--backend", choices=BACKENDS, default=StudySpec.backend,
+                   help="train: TorchTrainer per trial; direct: loop in the trial; auto: "
+                   "direct for one CPU worker, else train (default: %(default)s)")  # fmt: skip
+    for key, kind, text in _SPEC_OPTIONS:
+        p.add_argument(f"--{key.replace('_', '-')}", type=kind, default=getattr(StudySpec, key),
+                       help=f"{text} (default: %(default)s)")  # fmt: skip
+    p.add_argument("-v", "--verbose", **verbose)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("resume", help="continue an interrupted study")
+    p = sub.add_parser("resume", parents=[cluster, store], help="continue an interrupted study")
     p.add_argument("name")
-    p.add_argument("--address", help="join this Ray cluster instead of starting one")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's own output")
-    _add_store_args(p)
+    p.add_argument("-v", "--verbose", **verbose)
     p.set_defaults(func=_cmd_resume)
 
-    p = sub.add_parser("export", help="write the best config(s) of a study as YAML")
+    p = sub.add_parser(
+        "export", parents=[objective, store], help="write the best config(s) of a study as YAML"
+    )
     p.add_argument("name")
-    p.add_argument("--metric", help="rank by this metric (default: the study's objective)")
-    p.add_argument("--mode", choices=["max", "min"], help="default: the objective's mode, or max")
     p.add_argument("--top", type=int, default=1, help="how many configs")
     p.add_argument("-o", "--output", default="best.yaml", help="output YAML file")
-    _add_store_args(p)
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("list", help="studies in the MLflow store")
-    _add_store_args(p)
+    p = sub.add_parser("list", parents=[store], help="studies in the MLflow store")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("show", help="the trials of a study")
+    p = sub.add_parser("show", parents=[store], help="the trials of a study")
     p.add_argument("name")
     p.add_argument("--ui", metavar="URL",
                    help="MLflow UI address of the compare link (default: the tracking server, "
                    "else http://127.0.0.1:5000 as study ui serves it)")  # fmt: skip
-    _add_store_args(p)
     p.set_defaults(func=_cmd_show)
 
-    p = sub.add_parser("report", help="an HTML/Markdown report of a study, from MLflow")
+    p = sub.add_parser(
+        "report", parents=[store], help="an HTML/Markdown report of a study, from MLflow"
+    )
     from reports.cli import configure as configure_report
 
     configure_report(p, store_args=False)
-    _add_store_args(p)
 
-    p = sub.add_parser("ui", help="the MLflow UI of a study (started on 127.0.0.1 for SQLite)")
+    p = sub.add_parser(
+        "ui", parents=[store], help="the MLflow UI of a study (started on 127.0.0.1 for SQLite)"
+    )
     p.add_argument("name", nargs="?", help="study to show (default: the latest in the store)")
     p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     p.add_argument("--open", action="store_true", help="open the address in a web browser")
-    _add_store_args(p)
     p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser(
         "generate",
+        parents=[sets, objective, search, cluster, store],
         help="sample images from a trained classifier (SGLD), score them, search the sampler",
     )
     p.add_argument("--from", dest="source", required=True,
@@ -648,10 +670,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials of the search (default: the space's)")
     p.add_argument("--samples", type=int, help="images drawn per run (default 500)")
     p.add_argument("--classes", action="append", help="class indices to sample (default all)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="sampler setting, e.g. --set steps=20 --set momentum=0.5")  # fmt: skip
-    p.add_argument("--metric", action="append", help="objective (default gen/fid; repeatable)")
-    p.add_argument("--mode", action="append", choices=["max", "min"], help="per --metric")
     p.add_argument("--name", help="name of the generation study (default gen-<date>-<time>)")
     p.add_argument("--experiment", default="generation",
                    help="MLflow experiment when --from is a file")  # fmt: skip
@@ -659,14 +677,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="local Inception weights file")
     p.add_argument("--extractor-plugin", help=".py file or module registering an extractor")
     p.add_argument("--no-score", action="store_true", help="sample only, no IS/FID/KID")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
-    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: no limit)")
-    p.add_argument("--address", help="Ray cluster to join (with --space)")
-    _add_store_args(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
         "train",
+        parents=[sets, cluster, store],
         help="train one model (in this process, or on Ray Train with --workers)",
         description="Train one robust classifier; config keys are those of "
         "trainables.config.TrainConfig.",
@@ -677,22 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from a paper preset, e.g. cifar10-weat_adv (docs/methods.md lists them); "
         "--config and --set win over it",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set epochs=100 --set eps=8/255",
-    )
-    p.add_argument("-o", "--output", help="output folder (default: the config's output_dir)")
+    p.add_argument("-o", "--output", help="output folder (default: the config's output_dir; "
+                   "--workers: the trial's folder under --storage)")  # fmt: skip
     p.add_argument("--resume", help="checkpoint (checkpoints/last.pt) to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
     p.add_argument("--no-mlflow", action="store_true", help="do not record in MLflow")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP if > 1)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs for the Ray Train run")
-    p.add_argument("--address", help="Ray cluster to join (with --workers)")
-    _add_store_args(p)
     p.set_defaults(func=_cmd_train)
     return parser
 

@@ -1,0 +1,130 @@
+"""The ``study`` command line: shared options, the study built from the arguments, exit
+codes, and ``study train --workers N`` with ``--resume`` and ``-o`` (slow: real Ray)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from study import cli
+from study.runner import StudyOutcome, TrialOutcome
+from study.spec import StudySpec
+
+SHARED = {  # sub-command: the shared options it takes
+    "run": ["--address", "--set", "--metric", "--mode", "--tracking-uri", "--storage"],
+    "resume": ["--address", "--tracking-uri", "--storage"],
+    "export": ["--metric", "--mode", "--tracking-uri", "--storage"],
+    "list": ["--tracking-uri", "--storage"],
+    "show": ["--tracking-uri", "--storage"],
+    "report": ["--tracking-uri", "--storage"],
+    "ui": ["--tracking-uri", "--storage"],
+    "generate": ["--address", "--set", "--metric", "--mode", "--tracking-uri", "--storage"],
+    "train": ["--address", "--set", "--tracking-uri", "--storage"],
+}
+#: The values each shared option is given below, as the parser hands them on.
+GIVEN = {
+    "--address": ("address", "ray://head:10001"),
+    "--set": ("set", ["a=1"]),
+    "--metric": ("metric", ["val/pgd_acc"]),
+    "--mode": ("mode", ["max"]),
+    "--tracking-uri": ("tracking_uri", "sqlite:///x.db"),
+    "--storage": ("storage", "elsewhere"),
+}
+
+
+def _sub_parsers() -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in cli.build_parser()._actions if a.choices and "run" in a.choices]
+    return dict(action.choices)
+
+
+def test_every_sub_command_lists_its_shared_options_once_and_parses_them() -> None:
+    parsers = _sub_parsers()
+    assert set(parsers) == set(SHARED)
+    for command, options in SHARED.items():
+        text = parsers[command].format_help()
+        for option in options:
+            assert text.count(f"  {option} ") == 1, (command, option, text)
+        argv = [command, *(["name"] if command in ("resume", "export", "show", "report") else [])]
+        argv += ["--from", "RUN"] if command == "generate" else []
+        for option in options:
+            value = GIVEN[option][1]
+            argv += [option, value[0] if isinstance(value, list) else value]
+        args = cli.build_parser().parse_args(argv)
+        for option in options:
+            assert getattr(args, GIVEN[option][0]) == GIVEN[option][1], (command, option)
+
+
+def test_run_options_default_to_the_study_spec() -> None:
+    spec = cli._spec_from_args(cli.build_parser().parse_args(["run"]))
+    default = StudySpec(name="x")
+    for key in ("trials", "grace_period", "asha", "seed", "finalists", "backend", "final_n"):
+        assert getattr(spec, key) == getattr(default, key), key
+    assert spec.epochs == cli.DEFAULT_EPOCHS and (spec.metrics, spec.modes) == (
+        ["val/pgd_acc"],
+        ["max"],
+    )
+    two = ["run", "--metric", "val/clean_acc", "--metric", "val/pgd_acc", "--mode", "min"]
+    assert cli._spec_from_args(cli.build_parser().parse_args(two)).modes == ["min", "min"]
+
+
+def test_run_set_merges_into_a_mapping_of_the_base_config_as_train_does(tmp_path) -> None:
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump({"weight_fn": "power", "weight_params": {"a": 1, "b": 2}}))
+    argv = ["run", "--config", str(config), "--set", "weight_params.b=3"]
+    spec = cli._spec_from_args(cli.build_parser().parse_args(argv))
+    assert spec.base["weight_params"] == {"a": 1, "b": 3}
+
+
+def test_resume_exits_1_like_run_when_no_trial_finished(tmp_path, monkeypatch, capsys) -> None:
+    import study.runner
+
+    spec = StudySpec(name="nothing", storage=str(tmp_path), tracking_uri="sqlite:///m.db")
+    spec.save()
+    failed = StudyOutcome(spec, [TrialOutcome("t1", "FAILED", {}, {}, "boom")], "parent")
+    monkeypatch.setattr(study.runner, "can_resume", lambda spec: True)
+    monkeypatch.setattr(cli, "_run_or_interrupted", lambda spec, **kw: failed)
+    assert cli.main(["resume", "nothing", "--storage", str(tmp_path)]) == 1
+    resumed = capsys.readouterr().out
+    assert cli._finish(failed) == 1
+    assert capsys.readouterr().out == resumed.split("\n", 1)[1]  # the same lines as run
+    assert "failed: trial t1: boom" in resumed
+
+
+#: A digits run of a few seconds (see tests/test_study.py).
+TINY = {"dataset": "digits", "model": "small_cnn", "eps": 0.1, "step_size": 0.025,
+        "attack_steps": 2, "val_attack_steps": 2, "eval_steps": 2, "eval_step_size": 0.025,
+        "batch_size": 64, "train_subset": 256, "val_subset": 64, "test_subset": 64,
+        "probe_n": 0, "autoattack": False, "epochs": 2}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_train_on_ray_workers_resumes_and_writes_to_output(tmp_path) -> None:
+    """``study train --workers 2 --resume CKPT -o OUT`` continues after the checkpoint's
+    epoch and leaves the run's files in OUT, as the single-process path does."""
+    from trainables.config import TrainConfig
+    from trainables.loop import train
+    from trainables.reporting import NullReporter
+
+    class StopAfterEpoch1(NullReporter):
+        def report(self, epoch: int, metrics: dict, checkpoint: Path | None) -> None:
+            raise KeyboardInterrupt
+
+    first = tmp_path / "first"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig.from_dict(TINY), reporter=StopAfterEpoch1(), output_dir=first)
+    out = tmp_path / "out"
+    code = cli.main(["train", "--workers", "2", "--resume", str(first / "checkpoints" / "last.pt"),
+                     "-o", str(out), "--experiment", "ray-resume", "--no-progress",
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--storage", str(tmp_path / "studies")])  # fmt: skip
+    assert code == 0
+    epochs = [
+        json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [2]  # epoch 1 came from the checkpoint, not trained again
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "final.json").is_file()
