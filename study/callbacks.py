@@ -6,6 +6,7 @@ matter how many trials run at once.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,6 @@ def our_metrics(result: dict[str, Any]) -> dict[str, float]:
         if ("/" in k or k in PLAIN_METRICS)
         and isinstance(v, int | float)
         and not isinstance(v, bool)
-        and k != "checkpoint_path"
     }
 
 
@@ -110,39 +110,33 @@ class MlflowCallback(Callback):
 
     def run_id(self, trial: Any) -> str:
         """The trial's child run (found again after a resume, never duplicated)."""
-        if trial.trial_id not in self._runs:
-            study = self.spec
-            found = self.tracker.find_runs(**{TAG_STUDY: study.name, TAG_TRIAL: trial.trial_id})
-            if (
-                found
-                and found[0].info.status == "FINISHED"
-                and "test/clean_acc" in found[0].data.metrics
-            ):
-                # complete before the driver was killed; Tune's snapshot missed it:
-                # the run stays as it is (the trial only reports its stored result)
-                self._complete.add(trial.trial_id)
-                self._runs[trial.trial_id] = found[0].info.run_id
-                return found[0].info.run_id
-            cfg = study.trial_config(trial.config)
-            run_id, created = self.tracker.get_or_create_run(
-                # what the trial tried; its id stays in the TAG_TRIAL tag
-                run_name=trial_run_name(
-                    cfg.method, searched_values(study.load_space(), trial.config)
-                ),
-                tags={PARENT_TAG: self.parent_run_id, TAG_ROLE: ROLE_TRIAL},
-                key_tags={TAG_STUDY: study.name, TAG_TRIAL: trial.trial_id},
-            )
-            if created:
-                self.tracker.log_params(run_id, flatten(cfg.to_dict()))
-                searched = ",".join(sorted(trial.config))
-                self.tracker.set_tags(run_id, {TAG_SEARCHED: searched, TAG_METHOD: cfg.method})
-                self.tracker.log_text(
-                    run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), CONFIG_FILE
-                )
-            else:
-                self._logged[trial.trial_id] = self.tracker.last_step(run_id, "epoch")
-            self._runs[trial.trial_id] = run_id
-        return self._runs[trial.trial_id]
+        trial_id = trial.trial_id
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        key_tags = {TAG_STUDY: self.spec.name, TAG_TRIAL: trial_id}
+        found = self.tracker.find_runs(**key_tags)
+        stored = found[0] if found else None
+        if stored and stored.info.status == "FINISHED" and "test/clean_acc" in stored.data.metrics:
+            # complete before the driver was killed; Tune's snapshot missed it:
+            # the run stays as it is (the trial only reports its stored result)
+            self._complete.add(trial_id)
+            self._runs[trial_id] = stored.info.run_id
+            return stored.info.run_id
+        cfg = self.spec.trial_config(trial.config)
+        # what the trial tried; its id stays in the TAG_TRIAL tag
+        name = trial_run_name(cfg.method, searched_values(self.spec.load_space(), trial.config))
+        tags = {PARENT_TAG: self.parent_run_id, TAG_ROLE: ROLE_TRIAL}
+        run_id, created = self.tracker.get_or_create_run(name, tags, key_tags)
+        if created:
+            config = cfg.to_dict()
+            self.tracker.log_params(run_id, flatten(config))
+            searched = ",".join(sorted(trial.config))
+            self.tracker.set_tags(run_id, {TAG_SEARCHED: searched, TAG_METHOD: cfg.method})
+            self.tracker.log_text(run_id, yaml.safe_dump(config, sort_keys=False), CONFIG_FILE)
+        else:
+            self._logged[trial_id] = self.tracker.last_step(run_id, "epoch")
+        self._runs[trial_id] = run_id
+        return run_id
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.run_id(trial)
@@ -165,13 +159,13 @@ class MlflowCallback(Callback):
                 # this process continued the trial from its checkpoint of that epoch
                 tags[TAG_RESUMED] = str(step - since)
             self.tracker.set_tags(run_id, tags)
-        final = any(k.startswith("test/") for k in metrics)
-        if step <= self._logged.get(trial.trial_id, 0) and not final:
-            return  # an epoch the store already holds (trial resumed from an older checkpoint)
-        if step <= self._logged.get(trial.trial_id, 0):
+        logged = self._logged.get(trial.trial_id, 0)
+        if step <= logged:  # an epoch the store already holds (resumed from an older checkpoint)
+            if not any(k.startswith("test/") for k in metrics):
+                return
             metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "best"))}
         self.tracker.log_metrics(run_id, metrics, step=step)
-        self._logged[trial.trial_id] = max(step, self._logged.get(trial.trial_id, 0))
+        self._logged[trial.trial_id] = max(step, logged)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.run_id(trial)
@@ -216,7 +210,8 @@ class ProgressCallback(Callback):
         print(f"[{time.time() - self.t0:6.0f}s] {text}", file=stream, flush=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        shown = ", ".join(f"{k}={_short(v)}" for k, v in sorted(trial.config.items()))
+        values = sorted(trial.config.items())
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values)
         self._print(f"trial {trial.trial_id} started: {shown}")
 
     def on_trial_result(
@@ -232,10 +227,6 @@ class ProgressCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._done += 1
         self._print(f"trial {trial.trial_id} FAILED: {trial_error_text(trial)}")
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def remove_orphaned_placement_groups(*, all_of_this_job: bool = False) -> int:
@@ -272,20 +263,13 @@ def remove_orphaned_placement_groups(*, all_of_this_job: bool = False) -> int:
     for raw in table:
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         by_actor = pg.creator_actor_id not in (b"", b"\xff" * len(pg.creator_actor_id))
-        if (
-            by_actor
-            and pg.creator_job_id == job
-            and (pg.creator_actor_dead or all_of_this_job)
-            and not pg.is_detached
-            and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
-        ):
-            try:
-                ray.util.remove_placement_group(
-                    PlacementGroup(ray.PlacementGroupID(pg.placement_group_id))
-                )
+        ours = by_actor and pg.creator_job_id == job and not pg.is_detached
+        ended = pg.creator_actor_dead or all_of_this_job
+        if ours and ended and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+            with contextlib.suppress(Exception):
+                pg_id = ray.PlacementGroupID(pg.placement_group_id)
+                ray.util.remove_placement_group(PlacementGroup(pg_id))
                 removed += 1
-            except Exception:  # noqa: BLE001
-                continue
     return removed
 
 

@@ -80,12 +80,10 @@ def ranking_of(
     metric: str, mode: str, objectives: Sequence[str], modes: Sequence[str]
 ) -> tuple[list[str], list[str]]:
     """``metric`` first, then the study's other objectives: the metric list of :func:`rank_runs`."""
-    metrics, order = [metric], [mode]
+    order = {metric: mode}
     for other, other_mode in zip(objectives, modes):
-        if other not in metrics:
-            metrics.append(other)
-            order.append(other_mode)
-    return metrics, order
+        order.setdefault(other, other_mode)
+    return list(order), list(order.values())
 
 
 def best_runs(
@@ -98,12 +96,8 @@ def best_runs(
     objectives: Sequence[str] | None = None,
     modes: Sequence[str] | None = None,
 ) -> list[Any]:
-    """The ``top`` finished, fully trained trial runs, best first.
-
-    Ranked by :func:`reports.ranking.rank_runs`: the last value of ``metric``
-    (in ``mode``), ties broken by the study's other objectives, then
-    ``val/clean_acc`` (max), then the trial id ascending (by its number where it
-    ends with Tune's ``_00003`` index).
+    """The ``top`` finished, fully trained trial runs, best first: ranked as this module's
+    docstring says, ``metric`` deciding first.
 
     Args:
         tracker: the study's tracker.
@@ -114,14 +108,9 @@ def best_runs(
         objectives: the study's objectives (default: read from its parent run).
         modes: their modes (with ``objectives``).
     """
-    runs = [
-        r
-        for r in trial_runs(tracker, study)
-        if r.info.status == "FINISHED"
-        and r.data.tags.get(TAG_EARLY, "false") != "true"
-        and metric in r.data.metrics
-        and math.isfinite(r.data.metrics[metric])
-    ]
+    finished = [r for r in trial_runs(tracker, study) if r.info.status == "FINISHED"]
+    trained = [r for r in finished if r.data.tags.get(TAG_EARLY, "false") != "true"]
+    runs = [r for r in trained if math.isfinite(r.data.metrics.get(metric, math.nan))]
     if not runs:
         raise ConfigError(
             f"study {study!r} has no finished trial with metric {metric!r} in "
@@ -224,13 +213,8 @@ def show_lines(
     *,
     width: int = SHOW_WIDTH,
 ) -> list[str]:
-    """The text of ``study show``: every trial, best first, with n and 95 % intervals.
-
-    One line per trial (rank, finalist rank, trial id, status, method, the
-    objectives and those of :data:`SHOW_COLUMNS` any trial logged), then
-    indented lines with the accuracies of each namespace of
-    :data:`SHOW_NAMESPACES` that has an ``n``: value and 95 % Wilson interval
-    (``final`` lines for finalists), then the failure reason of a failed trial.
+    """The text of ``study show``: one line per trial, best first, then its accuracies with
+    their n and 95 % Wilson interval (:data:`SHOW_NAMESPACES`) and its failure reason.
 
     Args:
         runs: the study's trial runs (MLflow runs).

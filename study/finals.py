@@ -70,11 +70,6 @@ def _evaluate_task(
     return metrics, {k: samples[k] for k in keep if k in samples}, time.perf_counter() - t0
 
 
-def _best_checkpoint(tracker: MlflowTracker, run_id: str) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
-        return tracker.download(run_id, BEST_CHECKPOINT, tmp).read_bytes()
-
-
 def evaluate_finalists(
     spec: StudySpec,
     tracker: MlflowTracker,
@@ -97,10 +92,8 @@ def evaluate_finalists(
 
     if not finalists:
         return []
-    opts: dict[str, Any] = {"num_cpus": spec.cpus_per_worker}
-    if spec.gpus_per_trial > 0:
-        opts["num_gpus"] = spec.gpus_per_trial
-    task = ray.remote(**opts)(_evaluate_task)
+    gpus = {"num_gpus": spec.gpus_per_trial} if spec.gpus_per_trial > 0 else {}
+    task = ray.remote(num_cpus=spec.cpus_per_worker, **gpus)(_evaluate_task)
     threads = max(1, int(spec.cpus_per_worker))
     runs: dict[str, str] = {}
     pending: dict[str, Any] = {}
@@ -114,8 +107,9 @@ def evaluate_finalists(
         if "final/robust_acc" in found[0].data.metrics:
             done[trial_id] = dict(found[0].data.metrics)  # a resumed study: evaluated already
             continue
-        state = ray.put(_best_checkpoint(tracker, runs[trial_id]))
-        pending[trial_id] = task.remote(cfg, state, spec.final_n, threads)
+        with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
+            state = tracker.download(runs[trial_id], BEST_CHECKPOINT, tmp).read_bytes()
+        pending[trial_id] = task.remote(cfg, ray.put(state), spec.final_n, threads)
     n_text = "the whole test set" if spec.final_n is None else f"{spec.final_n} test points"
     echo(
         f"final evaluation of {len(pending)} finalist(s): PGD and AutoAttack on the same "
@@ -126,17 +120,15 @@ def evaluate_finalists(
         if trial_id in done:
             final = {k: v for k, v in done[trial_id].items() if k.startswith("final/")}
             results.append(FinalResult(trial_id, rank, runs[trial_id], final, 0.0))
-            continue
-        if trial_id not in pending:
-            continue
-        metrics, samples, seconds = ray.get(pending[trial_id])
-        final = {f"final/{k}": float(v) for k, v in metrics.items()}
-        run_id = runs[trial_id]
-        tracker.log_metrics(run_id, final, step=0)
-        tracker.set_tags(run_id, {TAG_FINALIST: str(rank)})
-        with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
-            path = Path(tmp) / FINAL_ARTIFACT
-            np.savez_compressed(path, **samples)
-            tracker.log_artifact(run_id, path)
-        results.append(FinalResult(trial_id, rank, run_id, final, seconds))
+        elif trial_id in pending:
+            metrics, samples, seconds = ray.get(pending[trial_id])
+            final = {f"final/{k}": float(v) for k, v in metrics.items()}
+            run_id = runs[trial_id]
+            tracker.log_metrics(run_id, final, step=0)
+            tracker.set_tags(run_id, {TAG_FINALIST: str(rank)})
+            with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
+                path = Path(tmp) / FINAL_ARTIFACT
+                np.savez_compressed(path, **samples)
+                tracker.log_artifact(run_id, path)
+            results.append(FinalResult(trial_id, rank, run_id, final, seconds))
     return results

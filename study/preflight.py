@@ -52,14 +52,6 @@ def _host_port(address: str, default_port: int) -> tuple[str, int]:
     return (host or text).strip("[]"), int(port) if port.isdigit() else default_port
 
 
-def _connect(host: str, port: int, timeout: float) -> OSError | None:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as exc:
-        return exc
-
-
 def check_tracking(uri: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
     """Fail unless the MLflow store answers: an HTTP(S) server its ``/health`` page
     within ``timeout`` seconds; a SQLite store's folder must be writable."""
@@ -97,13 +89,14 @@ def check_ray_address(address: str | None, timeout: float = DEFAULT_CONNECT_TIME
     if not address or address in ("local", "auto"):
         return
     host, port = _host_port(address, 10001 if address.startswith("ray://") else 6379)
-    error = _connect(host, port, timeout)
-    if error is not None:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
         raise UserError(
             f"no Ray cluster answered at {address} ({error}; waited up to {timeout:g} s). "
             "Start one with `ray start --head` there, or fix --address; --connect-timeout "
             "sets the wait"
-        )
+        ) from None
 
 
 def check_resources(spec: Any) -> None:
@@ -117,8 +110,7 @@ def check_resources(spec: Any) -> None:
 
     from study.trial import uses_train_backend
 
-    per_worker_cpu = spec.cpus_per_worker
-    gpus = spec.gpus_per_trial
+    cpus, gpus = spec.cpus_per_worker, spec.gpus_per_trial
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpu_max = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
     gpu_total = sum(n["Resources"].get("GPU", 0.0) for n in nodes)
@@ -131,9 +123,9 @@ def check_resources(spec: Any) -> None:
         )
     elif gpus > 0 and not uses_train_backend(spec) and gpu_max < gpus:
         problems.append(f"a trial asks for {gpus:g} GPU(s); no node has that many")
-    if per_worker_cpu > cpu_max:
+    if cpus > cpu_max:
         problems.append(
-            f"a trial worker asks for {per_worker_cpu:g} CPU(s) but the largest node has "
+            f"a trial worker asks for {cpus:g} CPU(s) but the largest node has "
             f"{cpu_max:g}; lower --cpus-per-worker"
         )
     if not problems:

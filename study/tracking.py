@@ -230,13 +230,11 @@ class MlflowTracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file or folder into the run's artifacts."""
         path = Path(path)
+        local = str(path)
         if path.is_dir():
-            retry(
-                lambda: self.client.log_artifacts(run_id, str(path), artifact_path),
-                "log artifacts",
-            )
+            retry(lambda: self.client.log_artifacts(run_id, local, artifact_path), "log artifacts")
         elif path.is_file():
-            retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path), "artifact")
+            retry(lambda: self.client.log_artifact(run_id, local, artifact_path), "artifact")
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Store ``text`` as an artifact file."""
@@ -283,11 +281,10 @@ class MlflowRunReporter:
         last = self.tracker.get_run(self.run_id).data.metrics.get("epoch", 0)
         self.tracker.log_metrics(self.run_id, metrics, step=int(last))
         for name, path in artifacts.items():
-            self.tracker.log_artifact(
-                self.run_id, path, CHECKPOINT_DIR if name.startswith("checkpoint") else None
-            )
-        out = Path(next(iter(artifacts.values()))).parent if artifacts else None
-        if out is not None:
+            folder = CHECKPOINT_DIR if name.startswith("checkpoint") else None
+            self.tracker.log_artifact(self.run_id, path, folder)
+        if artifacts:
+            out = Path(next(iter(artifacts.values()))).parent
             self.tracker.log_artifact(self.run_id, out / METRICS_LOG)
             hist = energy_histogram(out / ENERGIES_FILE, out / ENERGY_HIST, "study train")
             if hist is not None:

@@ -4,29 +4,25 @@
 * **The study's runs view**: MLflow 3.x reads a saved view of an experiment's runs
   table from the experiment tag ``mlflow.sharedViewState.<key>`` (JSON: the search
   facets ``orderByKey``/``orderByAsc``/… and the table state ``selectedColumns``,
-  ``runsExpanded``, …) when its address carries ``viewStateShareKey=<key>``
-  (the UI's own "share view" mechanism; search facets in the address itself would
-  make it ignore the saved view). :func:`publish_view` writes that tag (trials sorted
-  by the objective, the objectives and searched parameters as columns) and
-  :func:`runs_view_url` gives its address.
+  ``runsExpanded``, …) when its address carries ``viewStateShareKey=<key>`` (the UI's
+  own "share view"; search facets in the address itself would make it ignore the saved
+  view). :func:`publish_view` writes that tag, :func:`runs_view_url` gives its address.
 * **Training view, not GenAI**: MLflow 3.17's UI picks "GenAI" or "Model training"
   from the address (``workflowType=machine_learning``), else from the browser's last
-  choice (GenAI by default); its code reads the experiment tag
-  ``mlflow.experimentKind`` (``custom_model_development``) only where that
-  "GenAI / Model training" switch is off (it is on in 3.17). Every address built here
-  carries the former and every experiment the platform creates gets the latter.
-* **Compare page**: ``#/compare-runs?runs=[…]&experiments=[…]`` (JSON lists):
-  parallel coordinates, scatter and contour plots, metrics side by side
-  (:func:`compare_url`).
-* **The parent run's description** (``mlflow.note.content``, Markdown): the space,
-  the objective, the command and, once the study ends, its best trials
-  (:func:`study_description`, :func:`describe_study`).
+  choice (GenAI by default); it reads the experiment tag ``mlflow.experimentKind``
+  (``custom_model_development``) only where that "GenAI / Model training" switch is
+  off (on in 3.17). Every address built here carries the former and every experiment
+  the platform creates gets the latter.
+* **Compare page**: ``#/compare-runs?runs=[…]&experiments=[…]`` (:func:`compare_url`).
+* **The parent run's description** (``mlflow.note.content``, Markdown):
+  :func:`study_description`, :func:`describe_study`.
 * **``study ui``'s server**: started in its own process group, which SIGTERM, SIGINT
   and SIGHUP end as a whole (:func:`serve`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -100,11 +96,11 @@ log = logging.getLogger(__name__)
 
 
 # --- run names -----------------------------------------------------------------------------
-def _value(value: Any) -> str:
-    """A searched value in a run name: floats with 3 significant digits."""
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
+def _pair(key: str, value: Any) -> str:
+    """``β=3.39``: a searched key's symbol (:data:`SYMBOLS`, else its last dotted part) and
+    its value, floats with 3 significant digits."""
+    symbol = SYMBOLS.get(key, key.rsplit(".", 1)[-1])
+    return f"{symbol}={value:.3g}" if isinstance(value, float) else f"{symbol}={value}"
 
 
 def trial_run_name(method: str | None, searched: Mapping[str, Any]) -> str:
@@ -125,48 +121,33 @@ def trial_run_name(method: str | None, searched: Mapping[str, Any]) -> str:
         if key == "method" or key in fn_params and "weight_fn" in searched:
             continue
         if key == "weight_fn":
-            inner = ",".join(f"{SYMBOLS.get(k, k.rsplit('.', 1)[-1])}={_value(searched[k])}"
-                             for k in fn_params)  # fmt: skip
+            inner = ",".join(_pair(k, searched[k]) for k in fn_params)
             name = WEIGHT_NAMES.get(str(value), str(value))
             parts.append(f"{name}({inner})" if inner else name)
-            continue
-        symbol = SYMBOLS.get(key, key.rsplit(".", 1)[-1])
-        parts.append(f"{symbol}={_value(value)}")
+        else:
+            parts.append(_pair(key, value))
     name = " ".join(parts) or "trial"
     return name if len(name) <= RUN_NAME_MAX else name[: RUN_NAME_MAX - 1] + "…"
 
 
 def searched_names(space: Any) -> list[str]:
-    """The parameters a space searches, in its order (``fixed`` ones left out).
-
-    Args:
-        space: a :class:`search_spaces.space.SearchSpace`.
-    """
+    """The parameters a :class:`search_spaces.space.SearchSpace` searches, in its order
+    (``fixed`` ones left out)."""
     return [p.name for p in space.params if p.type != "fixed"]
 
 
 def searched_values(space: Any, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The values of ``config`` (a trial's Tune config: sampled and fixed values) that the
-    space searched, in the space's order (``fixed`` parameters left out).
-
-    Args:
-        space: the study's :class:`search_spaces.space.SearchSpace`.
-        config: the trial's config, dotted keys.
-    """
+    """The values of ``config`` (a trial's Tune config, dotted keys) that ``space``
+    searched, in the space's order."""
     return {name: config[name] for name in searched_names(space) if name in config}
 
 
 # --- trial figures ----------------------------------------------------------------------
 def energy_histogram(npz: Path, png: Path, title: str) -> Path | None:
     """Draw the histograms of E(x) and E(x, y), natural vs adversarial test points, of a
-    trial's ``energies.npz`` into ``png``; None when there is no such file or it cannot be
-    drawn (a figure never ends a study).
-
-    Args:
-        npz: the trial's ``energies.npz`` (per test point energies).
-        png: the PNG file to write.
-        title: the figure's title.
-    """
+    trial's ``energies.npz`` (``npz``: per test point energies) into ``png``, titled
+    ``title``; None when there is no such file or it cannot be drawn (a figure never
+    ends a study)."""
     if not npz.is_file():
         return None
     try:
@@ -195,9 +176,8 @@ def runs_view_url(base: str, experiment_id: str, key: str = VIEW_KEY) -> str:
         experiment_id: the study's experiment.
         key: the saved view (experiment tag ``mlflow.sharedViewState.<key>``).
     """
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?" + _query(
-        [("viewStateShareKey", key)]
-    )
+    query = _query([("viewStateShareKey", key)])
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def experiments_url(base: str) -> str:
@@ -213,14 +193,9 @@ def compare_path(experiment_id: str, run_ids: Sequence[str]) -> str:
 
 
 def compare_url(base: str, experiment_id: str, run_ids: Sequence[str]) -> str:
-    """The address of MLflow's compare-runs page for ``run_ids`` (parallel coordinates,
-    scatter, contour, metrics side by side).
-
-    Args:
-        base: the MLflow UI's address, e.g. ``http://127.0.0.1:5000``.
-        experiment_id: the study's experiment.
-        run_ids: the runs to compare, in order.
-    """
+    """The address of MLflow's compare-runs page (:func:`compare_path`: parallel
+    coordinates, scatter, contour, metrics side by side) on the UI at ``base``, e.g.
+    ``http://127.0.0.1:5000``, for the runs ``run_ids``, in order."""
     return f"{base.rstrip('/')}/{compare_path(experiment_id, run_ids)}"
 
 
@@ -235,11 +210,6 @@ def ui_base(tracking_uri: str, port: int = 5000) -> str:
 # --- the saved runs view ------------------------------------------------------------------
 #: The runs table's column of run names (its id in the UI's table).
 RUN_NAME_COLUMN = "attributes.`Run Name`"
-
-
-def _column(group: str, name: str) -> str:
-    """A runs-table column key as MLflow's UI writes it: ``metrics.`val/pgd_acc```."""
-    return f"{group}.`{name}`"
 
 
 def view_state(
@@ -260,31 +230,24 @@ def view_state(
         metrics: further metric columns, after the objectives.
         expanded: run ids whose child runs are shown (the parent runs).
     """
-    goals = [_column("metrics", m) for m in objectives]
-    params = [_column("params", p) for p in searched]
-    others = [_column("metrics", m) for m in metrics if m not in objectives]
-    tags = [_column("tags", t) for t in TAG_COLUMNS]
-    columns = [*goals, *others, *params, *tags]
+    # column keys as MLflow's UI writes them: metrics.`val/pgd_acc`
+    goals = [f"metrics.`{m}`" for m in objectives]
+    params = [f"params.`{p}`" for p in searched]
+    others = [f"metrics.`{m}`" for m in metrics if m not in objectives]
+    tags = [f"tags.`{t}`" for t in TAG_COLUMNS]
+    # the table's order (the UI's column ids): the objectives and searched parameters
+    # right after the run's name, where they are seen without scrolling
+    order = [RUN_NAME_COLUMN, "runDateAndNestInfo", *goals, *params, *others, *tags, "duration"]
     return {
         "searchFilter": "",
-        "orderByKey": _column("metrics", objectives[0]),
+        "orderByKey": goals[0],
         "orderByAsc": modes[0] == "min",
         "startTime": "ALL",
         "lifecycleFilter": "Active",
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
-        "selectedColumns": columns,
-        # the table's order (the UI's column ids): the objectives and searched parameters
-        # right after the run's name, where they are seen without scrolling
-        "columnOrder": [
-            RUN_NAME_COLUMN,
-            "runDateAndNestInfo",
-            *goals,
-            *params,
-            *others,
-            *tags,
-            "duration",
-        ],
+        "selectedColumns": [*goals, *others, *params, *tags],
+        "columnOrder": order,
         "columnWidths": {RUN_NAME_COLUMN: 280},
         "runsExpanded": {run_id: True for run_id in expanded},
     }
@@ -300,9 +263,7 @@ def _searched_names(parents: Sequence[Any], runs: Sequence[Any]) -> list[str]:
             return searched_names(load_space(parent.data.params["space"]))
         except Exception:  # noqa: BLE001 - a moved space file: read the trials instead
             continue
-    keys: set[str] = set()
-    for run in runs:
-        keys.update(n for n in run.data.tags.get(TAG_SEARCHED, "").split(",") if n)
+    keys = {n for run in runs for n in run.data.tags.get(TAG_SEARCHED, "").split(",") if n}
     varying = [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
     return sorted(varying, key=lambda n: (n != "method", n))
 
@@ -331,13 +292,9 @@ def publish_view(
     parents = sorted(found, key=lambda r: r.info.start_time or 0)
     if searched is None:
         searched = _searched_names(parents, runs)
-    state = view_state(
-        objectives,
-        modes,
-        searched,
-        metrics=[m for m in EXTRA_COLUMNS if m in logged],
-        expanded=[r.info.run_id for r in parents],
-    )
+    extra = [m for m in EXTRA_COLUMNS if m in logged]
+    expanded = [r.info.run_id for r in parents]
+    state = view_state(objectives, modes, searched, metrics=extra, expanded=expanded)
     tracker.set_experiment_tags({SHARED_VIEW_PREFIX + key: json.dumps(state), **EXPERIMENT_TAGS})
     return str(tracker.experiment_id)
 
@@ -386,10 +343,9 @@ def study_description(
     """
     space = spec.load_space()
     objective = ", ".join(f"`{m}` ({o})" for m, o in zip(spec.metrics, spec.modes))
-    epochs = spec.default_epochs
     lines = [
         f"**Study `{spec.name}`**: {spec.trials} trials of the space `{spec.space}` "
-        f"(`{space.source}`); epochs per trial: {epochs}; ASHA "
+        f"(`{space.source}`); epochs per trial: {spec.default_epochs}; ASHA "
         f"{'on' if spec.uses_asha() else 'off'}; finalists: {spec.finalists}; "
         f"seed {spec.seed}.",
         "",
@@ -435,25 +391,15 @@ def best_trial_runs(tracker: Any, study: str, top: int = TOP_TRIALS) -> list[Any
     from study.export import study_objectives, trial_runs
 
     objectives, modes = study_objectives(tracker, study)
-    scored = [
-        r
-        for r in trial_runs(tracker, study)
-        if r.info.status == "FINISHED"
-        and math.isfinite(r.data.metrics.get(objectives[0], math.nan))
-    ]
+    finished = [r for r in trial_runs(tracker, study) if r.info.status == "FINISHED"]
+    scored = [r for r in finished if math.isfinite(r.data.metrics.get(objectives[0], math.nan))]
     return rank_runs(scored, objectives, modes)[:top]
 
 
 def describe_study(tracker: Any, spec: Any, parent_run_id: str, *, ended: bool) -> None:
-    """Write the parent run's description; once the study ended, with its best trials,
-    and the saved runs view of the study (:func:`publish_view`).
-
-    Args:
-        tracker: the study's MLflow tracker.
-        spec: the study's :class:`study.spec.StudySpec`.
-        parent_run_id: the study's parent run.
-        ended: whether the study's search and final evaluation are over.
-    """
+    """Write the ``spec``'s description into the parent run ``parent_run_id``; once the
+    study ``ended`` (its search and final evaluation are over), with its best trials, and
+    its saved runs view (:func:`publish_view`)."""
     best = best_trial_runs(tracker, spec.name) if ended else []
     text = study_description(spec, best=best, experiment_id=str(tracker.experiment_id))
     tracker.set_tags(parent_run_id, {DESCRIPTION_TAG: text})
@@ -483,25 +429,18 @@ def name_optuna_study(ot_study: Any, spec: Any) -> None:
 
 
 # --- study ui's server ---------------------------------------------------------------------
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something listens on (or holds) ``host:port`` (a bind test, as the
-    server will do it: with ``SO_REUSEADDR``)."""
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """Raise a one-paragraph :class:`UserError` naming the port when something listens on
+    (or holds) ``host:port`` (a bind test, as the server will do it: with ``SO_REUSEADDR``)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
-            return True
-    return False
-
-
-def check_port(port: int, host: str = "127.0.0.1") -> None:
-    """Raise a one-paragraph :class:`UserError` naming the port when it is taken."""
-    if port_in_use(port, host):
-        raise UserError(
-            f"port {port} on {host} is already in use (another study ui or MLflow server?): "
-            f"stop what listens there, or pick another port with --port N"
-        )
+            raise UserError(
+                f"port {port} on {host} is already in use (another study ui or MLflow server?): "
+                f"stop what listens there, or pick another port with --port N"
+            ) from None
 
 
 def _group_alive(pgid: int) -> bool:
@@ -536,12 +475,9 @@ def wait_until_ready(url: str, proc: subprocess.Popen, timeout: float = START_TI
     exited first or ``timeout`` seconds passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                return True
         time.sleep(0.25)
     return False
 
@@ -570,29 +506,23 @@ def serve(
     def stop(signum: int, frame: Any) -> None:
         stopped.append(signum)
         for started in procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(started.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {s: signal.signal(s, stop) for s in handled}  # before the server exists
     try:
         proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True)
-    except BaseException:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        raise
-    procs.append(proc)
-    if stopped:  # a signal came while it started
-        stop(stopped[-1], None)
-    try:
+        procs.append(proc)
+        if stopped:  # a signal came while it started
+            stop(stopped[-1], None)
         ready = wait_until_ready(f"http://127.0.0.1:{port}/health", proc)
         if ready and not stopped and on_ready is not None:
             on_ready()
         code = proc.wait()
     finally:
-        stop_group(proc)
+        for started in procs:  # none when the server failed to start
+            stop_group(started)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if stopped else code
