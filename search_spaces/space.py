@@ -104,6 +104,15 @@ class ParamSpec:
         """Whether the parameter exists given the values sampled so far."""
         return all(k in sampled and sampled[k] in v for k, v in self.when.items())
 
+    def default(self, wanted: tuple[Any, ...] | None = None) -> Any:
+        """The value without Optuna: the first choice (the first of ``wanted`` among
+        them, when given), the low end of a range, or the fixed value."""
+        if self.type == "categorical":
+            return next((c for c in self.choices if wanted and c in wanted), self.choices[0])
+        if self.type == "fixed":
+            return self.value
+        return int(self.low) if self.type == "int" else self.low
+
     def suggest(self, trial: optuna.Trial) -> Any:
         """Sample this parameter from an Optuna trial (define-by-run)."""
         if self.type == "float":
@@ -205,15 +214,7 @@ class SearchSpace:
                         continue
                     if not p.active(out):
                         continue
-                    wanted = target.when.get(p.name)
-                    if wanted and p.type == "categorical":
-                        out[p.name] = next((c for c in p.choices if c in wanted), p.choices[0])
-                    elif p.type == "categorical":
-                        out[p.name] = p.choices[0]
-                    elif p.type == "fixed":
-                        out[p.name] = p.value
-                    else:
-                        out[p.name] = int(p.low) if p.type == "int" else p.low
+                    out[p.name] = p.default(target.when.get(p.name))
                 if target.name in out:
                     yield target, value, out
 
@@ -221,14 +222,8 @@ class SearchSpace:
         """A config without Optuna: the first choice / the low end / fixed values."""
         out: dict[str, Any] = {}
         for p in self.params:
-            if not p.active(out):
-                continue
-            if p.type == "categorical":
-                out[p.name] = p.choices[0]
-            elif p.type == "fixed":
-                out[p.name] = p.value
-            else:
-                out[p.name] = int(p.low) if p.type == "int" else p.low
+            if p.active(out):
+                out[p.name] = p.default()
         return out
 
 
