@@ -169,3 +169,15 @@ def test_cli_train_and_errors(tmp_path, capsys) -> None:
     assert main(["train", "--set", "dataset=cifar10", "--set", f"data_root={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "cifar-10" in err.lower() and "download" in err
+
+
+def test_onecycle_is_defined_for_runs_of_a_few_steps():
+    """A warm-up of one step (pct_start · total = 1) ends at the peak instead of dividing
+    by zero; every step of runs of 1 to 8 steps has a finite, positive lr."""
+    from trainables.loop import onecycle_at
+
+    assert onecycle_at(0, total_steps=4, lr_max=0.1, pct_start=0.25) == (0.1, 0.85)
+    for total in range(1, 9):
+        for step in range(total):
+            lr, momentum = onecycle_at(step, total, lr_max=0.1, pct_start=0.25)
+            assert 0 < lr <= 0.1 and 0.85 <= momentum <= 0.95, (total, step, lr)

@@ -164,7 +164,8 @@ def onecycle_at(
     start_step = 0.0
     for i, (end_step, lr0, lr1, m0, m1) in enumerate(phases):
         if step <= end_step or i == len(phases) - 1:
-            pct = (step - start_step) / (end_step - start_step)
+            span = end_step - start_step  # 0 for a warm-up of one step: at its end
+            pct = (step - start_step) / span if span > 0 else 1.0
             return _cos_anneal(lr0, lr1, pct), _cos_anneal(m0, m1, pct)
         start_step = end_step
     raise AssertionError("unreachable")  # pragma: no cover
