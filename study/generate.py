@@ -106,8 +106,6 @@ def resolve_source(source: str, tracking_uri: str, cache: Path, experiment: str)
         raise UserError(
             f"run {source} has no {BEST_CHECKPOINT} artifact (did its training finish?)"
         ) from None
-    from trainables.checkpoint import load_checkpoint
-
     state = load_checkpoint(ckpt)
     experiment_name = client.get_experiment(run.info.experiment_id).name
     return Source(ckpt, dict(state["config"]), source, experiment_name)
@@ -284,7 +282,7 @@ def log_sampling_run(
         key_tags={TAG_STUDY: study, TAG_TRIAL: trial_id},
     )
     if created:
-        tracker.log_params(run_id, flatten({k: v for k, v in cfg.to_dict().items()}))
+        tracker.log_params(run_id, flatten(cfg.to_dict()))
     if metrics:
         tracker.log_metrics(run_id, metrics, step=0)
     trace = out / TRACE_FILE
@@ -422,6 +420,7 @@ class GenerationWriter(Callback):
         self.__init__(*state["args"])  # type: ignore[misc]
 
     def _log(self, trial: Any, status: str, error: str | None = None) -> None:
+        from study.callbacks import our_metrics
         from study.tracking import MlflowTracker
         from study.ui import searched_values, trial_run_name
 
@@ -431,7 +430,7 @@ class GenerationWriter(Callback):
         name = trial_run_name("sgld", searched_values(spec.load_space(), trial.config))
         self.run_ids[trial.trial_id] = log_sampling_run(
             self._tracker, parent, spec.trial_config(trial.config),
-            _gen_metrics(trial.last_result or {}), trial_output_dir(spec, trial.trial_id),
+            our_metrics(trial.last_result or {}), trial_output_dir(spec, trial.trial_id),
             name=name, study=spec.name, trial_id=trial.trial_id, status=status, error=error,
         )  # fmt: skip
 
@@ -442,16 +441,6 @@ class GenerationWriter(Callback):
         from study.callbacks import trial_error_text
 
         self._log(trial, "FAILED", trial_error_text(trial))
-
-
-def _gen_metrics(result: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in result.items()
-        if k.startswith(("gen/", "time/"))
-        and isinstance(v, int | float)
-        and not isinstance(v, bool)
-    }
 
 
 def run_generation(spec: GenerationSpec) -> list[TrialOutcome]:
