@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_JPEG = REPO.parent / "shared" / "data" / "cifar10-test-jpeg"
@@ -146,7 +146,42 @@ class Guard:
 GUARD = Guard()
 
 
-class OtherWork:
+class _Background:
+    """A sampler thread: ``_tick()`` once on entry, every ``interval`` seconds, and once
+    on exit."""
+
+    interval: float
+    _stop: threading.Event
+    _thread: threading.Thread | None
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        self._tick()
+
+    def _end(self) -> None:
+        pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._tick()
+
+    def __enter__(self) -> Self:
+        self._begin()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._tick()
+        self._end()
+
+
+class OtherWork(_Background):
     """Measures the CPU time that processes outside this benchmark's process tree use
     while a figure runs (polls ``/proc`` every second; processes shorter than that
     are missed). One pass over ``/proc/*/stat`` per poll, every 2 s by default."""
@@ -191,23 +226,15 @@ class OtherWork:
                 else:
                     self.other_cpu_s += delta
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._poll()
+    def _tick(self) -> None:
+        self._poll()
 
-    def __enter__(self) -> OtherWork:
+    def _begin(self) -> None:
         self._t0 = time.monotonic()
         self._poll()
         self.other_cpu_s = self.own_cpu_s = 0.0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._poll()
+    def _end(self) -> None:
         self.wall_s = time.monotonic() - self._t0
 
     def summary(self) -> dict[str, float]:
@@ -339,7 +366,7 @@ class ProcInfo:
 
 
 @dataclass
-class ProcSampler:
+class ProcSampler(_Background):
     """Samples this process and every process below it every ``interval`` seconds.
 
     Records per process its name (the command line, which Ray sets to the actor
@@ -390,21 +417,15 @@ class ProcSampler:
             if cpu is not None:
                 info.cpu_last = cpu
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> ProcSampler:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+    def _tick(self) -> None:
         self._sample()
+
+
+def without(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, list[dict]]:
+    """``runs`` (lists of records by name) with ``key`` left out of every record."""
+    return {
+        name: [{k: v for k, v in r.items() if k != key} for r in rs] for name, rs in runs.items()
+    }
 
 
 def render(rows: list[list[str]], head: list[str] | None = None) -> str:

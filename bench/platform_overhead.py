@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CIFAR_JPEG, GUARD, REPO, ProcSampler, median, peak_rss_mib
+from bench.common import CIFAR_JPEG, GUARD, REPO, ProcSampler, median, peak_rss_mib, without
 
 STUDY_ENV_NOTE = (
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0, "
@@ -49,8 +49,12 @@ STUDY_ENV_NOTE = (
 )
 
 
-def fig2_config(epochs: int) -> dict[str, Any]:
-    return {
+# --quick (a smoke test of the code paths, not the figures): the same workloads cut down
+SMOKE = {"train_subset": 512, "val_subset": 128, "test_subset": 128}
+
+
+def fig2_config(epochs: int, smoke: bool = False) -> dict[str, Any]:
+    cfg = {
         "method": "trades",
         "model": "small_cnn",
         "dataset": "imagefolder",
@@ -64,10 +68,22 @@ def fig2_config(epochs: int) -> dict[str, Any]:
         "eval_steps": 20,
         "autoattack": False,
     }
+    return {**cfg, **SMOKE} if smoke else cfg
 
 
-def fig3_config() -> dict[str, Any]:
+def fig3_config(smoke: bool = False) -> dict[str, Any]:
+    if smoke:
+        return {**fig2_config(1, smoke), "train_subset": 1024, "val_subset": 64, "test_subset": 64}
     return {**fig2_config(2), "train_subset": 2048, "test_subset": 512}
+
+
+def _workload(cfg: dict[str, Any]) -> str:
+    train = cfg.get("train_subset", 7200)
+    return (
+        f"TRADES K={cfg['attack_steps']}, small_cnn, CIFAR-10 JPEG folder ({train} train, "
+        f"{cfg['val_subset']} val with PGD-{cfg['val_attack_steps']}, {cfg['test_subset']} "
+        f"test with PGD-{cfg['eval_steps']}, no AutoAttack), batch {cfg['batch_size']}"
+    )
 
 
 def tiny_config() -> dict[str, Any]:
@@ -78,6 +94,9 @@ def tiny_config() -> dict[str, Any]:
         "epochs": 1,
         "batch_size": 64,
         "train_subset": 256,
+        # 4 steps in all: onecycle's rise must span at least 2 steps (torch's OneCycleLR
+        # formula divides by zero for pct_start * steps <= 1)
+        "lr_pct_start": 0.5,
         "attack_steps": 2,
         "val_subset": 64,
         "val_attack_steps": 2,
@@ -118,7 +137,8 @@ class Studies:
             asha=False,
             tracking_uri=self.tracking_uri,
             storage=str(self.root / "studies"),
-            **{"trials": 1, **spec_kwargs},
+            # no finalists' stage (StudySpec's default is 3): the trials are what is timed
+            **{"trials": 1, "finalists": 0, **spec_kwargs},
         )
         t = time.perf_counter()
         outcome = run_study(spec)
@@ -213,13 +233,13 @@ def _tree_cpu_s() -> float:
     return sum(_cpu_seconds(pid) or 0.0 for pid in descendants(os.getpid()))
 
 
-def fig2(studies: Studies, epochs: int, rounds: int) -> dict[str, Any]:
+def fig2(studies: Studies, epochs: int, rounds: int, smoke: bool = False) -> dict[str, Any]:
     """In-process, ``direct`` and ``train`` in turn, ``rounds`` times; the order rotates
     each round, so no path always runs first (the one right after figure 1's machine
     state, or another study's leftovers)."""
     runs: dict[str, list[dict[str, Any]]] = {"in_process": [], "direct": [], "train": []}
     names = list(runs)
-    base = fig2_config(epochs)
+    base = fig2_config(epochs, smoke)
     for r in range(rounds):
         for name in names[r % 3 :] + names[: r % 3]:
             if name == "in_process":
@@ -300,25 +320,22 @@ def fig2(studies: Studies, epochs: int, rounds: int) -> dict[str, Any]:
         }
     return {
         "setup": {
-            "workload": "TRADES K=10, small_cnn, CIFAR-10 JPEG folder (7200 train, "
-            "512 val with PGD-10, 1000 test with PGD-20, no AutoAttack), batch 128",
+            "workload": _workload(base),
             "epochs": epochs,
             "rounds": rounds,
+            "smoke": smoke,
             "cpus_per_trial": 2,
             "env": STUDY_ENV_NOTE,
         },
         "summary": summary,
         "per_round": per_round,
-        "runs": {
-            k: [{kk: vv for kk, vv in r.items() if kk != "history"} for r in v]
-            for k, v in runs.items()
-        },
+        "runs": without(runs, "history"),
         "targets": targets,
         "history_in_process": runs["in_process"][0]["history"],
     }
 
 
-def startup_breakdown(root: Path, repeats: int) -> dict[str, Any]:
+def startup_breakdown(root: Path, repeats: int, imports: bool = True) -> dict[str, Any]:
     """Where the fixed cost of the two backends goes, with trials that do no work.
 
     * a bare ``TorchTrainer.fit`` (one 1-CPU worker, no-op loop) from the driver:
@@ -381,19 +398,19 @@ def startup_breakdown(root: Path, repeats: int) -> dict[str, Any]:
             ),
         ).fit()
         tune_walls.append(time.time() - t0)
-    imports = {}
-    for what in ("torch", "trainables.loop", "ray.train.torch"):
+    import_s = {}
+    for what in ("torch", "trainables.loop", "ray.train.torch") if imports else ():
         GUARD.wait()
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", f"import {what}"], check=True, cwd=REPO)
-        imports[what] = time.perf_counter() - t0
+        import_s[what] = time.perf_counter() - t0
     assert ray.is_initialized()
     keys = train_rows[0].keys()
     return {
         "torch_trainer_noop": {k: median(row[k] for row in train_rows) for k in keys},
         "torch_trainer_runs": train_rows,
         "tune_function_trial_noop_s": median(tune_walls),
-        "fresh_interpreter_import_s": imports,
+        "fresh_interpreter_import_s": import_s,
         "env": STUDY_ENV_NOTE,
     }
 
@@ -406,7 +423,7 @@ def fig3(studies: Studies, quick: bool) -> dict[str, Any]:
         for name, conc in (("sequential", 1), ("concurrent", 2)):
             with ProcSampler(interval=0.5) as sampler:
                 wall, outcome, spec = studies.run(
-                    fig3_config(), trials=2, max_concurrent=conc, cpus_per_worker=1.0
+                    fig3_config(quick), trials=2, max_concurrent=conc, cpus_per_worker=1.0
                 )
             epoch_s = [
                 sum(h["time/epoch_s"] for h in trial_epochs(spec, t.trial_id))
@@ -420,7 +437,11 @@ def fig3(studies: Studies, quick: bool) -> dict[str, Any]:
             # the trial phase: the first trial process taking its actor to the last one's end
             pids = {int(t.metrics.get("pid", -1)) for t in outcome.trials}
             trial_procs = [p for pid, p in sampler.procs.items() if pid in pids and p.named_t]
-            phase = max(p.last_t for p in trial_procs) - min(p.named_t for p in trial_procs)
+            phase = (
+                max(p.last_t for p in trial_procs) - min(p.named_t for p in trial_procs)
+                if trial_procs
+                else wall  # trials too short for the sampler to see them named
+            )
             runs[name].append(
                 {
                     "wall_s": wall,
@@ -439,9 +460,10 @@ def fig3(studies: Studies, quick: bool) -> dict[str, Any]:
     out.update(
         {
             "setup": {
-                "workload": "2 trials: TRADES K=10, small_cnn, CIFAR-10 JPEG folder, "
-                "2048 train images, 2 epochs, 1 CPU each, backend auto (direct)",
+                "workload": f"2 trials, 1 CPU each, backend auto (direct), "
+                f"{fig3_config(quick)['epochs']} epoch(s): {_workload(fig3_config(quick))}",
                 "rounds": rounds,
+                "smoke": quick,
             },
             "sequential_wall_s": seq,
             "concurrent_wall_s": par,
@@ -500,7 +522,8 @@ def _in_process_peak(base: dict[str, Any]) -> float:
 def fig6(studies: Studies, quick: bool) -> dict[str, Any]:
     from study.spec import StudySpec
 
-    trials = 16
+    # quick: a smoke test of 5 trials, the growth fitted from the 1st finished trial on
+    trials, first = (5, 1) if quick else (16, 4)
     name_next = f"bench-{studies.count + 1}"
     folder = StudySpec(name=name_next, storage=str(studies.root / "studies")).folder / "trials"
 
@@ -518,7 +541,7 @@ def fig6(studies: Studies, quick: bool) -> dict[str, Any]:
     ks = sorted(k for k in by_k if k >= 1)
     # from the 4th finished trial to the last one still inside the study (the sample
     # for k = trials is taken after the study ended and the driver let memory go)
-    tail = [k for k in ks if 4 <= k < trials]
+    tail = [k for k in ks if first <= k < trials]
     slope = _slope([float(k) for k in tail], [by_k[k] for k in tail]) if len(tail) > 2 else None
     trial_pids = {int(t.metrics.get("pid", -1)) for t in outcome.trials}
     trial_procs = [p for pid, p in sampler.procs.items() if pid in trial_pids]
@@ -534,6 +557,8 @@ def fig6(studies: Studies, quick: bool) -> dict[str, Any]:
             "trials": trials,
             "workload": "TRADES K=2, small_cnn, digits, 256 train images, 1 epoch, 1 CPU each",
             "backend": "auto (direct)",
+            "growth_fitted_from_trial": first,
+            "smoke": quick,
         },
         "wall_s": wall,
         "trial_processes": len(trial_pids),
@@ -566,12 +591,20 @@ def run(quick: bool, only: set[str]) -> dict[str, Any]:
         t = time.perf_counter()
         init_ray(None)
         cluster_s = time.perf_counter() - t
-        time.sleep(3.0)  # let the fresh cluster's processes settle
+        time.sleep(0.5 if quick else 3.0)  # let the fresh cluster's processes settle
         store_s = studies.create_store()
         try:
             if "2" in only:
-                results["2"] = fig2(studies, epochs=3 if quick else 4, rounds=1 if quick else 3)
-                results["2"]["startup_breakdown"] = startup_breakdown(Path(tmp), 1 if quick else 3)
+                results["2"] = (
+                    fig2(studies, epochs=2, rounds=1, smoke=True)
+                    if quick
+                    else fig2(studies, epochs=4, rounds=3)
+                )
+                results["2"]["startup_breakdown"] = (
+                    startup_breakdown(Path(tmp), 1, imports=False)
+                    if quick
+                    else startup_breakdown(Path(tmp), 3)
+                )
                 results["2"]["once_per_study_s"] = {
                     "ray_cluster_start": cluster_s,
                     "mlflow_store": store_s,
