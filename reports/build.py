@@ -30,13 +30,13 @@ from reports.data import (
     ReportError,
     RunData,
     StudyData,
-    _search,
     client_for,
     download,
     generation_study_filter,
     load_study,
     metric_history,
     retry,
+    search_runs,
     tags_filter,
 )
 from reports.intervals import Measured, measured, sample_size
@@ -629,11 +629,11 @@ def report_run(name: str, tracking_uri: str) -> str | None:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         study = tags_filter({TAG_ROLE: ROLE_STUDY, TAG_STUDY: name})
-        parents = _search(client, [experiment.experiment_id], study)
+        parents = search_runs(client, [experiment.experiment_id], study)
         if parents:
             return min(parents, key=lambda r: r.info.start_time or 0).info.run_id
     ids = [e.experiment_id for e in client.search_experiments()]
-    found = _search(client, ids, generation_study_filter(name)) if ids else []
+    found = search_runs(client, ids, generation_study_filter(name)) if ids else []
     return found[0].info.run_id if found else None
 
 

@@ -180,13 +180,25 @@ def generation_study_filter(name: str) -> str:
     return tags_filter({TAG_ROLE: ROLE_GENERATION_STUDY, TAG_STUDY: name})
 
 
-def _search(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
+#: runs per MLflow search call (its maximum)
+SEARCH_PAGE = 1000
+
+
+def search_runs(
+    client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None
+) -> list[Any]:
+    """Every run the search finds, page after page (MLflow returns at most
+    :data:`SEARCH_PAGE` per call); each call retried like every tracker call."""
     runs: list[Any] = []
     token = None
     while True:
-        page = client.search_runs(
-            experiment_ids, filter_string=filter_string, max_results=1000, page_token=token
-        )
+        page = retry(
+            lambda t=token: client.search_runs(
+                experiment_ids, filter_string, order_by=order_by, max_results=SEARCH_PAGE,
+                page_token=t,
+            ),
+            "search",
+        )  # fmt: skip
         runs.extend(page)
         token = page.token
         if not token:
@@ -238,7 +250,7 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
     parent: RunData | None = None
     trials: list[RunData] = []
     if experiment is not None:
-        in_exp = [_to_run(r) for r in _search(client, [experiment.experiment_id], "")]
+        in_exp = [_to_run(r) for r in search_runs(client, [experiment.experiment_id], "")]
         parents = [
             r
             for r in in_exp
@@ -251,9 +263,9 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
     gen_parents = set()
     if all_ids:
         gen_parents = {
-            r.info.run_id for r in _search(client, all_ids, generation_study_filter(name))
+            r.info.run_id for r in search_runs(client, all_ids, generation_study_filter(name))
         }
-        for run in _search(client, all_ids, tags_filter({TAG_ROLE: ROLE_GENERATION})):
+        for run in search_runs(client, all_ids, tags_filter({TAG_ROLE: ROLE_GENERATION})):
             r = _to_run(run)
             owner = r.tags.get(PARENT_TAG)
             if owner in trial_ids or owner in gen_parents or r.tags.get(TAG_STUDY) == name:

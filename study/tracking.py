@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from reports.data import retry, tags_filter
+from reports.data import retry, search_runs, tags_filter
 from reports.vocabulary import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -48,7 +48,6 @@ from study.ui import EXPERIMENT_TAGS, energy_histogram
 
 log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000
-SEARCH_PAGE = 1000  #: runs per MLflow search call (its maximum)
 
 
 @contextlib.contextmanager
@@ -139,23 +138,8 @@ class MlflowTracker:
     def find_runs(self, **tags: str) -> list[Any]:
         """Runs of this experiment carrying all ``tags`` (newest first), every page of
         the search (MLflow returns at most 1,000 runs per call)."""
-        runs: list[Any] = []
-        token: str | None = None
-        while True:
-            page = retry(
-                lambda t=token: self.client.search_runs(
-                    [self.experiment_id],
-                    filter_string=tags_filter(tags),
-                    order_by=["attributes.start_time DESC"],
-                    max_results=SEARCH_PAGE,
-                    page_token=t,
-                ),
-                "search",
-            )
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        order = ["attributes.start_time DESC"]
+        return search_runs(self.client, [self.experiment_id], tags_filter(tags), order)
 
     def get_or_create_run(
         self, run_name: str, tags: Mapping[str, str], key_tags: Mapping[str, str]
