@@ -178,8 +178,7 @@ class MlflowCallback(Callback):
         if hist is not None:
             self.tracker.log_artifact(run_id, hist)
         last = trial.last_result or {}
-        epochs = self.spec.trial_config(trial.config).epochs
-        done = int(last.get("epoch", 0)) >= epochs and "test/clean_acc" in last
+        done = self.spec.ran_full_budget(trial.config, last)
         self.tracker.set_tags(run_id, {TAG_EARLY: str(not done).lower()})
         self.tracker.end_run(run_id, "FINISHED")
 

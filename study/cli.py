@@ -194,8 +194,9 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
         raise ConfigError(str(exc)) from None
     if not args.config:
         suggested.setdefault("epochs", DEFAULT_EPOCHS)
-    keys = ("trials", "epochs", "asha", "grace_period")  # None: not given (0 is checked)
+    keys = ("trials", "epochs", "grace_period")  # None: not given (0 is checked)
     values = {k: suggested.get(k) if getattr(args, k) is None else getattr(args, k) for k in keys}
+    values["scheduler"] = _scheduler(args, suggested)
     for key, option in (("metric", args.metric), ("mode", args.mode)):
         values[f"{key}s"] = option or (_as_list(suggested[key]) if key in suggested else None)
     spec = StudySpec(
@@ -214,6 +215,26 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
     if len(spec.modes) == 1 and len(spec.metrics) > 1:
         spec.modes = spec.modes * len(spec.metrics)
     return spec
+
+
+def _scheduler(args: argparse.Namespace, suggested: dict[str, Any]) -> str | None:
+    """``--scheduler``, else ``--asha`` (= asha) / ``--no-asha`` (= none), else the space's
+    ``scheduler`` or ``asha: false`` (= none); None: StudySpec's default."""
+    if args.asha is not None:
+        flag = "asha" if args.asha else "none"
+        if args.scheduler is not None and args.scheduler != flag:
+            option = "--asha" if args.asha else "--no-asha"
+            raise ConfigError(
+                f"{option} means --scheduler {flag}; not --scheduler {args.scheduler}"
+            )
+        return flag
+    if args.scheduler is not None:
+        return args.scheduler
+    if "scheduler" in suggested:
+        return str(suggested["scheduler"])
+    if suggested.get("asha") is False:
+        return "none"
+    return None
 
 
 def _as_list(value: Any) -> list[str]:
@@ -293,6 +314,7 @@ def _print_finals(outcome) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     spec = _spec_from_args(args)
     spec.validate()  # before any Ray process starts
+    spec.check_new()  # an existing name is `study resume`'s, not ours
     print(
         f"study {spec.name}: {spec.trials} trials of {spec.space} "
         f"(objective {', '.join(f'{m} {o}' for m, o in zip(spec.metrics, spec.modes))}); "
@@ -377,7 +399,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from reports.data import tags_filter
+    from reports.data import search_runs, tags_filter
     from reports.vocabulary import ROLE_TRIAL, TAG_ROLE
     from study.tracking import quiet_mlflow
 
@@ -385,7 +407,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     client = MlflowClient(_tracking_uri(args))
     found = False
     for exp in client.search_experiments():
-        runs = client.search_runs([exp.experiment_id], tags_filter({TAG_ROLE: ROLE_TRIAL}))
+        runs = search_runs(client, [exp.experiment_id], tags_filter({TAG_ROLE: ROLE_TRIAL}))
         if not runs:
             continue
         found = True
@@ -568,7 +590,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``study`` command."""
-    from study.spec import BACKENDS, DEFAULT_SPACE, StudySpec
+    from study.spec import BACKENDS, DEFAULT_SPACE, SCHEDULERS, StudySpec
 
     # options shared by several sub-commands, declared once (parent parsers)
     # fmt: off
@@ -609,9 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{DEFAULT_EPOCHS} on the digits default, else the config's)")  # fmt: skip
     p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial "
                    f"(default: the space's, else {StudySpec.grace_period})")  # fmt: skip
-    p.add_argument("--name", help="study name (default: <space>-<date>-<time>)")
-    p.add_argument("--asha", dest="asha", action="store_true", default=None, help="ASHA on")
-    p.add_argument("--no-asha", dest="asha", action="store_false", help="ASHA off")
+    p.add_argument("--name", help="study name, new in --storage (default: <space>-<date>-<time>)")
+    p.add_argument("--scheduler", help="what stops poor trials early: "
+                   f"{'|'.join(SCHEDULERS)} (default: the space's, else "
+                   f"{StudySpec.scheduler}; multi-objective: none)")  # fmt: skip
+    p.add_argument("--asha", dest="asha", action="store_true", default=None,
+                   help="= --scheduler asha")  # fmt: skip
+    p.add_argument("--no-asha", dest="asha", action="store_false", help="= --scheduler none")
     p.add_argument("--backend", choices=BACKENDS, default=StudySpec.backend,
                    help="train: TorchTrainer per trial; direct: loop in the trial; auto: "
                    "direct for one CPU worker, else train (default: %(default)s)")  # fmt: skip

@@ -252,6 +252,9 @@ def build_tuner(
 ) -> Any:
     """A Tuner searching ``spec``'s space with Optuna (TPE), new or restored from its folder.
 
+    The searcher (:func:`study.search.make_searcher`) tells Optuna which trials the
+    scheduler stopped early (PRUNED) and which ran to the end (COMPLETE).
+
     Serves ``study run`` (:func:`study_tuner`) and ``study generate``.
 
     Args:
@@ -259,32 +262,25 @@ def build_tuner(
             concurrency, retries, Optuna storage and folder (Tune state in ``tune/``).
         trainable: the Tune trainable, its parameters and resources attached.
         callbacks: driver-side Tune callbacks (MLflow writers, console progress).
-        scheduler: a trial scheduler (ASHA) or None.
+        scheduler: a trial scheduler (:func:`study.search.make_scheduler`) or None.
         resume: restore the Tuner saved in the folder (callbacks and searcher come back
             with it; ``callbacks`` and ``scheduler`` are then unused).
         verbose: Tune's own console output.
     """
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from study.search import make_searcher
 
     tune_dir = spec.folder / TUNE_DIR
     if resume:
         return tune.Tuner.restore(
             str(tune_dir.resolve()), trainable, resume_unfinished=True, resume_errored=False
         )
-    multi = spec.multi_objective
     storage = None
     if spec.optuna_storage:
         storage = optuna.storages.RDBStorage(spec.optuna_storage)
-    searcher: Any = OptunaSearch(
-        space=compile_space(spec.load_space()),
-        metric=spec.metrics if multi else spec.metrics[0],
-        mode=spec.modes if multi else spec.modes[0],
-        sampler=optuna.samplers.TPESampler(seed=spec.seed),
-        study_name=spec.name,
-        storage=storage,
-    )
+    searcher = make_searcher(spec, compile_space(spec.load_space()), storage)
     if storage is not None:  # optuna-dashboard: objective and parameter names
         name_optuna_study(searcher._ot_study, spec)
     return tune.Tuner(
@@ -308,26 +304,16 @@ def build_tuner(
 
 def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: bool = False):
     """The Tuner of a study: trials get the spec and its :attr:`~StudySpec.template`
-    (resolved here, once); ASHA when the spec uses it; MLflow and progress callbacks."""
+    (resolved here, once); the spec's scheduler (:meth:`StudySpec.early_stopping`);
+    MLflow and progress callbacks."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from study.callbacks import MlflowCallback, PlacementGroupSweeper, ProgressCallback
+    from study.search import make_scheduler
     from study.trial import run_trial, trial_resources
 
     trainable = tune.with_parameters(run_trial, spec=spec, template=spec.template)
-    scheduler = None
-    if spec.uses_asha():
-        scheduler = ASHAScheduler(
-            # the loop's epoch counter survives a restored trial; Tune's
-            # training_iteration restarts at 1 for a resumed TorchTrainer run
-            time_attr="epoch",
-            metric=spec.metrics[0],
-            mode=spec.modes[0],
-            max_t=spec.default_epochs,
-            grace_period=spec.grace_period,
-            reduction_factor=spec.reduction_factor,
-        )
+    scheduler = make_scheduler(spec)
     callbacks = [
         MlflowCallback(spec, parent_run_id),
         ProgressCallback(spec.metrics, spec.trials),
@@ -410,12 +396,7 @@ def _fit_and_finish(
         # the last trials Tune stopped inside TorchTrainer.fit left their workers'
         # placement groups behind; the study is over, so every one of them goes
         remove_orphaned_placement_groups(all_of_this_job=True)
-    outcomes = trial_outcomes(
-        grid,
-        lambda config, m: (
-            m.get("epoch", 0) >= spec.trial_config(config).epochs and "test/clean_acc" in m
-        ),
-    )
+    outcomes = trial_outcomes(grid, spec.ran_full_budget)  # the rule the searcher uses
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
     if interrupted:
         _reconcile(tracker, spec, outcomes, interrupted=True)

@@ -31,6 +31,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_BASE = HERE / "default.yaml"
 DEFAULT_SPACE = "weat"
 BACKENDS = ("auto", "train", "direct")
+#: trial schedulers by name (``--scheduler``); :mod:`study.search` builds them
+SCHEDULERS = ("asha", "hyperband", "median", "none")
 SPEC_FILE = "study.yaml"
 #: TrainConfig fields holding paths: made absolute on the driver, since Tune runs a
 #: trial in a working folder of its own.
@@ -156,9 +158,15 @@ class StudySpec(SearchSpec):
     Attributes:
         base: base training config (mapping) every trial starts from.
         epochs: epochs per trial (overrides the base config when set).
-        asha: early stopping of poor trials with ASHA (single objective only).
-        grace_period: epochs every trial runs before ASHA may stop it.
-        reduction_factor: ASHA keeps the best 1/reduction_factor of trials at each rung.
+        asha: early stopping of poor trials at all (False: none, whatever ``scheduler``
+            says; the ``--asha/--no-asha`` of earlier versions).
+        scheduler: the trial scheduler that stops poor trials early, one of
+            :data:`SCHEDULERS`: ``asha`` (asynchronous successive halving),
+            ``hyperband``, ``median`` (median stopping rule) or ``none``; single
+            objective only (a multi-objective study runs every trial to the end).
+        grace_period: epochs every trial runs before ASHA or the median rule may stop it.
+        reduction_factor: ASHA and HyperBand keep the best 1/reduction_factor of trials
+            at each rung.
         workers_per_trial: Ray Train workers per trial (DDP when > 1).
         cpus_per_worker: CPUs reserved per worker (torch threads follow it).
         gpus_per_trial: GPUs per trial, split over its workers (fractions allowed).
@@ -179,6 +187,7 @@ class StudySpec(SearchSpec):
     base: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     asha: bool = True
+    scheduler: str = "asha"
     grace_period: int = 3
     reduction_factor: int = 2
     workers_per_trial: int = 1
@@ -224,6 +233,8 @@ class StudySpec(SearchSpec):
             raise ConfigError(f"workers_per_trial = {self.workers_per_trial}; must be >= 1")
         if self.cpus_per_worker <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("cpus_per_worker must be > 0 and gpus_per_trial >= 0")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler = {self.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
         if self.reduction_factor < 2:
             raise ConfigError(f"reduction_factor = {self.reduction_factor}; must be >= 2")
         if not self.connect_timeout > 0:
@@ -243,11 +254,12 @@ class StudySpec(SearchSpec):
                     f"metric {metric!r} is not one the trials report{hint}; objectives: "
                     f"{', '.join(objective_names())}"
                 )
-            if self.uses_asha() and not is_epoch_metric(metric):
+            if self.early_stopping() != "none" and not is_epoch_metric(metric):
                 raise ConfigError(
-                    f"metric {metric!r} is reported once, after a trial's last epoch; ASHA "
-                    "stops trials on a metric reported every epoch (val/..., train/...): "
-                    "choose one, or turn ASHA off with --no-asha"
+                    f"metric {metric!r} is reported once, after a trial's last epoch; the "
+                    f"{self.early_stopping()} scheduler stops trials on a metric reported "
+                    "every epoch (val/..., train/...): choose one, or turn early stopping "
+                    "off with --scheduler none"
                 )
         # every categorical choice and both ends of every range must build a valid
         # config (bad base or fixed values, or a choice the config refuses, fail here)
@@ -266,10 +278,38 @@ class StudySpec(SearchSpec):
         """Epochs of a trial with the space's default values (ASHA's ``max_t``)."""
         return self.trial_config(self.load_space().sample_defaults()).epochs
 
+    def early_stopping(self) -> str:
+        """The scheduler that stops trials early (one of :data:`SCHEDULERS`): ``none``
+        unless asked for (``asha`` and ``scheduler``), with one objective and more
+        epochs than the grace period."""
+        if not self.asha or self.multi_objective or self.default_epochs <= self.grace_period:
+            return "none"
+        return self.scheduler
+
     def uses_asha(self) -> bool:
-        """Whether ASHA stops trials: asked for, one objective, more epochs than the
-        grace period."""
-        return self.asha and not self.multi_objective and self.default_epochs > self.grace_period
+        """Whether ASHA stops trials (:meth:`early_stopping` is ``asha``)."""
+        return self.early_stopping() == "asha"
+
+    def ran_full_budget(self, config: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
+        """Whether a trial ran to its end (rather than being stopped early): its last
+        result (``metrics``) reached the trial's epochs and holds the test metrics.
+
+        Args:
+            config: the trial's Tune config (what was sampled).
+            metrics: the trial's last result.
+        """
+        epochs = self.trial_config(config).epochs
+        return metrics.get("epoch", 0) >= epochs and "test/clean_acc" in metrics
+
+    def check_new(self) -> None:
+        """Refuse a name that a study in the storage already has (its ``study.yaml``):
+        ``study run`` starts new studies only."""
+        if (self.folder / SPEC_FILE).is_file():
+            raise ConfigError(
+                f"a study named {self.name!r} already exists under {self.storage}; "
+                f"continue it with `study resume {self.name}`, or choose another --name "
+                "(extending a finished study with more trials is not implemented yet)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for ``study.yaml`` and MLflow params)."""

@@ -345,8 +345,8 @@ def study_description(
     objective = ", ".join(f"`{m}` ({o})" for m, o in zip(spec.metrics, spec.modes))
     lines = [
         f"**Study `{spec.name}`**: {spec.trials} trials of the space `{spec.space}` "
-        f"(`{space.source}`); epochs per trial: {spec.default_epochs}; ASHA "
-        f"{'on' if spec.uses_asha() else 'off'}; finalists: {spec.finalists}; "
+        f"(`{space.source}`); epochs per trial: {spec.default_epochs}; early "
+        f"stopping: {spec.early_stopping()}; finalists: {spec.finalists}; "
         f"seed {spec.seed}.",
         "",
         f"**Objective**: {objective}" + (" (multi-objective)" if spec.multi_objective else ""),

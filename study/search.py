@@ -1,0 +1,211 @@
+"""What the search learns from: the Optuna searcher, its TPE sampler and the trial scheduler.
+
+Tune's :class:`~ray.tune.search.optuna.OptunaSearch` tells Optuna that a trial the
+scheduler stopped early is COMPLETE, with the value of the epoch it reached, so TPE
+takes an epoch-3 score for a final one. :class:`StudySearch` tells Optuna what
+happened instead: every epoch is an intermediate value at step = ``epoch``, a trial
+stopped before its full budget is PRUNED, a failed one FAIL, and only a trial that
+ran its full budget is COMPLETE, with its final value(s).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from study.spec import SearchSpec, StudySpec
+
+logger = logging.getLogger(__name__)
+
+#: ``(config, metrics) -> bool``: whether a trial ran its full budget.
+Finished = Callable[[dict[str, Any], dict[str, Any]], bool]
+
+
+class StudySearch(OptunaSearch):
+    """Tune's OptunaSearch, telling Optuna which trials ran to the end.
+
+    Args:
+        finished: ``(config, metrics) -> bool``: whether a trial that reported
+            ``metrics`` (its last result) with Tune config ``config`` ran its full
+            budget (COMPLETE) rather than being stopped early (PRUNED); None: every
+            trial without an error did (a search without a scheduler). It is saved
+            with the searcher (``study resume``), so it must pickle: a bound method
+            of a spec, not a lambda.
+        **kwargs: the arguments of :class:`~ray.tune.search.optuna.OptunaSearch`.
+    """
+
+    def __init__(self, *, finished: Finished | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._finished = finished
+        self._configs: dict[str, dict[str, Any]] = {}  # Tune trial id -> its config
+        self._last_step: dict[str, int] = {}  # Tune trial id -> last epoch told to Optuna
+        self._last: dict[str, dict[str, Any]] = {}  # running trial -> its last result's numbers
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """The next config (Optuna asks TPE); kept for the trial's end."""
+        config = super().suggest(trial_id)
+        if config is not None:
+            self._configs[trial_id] = config
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """One epoch's result: kept (its numbers) for the trial's end, and the objective
+        told as an intermediate value at step ``epoch`` (see :meth:`_report`)."""
+        if trial_id in self._completed_trials:
+            return
+        self._last[trial_id] = {k: v for k, v in result.items() if isinstance(v, int | float)}
+        self._report(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        """Tell Optuna how the trial ended: FAIL, PRUNED or COMPLETE (see the class).
+
+        The result a scheduler stops a trial on reaches the searcher here only (not
+        through :meth:`on_trial_result`); a trial stopped while paused (HyperBand)
+        comes without one, and its last result counts.
+        """
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        result = result or self._last.get(trial_id) or {}
+        if not error:
+            self._report(trial_id, result)
+        state, values = self._ending(trial_id, result, error)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
+        except Exception as exc:  # e.g. a NaN value: Optuna refuses it; Tune goes on
+            logger.warning("Optuna refused trial %s's end (%s): %s", trial_id, state.name, exc)
+        self._completed_trials.add(trial_id)
+        self._last.pop(trial_id, None)
+        self._last_step.pop(trial_id, None)
+
+    def _report(self, trial_id: str, result: dict[str, Any]) -> None:
+        """The objective as an intermediate value at step ``epoch``, once per epoch (a
+        restored trial reports its last epoch again); single objective only: Optuna
+        keeps no intermediate values for several."""
+        if isinstance(self.metric, list):
+            return
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if value is None or epoch is None:  # a result without an epoch (study generate)
+            return
+        if int(epoch) > self._last_step.get(trial_id, 0):
+            self._ot_trials[trial_id].report(float(value), int(epoch))
+            self._last_step[trial_id] = int(epoch)
+
+    def _ending(
+        self, trial_id: str, result: dict[str, Any], error: bool
+    ) -> tuple[TrialState, float | list[float] | None]:
+        """The Optuna state of an ended trial and the values to tell with it."""
+        if error:
+            return TrialState.FAIL, None
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [result.get(m) for m in metrics]
+        config = self._configs.get(trial_id) or result.get("config") or {}
+        if any(v is None for v in values):
+            return TrialState.PRUNED, None
+        if self._finished is not None and not self._finished(config, result):
+            return TrialState.PRUNED, None  # Optuna keeps its last intermediate value
+        floats = [float(v) for v in values]
+        return TrialState.COMPLETE, floats if len(floats) > 1 else floats[0]
+
+
+def is_conditional(spec: SearchSpec) -> bool:
+    """Whether some parameter of ``spec``'s space exists only for some values (``when:``)."""
+    return any(p.when for p in spec.load_space().params)
+
+
+def tpe_options(spec: SearchSpec) -> dict[str, Any]:
+    """The keywords of the study's :class:`optuna.samplers.TPESampler`.
+
+    ``multivariate`` + ``group`` when the space is conditional (TPE then models the
+    parameters that occur together jointly, one group per branch); ``constant_liar``
+    only when trials can run at once (``max_concurrent != 1``), so that trials still
+    running count as bad ones and concurrent proposals spread out.
+    """
+    options: dict[str, Any] = {"seed": spec.seed, "constant_liar": spec.max_concurrent != 1}
+    if is_conditional(spec):
+        options.update(multivariate=True, group=True)
+    return options
+
+
+def make_sampler(spec: SearchSpec) -> optuna.samplers.TPESampler:
+    """The study's TPE sampler (:func:`tpe_options`); Optuna's ExperimentalWarning for
+    ``group`` is expected and silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(**tpe_options(spec))
+
+
+def _asha(spec: StudySpec, common: dict[str, Any]) -> Any:
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        **common,
+        max_t=spec.default_epochs,
+        grace_period=spec.grace_period,
+        reduction_factor=spec.reduction_factor,
+    )
+
+
+def _hyperband(spec: StudySpec, common: dict[str, Any]) -> Any:
+    from ray.tune.schedulers import HyperBandScheduler
+
+    return HyperBandScheduler(
+        **common, max_t=spec.default_epochs, reduction_factor=spec.reduction_factor
+    )
+
+
+def _median(spec: StudySpec, common: dict[str, Any]) -> Any:
+    from ray.tune.schedulers import MedianStoppingRule
+
+    return MedianStoppingRule(**common, grace_period=spec.grace_period)
+
+
+#: scheduler name (``--scheduler``) -> builder ``(spec, common keywords) -> scheduler``;
+#: :data:`study.spec.SCHEDULERS` lists these names and ``none``
+SCHEDULER_BUILDERS: dict[str, Callable[[StudySpec, dict[str, Any]], Any]] = {
+    "asha": _asha,
+    "hyperband": _hyperband,
+    "median": _median,
+}
+
+
+def make_scheduler(spec: StudySpec) -> Any:
+    """The study's trial scheduler (:meth:`StudySpec.early_stopping`), or None.
+
+    Every scheduler measures time in epochs (``time_attr="epoch"``: the loop's epoch
+    counter survives a restored trial, Tune's ``training_iteration`` restarts at 1
+    for a resumed TorchTrainer run) and acts on the study's first objective.
+    """
+    name = spec.early_stopping()
+    if name == "none":
+        return None
+    common = {"time_attr": "epoch", "metric": spec.metrics[0], "mode": spec.modes[0]}
+    return SCHEDULER_BUILDERS[name](spec, common)
+
+
+def make_searcher(spec: SearchSpec, space: Any, storage: Any = None) -> StudySearch:
+    """The study's searcher: :class:`StudySearch` with :func:`make_sampler`.
+
+    Args:
+        spec: the search (objectives, seed, concurrency, name, space).
+        space: the compiled define-by-run space (:func:`search_spaces.compile_space`).
+        storage: an Optuna storage (an RDB for optuna-dashboard) or None (in memory).
+    """
+    multi = spec.multi_objective
+    finished = spec.ran_full_budget if isinstance(spec, StudySpec) else None
+    return StudySearch(
+        finished=finished,
+        space=space,
+        metric=spec.metrics if multi else spec.metrics[0],
+        mode=spec.modes if multi else spec.modes[0],
+        sampler=make_sampler(spec),
+        study_name=spec.name,
+        storage=storage,
+    )
