@@ -121,3 +121,18 @@ def test_config_base_round_trip(cls, changes, unknown) -> None:
         cls.from_dict({"sed": 1})
     with pytest.raises(ConfigError, match=f"a {cls.__name__} must be a mapping"):
         cls.from_dict([1])
+
+
+def test_a_weighting_registered_after_import_is_a_valid_choice():
+    """The allowed weight_fn values are the registry's names when a config is checked,
+    not a copy taken when trainables.methods was imported."""
+    from trainables.weighting import WeightFn
+
+    WEIGHT_FNS.add("test_flat", WeightFn(lambda a, p: torch.zeros_like(a)))
+    try:
+        cfg = TrainConfig.from_dict({"method": "weat_adv", "weight_fn": "test_flat"})
+        assert cfg.weight_fn == "test_flat"
+    finally:
+        WEIGHT_FNS.remove("test_flat")
+    with pytest.raises(ConfigError, match="test_flat"):
+        TrainConfig.from_dict({"method": "weat_adv", "weight_fn": "test_flat"})

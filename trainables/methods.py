@@ -180,7 +180,7 @@ def _beta(default: float) -> Param:
 
 _WEAT = (
     _beta(6.0),
-    Param("weight_fn", "weat", "shape of the sample weight w(|E(x)|)", choices=tuple(WEIGHT_FNS)),
+    Param("weight_fn", "weat", "shape of the sample weight w(|E(x)|)", choices=WEIGHT_FNS),
     Param("weight_params", None, "the shape's parameters by name (None: its defaults)"),
     Param("normalize", "none", "mean: weights divided by their batch mean", choices=NORMALIZATIONS),
 )

@@ -15,7 +15,7 @@ trainables.errors.ConfigError: beta = -1.0 is out of range; allowed: >= 0.0
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -63,7 +63,9 @@ class Param:
         lo: smallest allowed value (``None``: no bound); excluded when ``lo_open``.
         hi: largest allowed value (``None``: no bound).
         lo_open: whether ``lo`` itself is excluded.
-        choices: the allowed values of a named option (``None``: not an option).
+        choices: the allowed values of a named option (``None``: not an option); a
+            :class:`Registry` is read when a value is checked, so that names registered
+            later are allowed too.
     """
 
     name: str
@@ -72,13 +74,13 @@ class Param:
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
-    choices: tuple[str, ...] | None = None
+    choices: Iterable[str] | None = None
 
     def check(self, value: Any, field: str | None = None) -> None:
         """Raise :class:`ConfigError` naming ``field`` (default: the name), value and allowed."""
         field = field or self.name
         if self.choices is not None:
-            check_choice(field, value, self.choices)
+            check_choice(field, value, tuple(self.choices))
         elif isinstance(value, int | float) and not isinstance(value, bool):
             check_range(field, value, lo=self.lo, hi=self.hi, lo_open=self.lo_open)
 
@@ -111,6 +113,10 @@ class Registry(Generic[T]):
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
+
+    def remove(self, name: str) -> T:
+        """Take ``name`` out again (an example or a plugin that cleans up after itself)."""
+        return self._entries.pop(name)
 
     def get(self, name: str) -> T:
         """Look ``name`` up; an unknown name raises :class:`ConfigError` listing the known ones."""
