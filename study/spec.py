@@ -22,7 +22,7 @@ import yaml
 
 from search_spaces import SearchSpace, load_space
 from search_spaces.space import SpaceError, nest
-from trainables.config import TrainConfig, load_config_file
+from trainables.config import PATH_FIELDS, TrainConfig, load_config_file
 from trainables.errors import ConfigError
 from trainables.metrics import is_epoch_metric, is_metric, objective_names
 from trainables.presets import PRESETS, load_preset
@@ -34,9 +34,6 @@ BACKENDS = ("auto", "train", "direct")
 #: trial schedulers by name (``--scheduler``); :mod:`study.search` builds them
 SCHEDULERS = ("asha", "hyperband", "median", "none")
 SPEC_FILE = "study.yaml"
-#: TrainConfig fields holding paths: made absolute on the driver, since Tune runs a
-#: trial in a working folder of its own.
-PATH_FIELDS = ("data_root", "val_npz", "output_dir")
 
 
 @dataclass(frozen=True)
@@ -179,6 +176,9 @@ class StudySpec(SearchSpec):
             points; None = the whole test set).
         connect_timeout: seconds the tracking server and the Ray address have to answer
             before the study starts.
+        start_from: a folder with another run's ``last.pt`` (and ``best.pt``) that the
+            trials of the ``train`` backend continue when Ray has no checkpoint of
+            theirs (``study train --workers N --resume CKPT``); None: start afresh.
     """
 
     config_keys: ClassVar[tuple[str, ...]] = tuple(TrainConfig.field_names())
@@ -197,6 +197,7 @@ class StudySpec(SearchSpec):
     finalists: int = 3
     final_n: int | None = None
     connect_timeout: float = 15.0
+    start_from: str | None = None
 
     @cached_property
     def template(self) -> TrialTemplate:
@@ -280,10 +281,12 @@ class StudySpec(SearchSpec):
 
     def early_stopping(self) -> str:
         """The scheduler that stops trials early (one of :data:`SCHEDULERS`): ``none``
-        unless asked for (``asha`` and ``scheduler``), with one objective and more
-        epochs than the grace period."""
-        if not self.asha or self.multi_objective or self.default_epochs <= self.grace_period:
+        unless asked for (``asha`` and ``scheduler``), with one objective and (ASHA,
+        median) more epochs than the grace period."""
+        if not self.asha or self.multi_objective:
             return "none"
+        if self.scheduler != "hyperband" and self.default_epochs <= self.grace_period:
+            return "none"  # HyperBand has no grace period; its brackets start at epoch 1
         return self.scheduler
 
     def uses_asha(self) -> bool:

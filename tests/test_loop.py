@@ -181,3 +181,18 @@ def test_onecycle_is_defined_for_runs_of_a_few_steps():
         for step in range(total):
             lr, momentum = onecycle_at(step, total, lr_max=0.1, pct_start=0.25)
             assert 0 < lr <= 0.1 and 0.85 <= momentum <= 0.95, (total, step, lr)
+
+
+def test_a_path_written_relative_or_absolute_resumes_as_the_same_config(tmp_path, monkeypatch):
+    """A study makes data_root absolute; a checkpoint written with the relative path
+    (study train in that folder) still resumes, while another folder does not."""
+    from trainables.errors import CheckpointError
+    from trainables.loop import _check_resumable
+
+    monkeypatch.chdir(tmp_path)
+    now = TrainConfig.from_dict({"data_root": str(tmp_path / "data")})
+    state = {"optimizer": {}, "config": {**now.to_dict(), "data_root": "data"}}
+    _check_resumable(state, now)
+    state["config"]["data_root"] = "elsewhere"
+    with pytest.raises(CheckpointError, match="data_root"):
+        _check_resumable(state, now)

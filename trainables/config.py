@@ -24,6 +24,9 @@ from trainables.errors import ConfigError, UserError
 from trainables.registry import check_choice, check_range
 
 LR_SCHEDULES = ("onecycle", "triangular", "cosine", "constant")
+#: The fields that hold paths: a study makes them absolute on its driver, and the same
+#: place written relative or absolute is the same config when a run resumes.
+PATH_FIELDS = ("data_root", "val_npz", "output_dir")
 #: augmentation policies (trainables.data.augment_batch); a config may also say ``auto``
 AUGMENTS = ("none", "crop", "crop_flip")
 DEVICES = ("auto", "cpu", "cuda")

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from trainables.attacks import PGD
 from trainables.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainables.config import TrainConfig
+from trainables.config import PATH_FIELDS, TrainConfig
 from trainables.data import (
     DataBundle,
     TensorData,
@@ -803,10 +803,16 @@ def _check_resumable(state: dict[str, Any], cfg: TrainConfig) -> None:
             "cannot resume from a weights-only checkpoint (best.pt); resume from last.pt"
         )
     saved = state.get("config", {})
+
+    def same(key: str, then: Any, now: Any) -> bool:
+        if key in PATH_FIELDS and then and now:  # relative then, absolute now: one place
+            return Path(then).expanduser().resolve() == Path(now).expanduser().resolve()
+        return then == now
+
     diffs = [
         f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}"
         for k, v in cfg.to_dict().items()
-        if k not in RUNTIME_KEYS and saved.get(k) != v
+        if k not in RUNTIME_KEYS and not same(k, saved.get(k), v)
     ]
     if diffs:
         raise CheckpointError(
