@@ -164,6 +164,7 @@ def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
         shutil.copy2(args.resume, start / "last.pt")
         if (best := Path(args.resume).with_name("best.pt")).is_file():
             shutil.copy2(best, start / "best.pt")
+        spec.start_from = str(start)
     outcome = run_study(spec)
     trial = outcome.trials[0]
     print(f"trial {trial.trial_id}: {trial.status}")
@@ -192,10 +193,17 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
         suggested = dict(load_space(space_name).study)
     except SpaceError as exc:
         raise ConfigError(str(exc)) from None
-    if not args.config:
-        suggested.setdefault("epochs", DEFAULT_EPOCHS)
-    keys = ("trials", "epochs", "grace_period")  # None: not given (0 is checked)
-    values = {k: suggested.get(k) if getattr(args, k) is None else getattr(args, k) for k in keys}
+    if not args.config and not suggested.get("epochs"):
+        suggested["epochs"] = DEFAULT_EPOCHS
+    values: dict[str, Any] = {}
+    for key in ("trials", "epochs", "grace_period"):  # None: not given (0 is checked)
+        value = suggested.get(key) if getattr(args, key) is None else getattr(args, key)
+        try:
+            values[key] = None if value is None else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{key} = {value!r} in the space's study section; give a whole number"
+            ) from None
     values["scheduler"] = _scheduler(args, suggested)
     for key, option in (("metric", args.metric), ("mode", args.mode)):
         values[f"{key}s"] = option or (_as_list(suggested[key]) if key in suggested else None)

@@ -25,7 +25,8 @@ LAUNCHER_RESOURCES = {"cpu": 0.0, "memory": 1e6}
 
 #: The folder in a study's folder with the checkpoints (``last.pt``, ``best.pt``) of a
 #: run that a trial of the ``train`` backend continues when Ray has none of its own
-#: (``study train --workers N --resume CKPT`` puts them there).
+#: (``study train --workers N --resume CKPT`` puts them there and names the folder in
+#: :attr:`StudySpec.start_from`; a folder left by an earlier run is not used).
 START_FOLDER = "start"
 
 
@@ -80,7 +81,6 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
     per_worker: dict[str, float] = {"CPU": spec.cpus_per_worker}
     if spec.gpus_per_trial > 0:
         per_worker["GPU"] = spec.gpus_per_trial / workers
-    start = spec.folder / START_FOLDER
     TorchTrainer(
         train_worker,
         # the one serialisation of the config: Train hands its workers plain data
@@ -88,7 +88,7 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
             "train": cfg.to_dict(),
             "output_dir": str(out),
             "cpus_per_worker": spec.cpus_per_worker,
-            "start": str(start) if start.is_dir() else None,
+            "start": spec.start_from,
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=spec.gpus_per_trial > 0, resources_per_worker=per_worker

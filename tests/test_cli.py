@@ -13,6 +13,7 @@ import yaml
 from study import cli
 from study.runner import StudyOutcome, TrialOutcome
 from study.spec import StudySpec
+from trainables.errors import ConfigError
 
 SHARED = {  # sub-command: the shared options it takes
     "run": ["--address", "--set", "--metric", "--mode", "--tracking-uri", "--storage"],
@@ -128,3 +129,21 @@ def test_train_on_ray_workers_resumes_and_writes_to_output(tmp_path) -> None:
     ]
     assert epochs == [2]  # epoch 1 came from the checkpoint, not trained again
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "final.json").is_file()
+
+
+def test_a_space_study_section_with_null_epochs_or_quoted_counts(tmp_path) -> None:
+    """``epochs: null`` in a space's study section gives the default study's epochs; a
+    quoted count is a number; a count that is no number is a ConfigError, not a crash."""
+    from search_spaces import space_path
+
+    data = yaml.safe_load(space_path("smoke").read_text())
+    data["study"].update(epochs=None, trials="3", grace_period="1")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(data))
+    spec = cli._spec_from_args(cli.build_parser().parse_args(["run", "--space", str(space)]))
+    assert (spec.epochs, spec.trials, spec.grace_period) == (cli.DEFAULT_EPOCHS, 3, 1)
+    assert isinstance(spec, StudySpec)
+    data["study"]["trials"] = "many"
+    space.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="trials = 'many'"):
+        cli._spec_from_args(cli.build_parser().parse_args(["run", "--space", str(space)]))

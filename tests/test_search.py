@@ -83,6 +83,8 @@ def test_the_scheduler_in_effect(tmp_path) -> None:
     two = make_spec(tmp_path, "s", metrics=["val/pgd_acc", "val/clean_acc"], modes=["max"] * 2)
     assert two.early_stopping() == "none"
     assert make_spec(tmp_path, "s", epochs=1).early_stopping() == "none"
+    # HyperBand has no grace period: it runs whatever the epochs
+    assert make_spec(tmp_path, "s", epochs=1, scheduler="hyperband").early_stopping() == "hyperband"
     assert make_spec(tmp_path, "s", scheduler="asha").uses_asha()
     assert not make_spec(tmp_path, "s", scheduler="median").uses_asha()
 
