@@ -7,6 +7,8 @@ matter how many trials run at once.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -289,3 +291,86 @@ class PlacementGroupSweeper(Callback):
         if now - self._last >= self.every_s:
             self._last = now
             self.removed += remove_orphaned_placement_groups()
+
+
+#: Our last readable copy of Tune's experiment state, beside it in the Tune folder.
+STATE_BACKUP = "experiment_state.backup.json"
+
+
+class StateBackup(Callback):
+    """Keeps a readable copy of Tune's experiment state for ``study resume``.
+
+    Tune rewrites ``experiment_state-<time>.json`` in place (no temporary file and
+    rename), so a driver killed in the middle of a write leaves it empty or cut
+    short, and ``Tuner.restore`` then silently starts the whole study again (seen
+    once in tests/test_study.py: five trial runs for four trials). At most once a
+    second, when the file has changed and parses as JSON, it is copied to
+    :data:`STATE_BACKUP` through a temporary file and an atomic rename;
+    :func:`repair_experiment_state` puts it back before a restore.
+
+    Args:
+        tune_dir: the study's Tune folder (``<storage>/<name>/tune``).
+        every_s: least seconds between two checks.
+    """
+
+    def __init__(self, tune_dir: Path, every_s: float = 1.0) -> None:
+        self.tune_dir = Path(tune_dir)
+        self.every_s = every_s
+        self._checked = 0.0
+        self._seen: tuple[str, int, int] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tune_dir": self.tune_dir, "every_s": self.every_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["tune_dir"], state["every_s"])  # type: ignore[misc]
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._checked >= self.every_s:
+            self._checked = time.monotonic()
+            self.backup()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.backup()
+
+    def backup(self) -> None:
+        """Copy the newest experiment state if it changed and is whole."""
+        states = sorted(self.tune_dir.glob("experiment_state-*.json"))
+        if not states:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            stat = states[-1].stat()
+            seen = (states[-1].name, stat.st_mtime_ns, stat.st_size)
+            if seen == self._seen:
+                return
+            text = states[-1].read_text()
+            json.loads(text)  # cut short (a write in progress): keep the last copy
+            tmp = self.tune_dir / f".{STATE_BACKUP}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.tune_dir / STATE_BACKUP)
+            self._seen = seen
+
+
+def repair_experiment_state(tune_dir: Path) -> bool:
+    """Before ``Tuner.restore``: if Tune's newest experiment state does not parse (its
+    driver was killed while writing it), put :data:`STATE_BACKUP` in its place.
+    Returns whether it did."""
+    states = sorted(Path(tune_dir).glob("experiment_state-*.json"))
+    backup = Path(tune_dir) / STATE_BACKUP
+    if not states or not backup.is_file():
+        return False
+    try:
+        json.loads(states[-1].read_text())
+        return False
+    except (OSError, ValueError):
+        pass
+    tmp = states[-1].with_name(f".{states[-1].name}.tmp")
+    tmp.write_bytes(backup.read_bytes())
+    os.replace(tmp, states[-1])
+    print(
+        f"the study's last Tune state {states[-1].name} was cut short (its driver was "
+        f"killed while writing it); resuming from the copy of a moment before",
+        file=sys.stderr,
+        flush=True,
+    )
+    return True

@@ -270,10 +270,12 @@ def build_tuner(
     import optuna
     from ray import tune
 
+    from study.callbacks import StateBackup, repair_experiment_state
     from study.search import make_searcher
 
     tune_dir = spec.folder / TUNE_DIR
     if resume:
+        repair_experiment_state(tune_dir)  # a state file cut short by a killed driver
         return tune.Tuner.restore(
             str(tune_dir.resolve()), trainable, resume_unfinished=True, resume_errored=False
         )
@@ -296,7 +298,7 @@ def build_tuner(
             storage_path=str(spec.folder.resolve()),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*callbacks, StateBackup(tune_dir)],
             verbose=2 if verbose else 0,
         ),
     )

@@ -236,3 +236,26 @@ def test_two_study_runs_on_the_same_fresh_store_both_run(tmp_path: Path) -> None
     for name in ("twin-a", "twin-b"):
         (run,) = trial_runs(MlflowTracker(tracking, name), name)
         assert run.info.status == "FINISHED"
+
+
+def test_a_tune_state_cut_short_by_a_killed_driver_is_put_back_from_the_backup(tmp_path):
+    """StateBackup copies only a whole state file; repair_experiment_state puts the
+    copy back when the newest state does not parse, and leaves a whole one alone."""
+    import json
+
+    from study.callbacks import STATE_BACKUP, StateBackup, repair_experiment_state
+
+    state = tmp_path / "experiment_state-2026-12-02_16-07-18.json"
+    whole = json.dumps({"trial_data": [["t1", "{}"]], "runner_data": {}})
+    state.write_text(whole)
+    backup = StateBackup(tmp_path)
+    backup.backup()
+    assert (tmp_path / STATE_BACKUP).read_text() == whole
+    state.write_text(whole[:20])  # a write in progress: the copy stays the whole one
+    backup.backup()
+    assert (tmp_path / STATE_BACKUP).read_text() == whole
+    assert not repair_experiment_state(tmp_path / "elsewhere")
+    state.write_text("")  # the driver was killed while writing it
+    assert repair_experiment_state(tmp_path)
+    assert json.loads(state.read_text()) == json.loads(whole)
+    assert not repair_experiment_state(tmp_path)  # a whole state is left alone

@@ -361,6 +361,21 @@ def test_resume_after_the_driver_is_killed(tmp_path) -> None:
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
+def test_resume_survives_a_tune_state_cut_short_by_a_killed_driver(tmp_path) -> None:
+    """Tune rewrites its experiment state in place: a driver killed mid-write leaves it
+    empty, and Tune would start the whole study again. study resume puts back the copy
+    StateBackup kept: no trial runs twice."""
+    spec = make_spec(tmp_path, "cut", trials=2, epochs=1)
+    first = run_study(spec)
+    assert sorted(t.status for t in first.trials) == ["FINISHED", "FINISHED"]
+    state = sorted((spec.folder / "tune").glob("experiment_state-*.json"))[-1]
+    state.write_text("")
+    again = run_study(StudySpec.load(spec.storage, "cut"), resume=True)
+    assert sorted(t.trial_id for t in again.trials) == sorted(t.trial_id for t in first.trials)
+    runs = child_runs(spec)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+
+
 def test_cli_run_prints_the_best_trials_and_the_commands(tmp_path, capsys, monkeypatch) -> None:
     import search_spaces.space
 
