@@ -264,11 +264,6 @@ def bind_method(name: str, hparams: Mapping[str, Any]) -> BoundMethod:
     return BoundMethod(name, spec, MappingProxyType(check_hparams(values)))
 
 
-def method_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The hyperparameters method ``name`` takes, resolved by :func:`bind_method`."""
-    return dict(bind_method(name, hparams).hparams)
-
-
 def compute_loss(
     name: str,
     logits_nat: Tensor | None,
