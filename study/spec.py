@@ -115,6 +115,15 @@ class SearchSpec:
         """``<storage>/<name>``: Ray's experiment folder and the trials' outputs."""
         return Path(self.storage) / self.name
 
+    def location(self, *parts: str) -> str:
+        """``<storage>/<name>/<parts…>`` as a string: an absolute local path, or a URI
+        (``s3://bucket/prefix/<name>/…``) when the storage is one.
+
+        Args:
+            parts: path parts below the study's folder (``"train"``, ``"study.yaml"``).
+        """
+        return "/".join([self.storage.rstrip("/"), self.name, *parts])
+
     @cached_property
     def _space(self) -> SearchSpace:
         try:
