@@ -150,9 +150,10 @@ class Studies:
 
 
 def trial_epochs(spec, trial_id: str) -> list[dict[str, float]]:
-    from study.trial import trial_output_dir
+    from study.trial import trial_files
 
-    lines = (trial_output_dir(spec, trial_id) / "metrics.jsonl").read_text().splitlines()
+    with trial_files(spec, trial_id) as folder:  # the trial's last checkpoint, in storage
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
     return [json.loads(ln) for ln in lines if ln.strip()]
 
 

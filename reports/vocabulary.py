@@ -18,6 +18,7 @@ from trainables.files import (  # noqa: F401  (a trial's files, re-exported)
     CHECKPOINT_DIR,
     CONFIG_FILE,
     ENERGIES_FILE,
+    FINAL_FILE,
     LAST_CHECKPOINT,
     METRICS_LOG,
 )
@@ -35,6 +36,8 @@ TAG_PROCESS = "energy_study.process"  #: ``host:pid`` of the process a trial run
 TAG_RESUMED = "energy_study.resumed_from_epoch"  #: the checkpoint's epoch a restarted trial took
 TAG_FINALIST = "energy_study.finalist"  #: finalist rank: "1", "2", … (second evaluation stage)
 TAG_SOURCE = "energy_study.source"  #: the checkpoint a generation study samples from
+#: files a trial's run should have and lacks in MLflow: ``<file>: <reason>``, ``; ``-joined
+TAG_ARTIFACT_ERROR = "energy_study.artifact_error"
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI

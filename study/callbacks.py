@@ -1,7 +1,7 @@
 """Driver-side Tune callbacks: the MLflow writer and the console progress.
 
-Both run in the driver process, so the SQLite store has exactly one writer no
-matter how many trials run at once.
+Both run in the driver process, so the SQLite store has exactly one writer (the
+MLflow callback's background thread) no matter how many trials run at once.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,10 +25,12 @@ from reports.vocabulary import (
     CONFIG_FILE,
     ENERGIES_FILE,
     ENERGY_HIST,
+    FINAL_FILE,
     LAST_CHECKPOINT,
     METRICS_LOG,
     PARENT_TAG,
     ROLE_TRIAL,
+    TAG_ARTIFACT_ERROR,
     TAG_EARLY,
     TAG_FAILURE,
     TAG_METHOD,
@@ -38,20 +42,26 @@ from reports.vocabulary import (
     TAG_TRIAL,
 )
 from study.spec import StudySpec
-from study.tracking import MlflowTracker, flatten
-from study.trial import trial_output_dir
+from study.tracking import BackgroundWriter, MlflowTracker, flatten
+from study.trial import checkpoint_files, trial_checkpoint
 from study.ui import energy_histogram, searched_values, trial_run_name
+from trainables.files import FINISHED_RUN_FILES, STOPPED_RUN_FILES
 
 #: Result keys that are ours (the loop's namespaced metrics), as opposed to Tune's.
 PLAIN_METRICS = {"lr", "epoch", "best_epoch"}
-#: A finished trial's files logged into its run: (path in its output folder, artifact folder).
+#: A finished trial's files logged into its run: (path in its checkpoint, artifact folder).
 TRIAL_ARTIFACTS = (
     (BEST_CHECKPOINT, CHECKPOINT_DIR),
     (LAST_CHECKPOINT, CHECKPOINT_DIR),
     (ENERGIES_FILE, None),
     (METRICS_LOG, None),
     (CONFIG_FILE, None),
+    (FINAL_FILE, None),
 )
+#: Tries of one artifact upload (MLflow's own retries are inside each), and the first
+#: wait between two, seconds (doubling).
+UPLOAD_ATTEMPTS = 3
+UPLOAD_WAIT_S = 0.5
 
 
 def our_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -82,10 +92,23 @@ def trial_error_text(trial: Any) -> str:
 class MlflowCallback(Callback):
     """Logs every trial as a child run of the study's parent run.
 
+    Every MLflow write happens in one background thread (:class:`BackgroundWriter`),
+    in the order the Tune events came: the hooks only queue work, so a slow or remote
+    tracking server never holds up the Tune loop; a trial's epochs go out as batched
+    ``log_batch`` calls; the queue is emptied (nothing lost) when the experiment ends.
+    A finished trial's files are read from its last checkpoint in the study's storage
+    (:func:`study.trial.trial_checkpoint`), never from a node's disk; a file it must
+    have and lacks, or whose upload fails, is tagged :data:`TAG_ARTIFACT_ERROR` on its
+    run and printed as a warning.
+
     Args:
         spec: the study spec as plain data.
         parent_run_id: the study's parent MLflow run.
     """
+
+    #: False: every write in the Tune loop's thread (the synchronous baseline of
+    #: bench/ and of the measurement in tests; same writes, same order).
+    BACKGROUND = True
 
     def __init__(self, spec: StudySpec, parent_run_id: str) -> None:
         self.spec = spec
@@ -97,6 +120,9 @@ class MlflowCallback(Callback):
         self._logged: dict[str, int] = {}
         self._complete: set[str] = set()
         self._process: dict[str, str] = {}
+        self.writer = BackgroundWriter(background=self.BACKGROUND)
+        self.hook_s = 0.0  #: driver seconds spent in this callback's Tune hooks
+        self.results = 0  #: trial results seen
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.spec.to_dict(), "parent_run_id": self.parent_run_id}
@@ -110,9 +136,55 @@ class MlflowCallback(Callback):
             self._tracker = MlflowTracker(self.spec.tracking_uri, self.spec.name)
         return self._tracker
 
-    def run_id(self, trial: Any) -> str:
-        """The trial's child run (found again after a resume, never duplicated)."""
-        trial_id = trial.trial_id
+    # --- Tune hooks (driver thread): queue the work, return at once ----------------------
+    def _queue(self, what: str, fn: Any, *, metrics_only: bool = False) -> None:
+        t0 = time.perf_counter()
+        self.writer.submit(what, fn, metrics_only=metrics_only)
+        self.hook_s += time.perf_counter() - t0
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        trial_id, config = trial.trial_id, dict(trial.config)
+        self._queue(f"open the run of trial {trial_id}", partial(self.run_id, trial_id, config))
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self.results += 1
+        trial_id, config = trial.trial_id, dict(trial.config)
+        log = partial(self._log_result, trial_id, config, dict(result))
+        self._queue(f"a result of trial {trial_id}", log, metrics_only=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        trial_id, config = trial.trial_id, dict(trial.config)
+        last = dict(trial.last_result or {})
+        end = partial(self._finish, trial_id, config, trial.checkpoint, last)
+        self._queue(f"the end of trial {trial_id}", end)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        trial_id, config, reason = trial.trial_id, dict(trial.config), trial_error_text(trial)
+        self._queue(
+            f"the failure of trial {trial_id}", partial(self._fail, trial_id, config, reason)
+        )
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Write everything still queued, then end the writer thread."""
+        self.writer.close()
+        if self.writer.errors:
+            print(
+                f"warning: {len(self.writer.errors)} MLflow write(s) of study {self.spec.name} "
+                "failed (printed above)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    # --- the writer thread: MLflow calls -------------------------------------------------
+    def run_id(self, trial_id: str, config: dict[str, Any]) -> str:
+        """The trial's child run (found again after a resume, never duplicated).
+
+        Args:
+            trial_id: Tune's trial id.
+            config: the trial's Tune config (what Optuna sampled + constants).
+        """
         if trial_id in self._runs:
             return self._runs[trial_id]
         key_tags = {TAG_STUDY: self.spec.name, TAG_TRIAL: trial_id}
@@ -124,70 +196,114 @@ class MlflowCallback(Callback):
             self._complete.add(trial_id)
             self._runs[trial_id] = stored.info.run_id
             return stored.info.run_id
-        cfg = self.spec.trial_config(trial.config)
+        cfg = self.spec.trial_config(config)
         # what the trial tried; its id stays in the TAG_TRIAL tag
-        name = trial_run_name(cfg.method, searched_values(self.spec.load_space(), trial.config))
+        name = trial_run_name(cfg.method, searched_values(self.spec.load_space(), config))
         tags = {PARENT_TAG: self.parent_run_id, TAG_ROLE: ROLE_TRIAL}
         run_id, created = self.tracker.get_or_create_run(name, tags, key_tags)
         if created:
-            config = cfg.to_dict()
-            self.tracker.log_params(run_id, flatten(config))
-            searched = ",".join(sorted(trial.config))
+            full = cfg.to_dict()
+            self.tracker.log_params(run_id, flatten(full))
+            searched = ",".join(sorted(config))
             self.tracker.set_tags(run_id, {TAG_SEARCHED: searched, TAG_METHOD: cfg.method})
-            self.tracker.log_text(run_id, yaml.safe_dump(config, sort_keys=False), CONFIG_FILE)
+            self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
         else:
             self._logged[trial_id] = self.tracker.last_step(run_id, "epoch")
         self._runs[trial_id] = run_id
         return run_id
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_id(trial)
-
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
+    def _log_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         metrics = our_metrics(result)
         step = int(metrics.get("epoch", result.get("training_iteration", 0)))
-        run_id = self.run_id(trial)
-        if trial.trial_id in self._complete:
+        run_id = self.run_id(trial_id, config)
+        if trial_id in self._complete:
             return
         process = f"{result.get('hostname', '?')}:{result.get('pid', '?')}"
-        if self._process.get(trial.trial_id) != process:
+        if self._process.get(trial_id) != process:
             # where the trial runs now (it changes when a failed trial is restarted)
-            self._process[trial.trial_id] = process
+            self._process[trial_id] = process
             tags = {TAG_PROCESS: process}
             since = result.get("iterations_since_restore")
             if isinstance(since, int) and step - since > 0:
                 # this process continued the trial from its checkpoint of that epoch
                 tags[TAG_RESUMED] = str(step - since)
             self.tracker.set_tags(run_id, tags)
-        logged = self._logged.get(trial.trial_id, 0)
+        logged = self._logged.get(trial_id, 0)
         if step <= logged:  # an epoch the store already holds (resumed from an older checkpoint)
             if not any(k.startswith("test/") for k in metrics):
                 return
             metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "best"))}
-        self.tracker.log_metrics(run_id, metrics, step=step)
-        self._logged[trial.trial_id] = max(step, logged)
+        self.writer.buffer(self.tracker, run_id, [(k, v, step) for k, v in metrics.items()])
+        self._logged[trial_id] = max(step, logged)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_id(trial)
-        if trial.trial_id in self._complete:
+    def _finish(
+        self, trial_id: str, config: dict[str, Any], checkpoint: Any, last: dict[str, Any]
+    ) -> None:
+        run_id = self.run_id(trial_id, config)
+        if trial_id in self._complete:
             return
-        out = trial_output_dir(self.spec, trial.trial_id)
-        for rel, folder in TRIAL_ARTIFACTS:
-            self.tracker.log_artifact(run_id, out / rel, folder)
-        hist = energy_histogram(out / ENERGIES_FILE, out / ENERGY_HIST, f"trial {trial.trial_id}")
-        if hist is not None:
-            self.tracker.log_artifact(run_id, hist)
-        last = trial.last_result or {}
-        done = self.spec.ran_full_budget(trial.config, last)
-        self.tracker.set_tags(run_id, {TAG_EARLY: str(not done).lower()})
+        done = self.spec.ran_full_budget(config, last)
+        missing = self._upload_files(run_id, trial_id, checkpoint, last, done)
+        tags = {TAG_EARLY: str(not done).lower()}
+        if missing:
+            tags[TAG_ARTIFACT_ERROR] = "; ".join(f"{k}: {v}" for k, v in missing.items())
+            print(
+                f"warning: trial {trial_id}: its MLflow run lacks {tags[TAG_ARTIFACT_ERROR]}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.tracker.set_tags(run_id, tags)
         self.tracker.end_run(run_id, "FINISHED")
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self.run_id(trial)
-        self.tracker.set_tags(run_id, {TAG_FAILURE: trial_error_text(trial)})
+    def _upload_files(
+        self, run_id: str, trial_id: str, checkpoint: Any, last: dict[str, Any], done: bool
+    ) -> dict[str, str]:
+        """Log the files of the trial's last checkpoint (in storage) into its run;
+        returns ``{file: reason}`` for each file it must have and could not log."""
+        required = FINISHED_RUN_FILES if done else STOPPED_RUN_FILES
+        missing: dict[str, str] = {}
+        try:
+            stored = trial_checkpoint(self.spec.storage, checkpoint, last)
+            if stored is None:
+                return {"checkpoint": "the trial reported none"}
+            with checkpoint_files(stored) as folder:
+                for rel, artifact_dir in TRIAL_ARTIFACTS:
+                    path = folder / rel
+                    if not path.is_file():
+                        if rel in required:
+                            missing[rel] = "not in the trial's checkpoint"
+                        continue
+                    error = _upload(self.tracker, run_id, path, artifact_dir)
+                    if error:
+                        missing[rel] = f"upload failed: {error}"
+                with tempfile.TemporaryDirectory(prefix="energy-study-hist-") as tmp:
+                    png = Path(tmp) / ENERGY_HIST
+                    hist = energy_histogram(folder / ENERGIES_FILE, png, f"trial {trial_id}")
+                    if hist is not None and (error := _upload(self.tracker, run_id, hist, None)):
+                        missing[ENERGY_HIST] = f"upload failed: {error}"
+        except Exception as exc:  # noqa: BLE001 - recorded on the run, the study goes on
+            missing["checkpoint"] = f"could not be read from storage: {exc}"
+        return missing
+
+    def _fail(self, trial_id: str, config: dict[str, Any], reason: str) -> None:
+        run_id = self.run_id(trial_id, config)
+        self.tracker.set_tags(run_id, {TAG_FAILURE: reason})
         self.tracker.end_run(run_id, "FAILED")
+
+
+def _upload(tracker: MlflowTracker, run_id: str, path: Path, artifact_dir: str | None) -> str:
+    """Log one file, tried :data:`UPLOAD_ATTEMPTS` times; returns the last error ('' if
+    it went through)."""
+    error = ""
+    for attempt in range(UPLOAD_ATTEMPTS):
+        try:
+            tracker.log_artifact(run_id, path, artifact_dir)
+            return ""
+        except Exception as exc:  # noqa: BLE001 - the caller records it
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if attempt + 1 < UPLOAD_ATTEMPTS:
+                time.sleep(UPLOAD_WAIT_S * 2**attempt)
+    return error
 
 
 class ProgressCallback(Callback):

@@ -22,6 +22,7 @@ from reports.vocabulary import (
     CONFIG_FILE,
     ROLE_STUDY,
     ROLE_TRIAL,
+    TAG_ARTIFACT_ERROR,
     TAG_EARLY,
     TAG_FAILURE,
     TAG_FINALIST,
@@ -214,7 +215,8 @@ def show_lines(
     width: int = SHOW_WIDTH,
 ) -> list[str]:
     """The text of ``study show``: one line per trial, best first, then its accuracies with
-    their n and 95 % Wilson interval (:data:`SHOW_NAMESPACES`) and its failure reason.
+    their n and 95 % Wilson interval (:data:`SHOW_NAMESPACES`), its failure reason and the
+    files its run lacks (:data:`~reports.vocabulary.TAG_ARTIFACT_ERROR`).
 
     Args:
         runs: the study's trial runs (MLflow runs).
@@ -256,6 +258,9 @@ def show_lines(
         reason = tags.get(TAG_FAILURE)
         if reason:
             lines.append(f"    failure: {reason}")
+        missing = tags.get(TAG_ARTIFACT_ERROR)
+        if missing:
+            lines.append(f"    artifacts missing: {missing}")
     legend = "[low, high]: 95 % Wilson interval of the accuracy on the n points"
     if any_final:
         legend += (

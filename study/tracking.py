@@ -13,6 +13,11 @@ downloads) is retried while the store answers "database is locked" (a call on
 :func:`reports.data.retry`). Runs are found again by tags (study name, trial id), so
 resuming a study reuses its runs instead of duplicating them. Tag and artifact
 names: :mod:`reports.vocabulary`.
+
+The trials' writes are made by the MLflow callback's :class:`BackgroundWriter` (one
+thread: the Tune loop never waits on the store; metrics batched, order kept, nothing
+dropped). :meth:`MlflowTracker.log_artifact` raises on a missing file: a caller
+records what a run lacks instead of skipping it.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +197,11 @@ class MlflowTracker:
         """Log metric ``key`` with ``values`` at steps 0, 1, … (a per-step trace)."""
         self._log_batch(run_id, [(key, v, step) for step, v in enumerate(values)])
 
+    def log_points(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
+        """Log ``(key, value, step)`` metric points in as few ``log_batch`` calls as
+        MLflow allows (500 points a call)."""
+        self._log_batch(run_id, points)
+
     def _log_batch(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
         from mlflow.entities import Metric
 
@@ -212,13 +224,20 @@ class MlflowTracker:
         retry(lambda: self.client.log_batch(run_id, tags=batch), "set tags")
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        """Copy a file or folder into the run's artifacts."""
+        """Copy a file or folder into the run's artifacts.
+
+        Raises:
+            FileNotFoundError: ``path`` is neither a file nor a folder (never skipped
+                silently: the caller records what its run lacks).
+        """
         path = Path(path)
         local = str(path)
         if path.is_dir():
             retry(lambda: self.client.log_artifacts(run_id, local, artifact_path), "log artifacts")
         elif path.is_file():
             retry(lambda: self.client.log_artifact(run_id, local, artifact_path), "artifact")
+        else:
+            raise FileNotFoundError(f"no file or folder {path} to log into run {run_id}")
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         """Store ``text`` as an artifact file."""
@@ -233,6 +252,126 @@ class MlflowTracker:
         set_tag = self.client.set_experiment_tag
         for k, v in tags.items():
             retry(lambda k=k, v=v: set_tag(self.experiment_id, k, v), "experiment tag")
+
+
+class BackgroundWriter:
+    """The one thread that makes a driver callback's MLflow writes, so that a slow or
+    remote tracking server never holds up the Tune loop.
+
+    Work items run one at a time in the order they were submitted (so a run's writes
+    keep their order and a run is ended after everything logged into it); metric points
+    that items :meth:`buffer` are sent together, one ``log_batch`` per run, before the
+    next item that is not a pure metrics item and whenever the queue runs dry. An item
+    or batch that raises is tried again (``attempts`` in all, waits doubling from
+    ``wait_s`` seconds), then recorded in :attr:`errors` and printed on stderr; nothing
+    queued is dropped. :meth:`flush` waits until everything submitted so far is
+    written; :meth:`close` flushes and ends the thread (call it before the process ends).
+
+    Args:
+        attempts: tries of one item or batch (MLflow's own retries are inside each).
+        wait_s: first wait between two tries, seconds.
+        background: False runs every item at once in the caller's thread (the
+            synchronous baseline; same order, same batching per item).
+    """
+
+    def __init__(self, *, attempts: int = 3, wait_s: float = 0.5, background: bool = True) -> None:
+        import queue
+        import threading
+
+        self.attempts = attempts
+        self.wait_s = wait_s
+        self.background = background
+        self.errors: list[str] = []  #: what could not be written, one line each
+        self._queue: queue.Queue[tuple[str, Any, bool] | None] = queue.Queue()
+        self._pending: dict[str, tuple[MlflowTracker, list[tuple[str, float, int]]]] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, what: str, fn: Any, *, metrics_only: bool = False) -> None:
+        """Queue ``fn()`` (``what``: how an error names it). ``metrics_only``: the item
+        only buffers metric points (they may be sent together with the next items')."""
+        if not self.background:
+            self._run(what, fn)
+            self._send_points()
+            return
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the MLflow writer is closed")
+            if self._thread is None:
+                import threading
+
+                self._thread = threading.Thread(
+                    target=self._loop, name="energy-study-mlflow-writer", daemon=True
+                )
+                self._thread.start()
+        self._queue.put((what, fn, metrics_only))
+
+    def buffer(
+        self, tracker: MlflowTracker, run_id: str, points: list[tuple[str, float, int]]
+    ) -> None:
+        """From inside an item: metric points ``(key, value, step)`` of ``run_id`` to send
+        with the next batch."""
+        self._pending.setdefault(run_id, (tracker, []))[1].extend(points)
+
+    def flush(self) -> None:
+        """Wait until every item submitted so far is written (or recorded as failed)."""
+        if self.background and self._thread is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        """Flush, then end the thread; later submits are refused."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _loop(self) -> None:
+        import queue
+
+        while True:
+            item = self._queue.get()
+            items = [item]
+            while item is not None:  # take what is already waiting: one batch for all
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                items.append(item)
+            for entry in items:
+                if entry is not None:
+                    what, fn, metrics_only = entry
+                    if not metrics_only:
+                        self._send_points()
+                    self._run(what, fn)
+            self._send_points()
+            for _ in items:
+                self._queue.task_done()
+            if items[-1] is None:
+                return
+
+    def _send_points(self) -> None:
+        pending, self._pending = self._pending, {}
+        for run_id, (tracker, points) in pending.items():
+            send = partial(tracker.log_points, run_id, points)
+            self._run(f"{len(points)} metric points of run {run_id}", send)
+
+    def _run(self, what: str, fn: Any) -> None:
+        wait = self.wait_s
+        for attempt in range(1, self.attempts + 1):
+            try:
+                fn()
+                return
+            except Exception as exc:  # noqa: BLE001 - recorded below, never dropped silently
+                if attempt == self.attempts:
+                    line = f"MLflow write failed ({what}) after {attempt} tries: {exc}"
+                    self.errors.append(line)
+                    print(f"warning: {line}", file=sys.stderr, flush=True)
+                    return
+                time.sleep(wait)
+                wait *= 2
 
 
 class MlflowRunReporter:

@@ -10,10 +10,20 @@ no CPU (a 0-CPU bundle with 1 MB of memory, which Ray accepts where a bare
 The ``direct`` backend (what ``auto`` picks for one CPU worker, no GPU) runs
 the loop inside the Tune function: no Train controller or worker processes to
 start per trial, and real Tune checkpoints.
+
+A trial's files (checkpoints, metrics, energies) travel through its checkpoints
+in the study's storage, never through the disk of the node that ran it
+(:mod:`trainables.ray_adapter`): :func:`trial_checkpoint` finds the checkpoint a
+trial last reported (Tune's, or for the ``train`` backend the Train run's, whose
+path :class:`~ray.tune.integration.ray_train.TuneReportCallback` adds to the
+result), and :func:`checkpoint_files` / :func:`trial_files` open it as a folder,
+on local storage, a shared mount or ``s3://…`` alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +38,88 @@ LAUNCHER_RESOURCES = {"cpu": 0.0, "memory": 1e6}
 #: (``study train --workers N --resume CKPT`` puts them there and names the folder in
 #: :attr:`StudySpec.start_from`; a folder left by an earlier run is not used).
 START_FOLDER = "start"
+#: The result key under which Ray Tune's ``TuneReportCallback`` (``train`` backend)
+#: passes the path of the checkpoint a Train run reported, in the storage's file system.
+CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 
-def trial_output_dir(spec: SearchSpec, trial_id: str) -> Path:
-    """Where a trial writes its outputs (checkpoints, metrics, energies, samples)."""
-    return spec.folder / "trials" / trial_id
+def storage_filesystem(storage: str) -> Any:
+    """The ``pyarrow`` file system of a study storage (a local path or a URI such as
+    ``s3://bucket/prefix``), resolved as Ray resolves it."""
+    from ray.train._internal.storage import get_fs_and_path
+
+    return get_fs_and_path(storage)[0]
+
+
+def trial_checkpoint(
+    storage: str, checkpoint: Any, result: Mapping[str, Any] | None = None
+) -> Any | None:
+    """The last checkpoint a trial reported, in the study's storage (None if none).
+
+    Args:
+        storage: the study's storage (:attr:`SearchSpec.storage`), to open a checkpoint
+            known only by its path.
+        checkpoint: Tune's checkpoint of the trial (``trial.checkpoint``,
+            ``result.checkpoint``; the ``direct`` backend), or None.
+        result: the trial's last result; for the ``train`` backend it names the Train
+            run's checkpoint (:data:`CHECKPOINT_PATH_KEY`).
+    """
+    if checkpoint is not None:
+        return checkpoint
+    path = (result or {}).get(CHECKPOINT_PATH_KEY)
+    if not path:
+        return None
+    from ray.tune import Checkpoint
+
+    return Checkpoint(path=str(path), filesystem=storage_filesystem(storage))
+
+
+@contextlib.contextmanager
+def checkpoint_files(checkpoint: Any) -> Iterator[Path]:
+    """A checkpoint's files as a local folder, read only (the storage folder itself for
+    local storage, else a temporary download removed on exit)."""
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
+
+
+def latest_stored_checkpoint(spec: SearchSpec, trial_id: str) -> Any | None:
+    """The newest checkpoint of trial ``trial_id`` in the study's storage: in its Train
+    run (``<study>/train/<id>``, ``train`` backend) or its Tune trial folder
+    (``<study>/tune/<trainable>_<id>_…``); None when it has none.
+
+    For a caller that holds only the trial's id (``study train --workers N -o DIR``,
+    benchmarks); the driver's callbacks use :func:`trial_checkpoint`.
+    """
+    from pyarrow.fs import FileSelector, FileType
+    from ray.train._internal.storage import get_fs_and_path
+    from ray.tune import Checkpoint
+
+    fs, root = get_fs_and_path(spec.location())
+    root = root.rstrip("/")
+
+    def folders(path: str) -> list[Any]:
+        found = fs.get_file_info(FileSelector(path, allow_not_found=True))
+        return [i for i in found if i.type == FileType.Directory]
+
+    candidates = [f"{root}/train/{trial_id}"]
+    candidates += [i.path for i in folders(f"{root}/tune") if f"_{trial_id}_" in i.base_name]
+    for place in candidates:
+        kept = sorted(i.path for i in folders(place) if i.base_name.startswith("checkpoint_"))
+        if kept:
+            return Checkpoint(path=kept[-1], filesystem=fs)
+    return None
+
+
+@contextlib.contextmanager
+def trial_files(spec: SearchSpec, trial_id: str) -> Iterator[Path | None]:
+    """The files of a trial's newest checkpoint as a local folder (None without one):
+    rather than a folder on the node that ran it."""
+    checkpoint = latest_stored_checkpoint(spec, trial_id)
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint_files(checkpoint) as folder:
+        yield folder
 
 
 def uses_train_backend(spec: StudySpec) -> bool:
@@ -68,9 +155,9 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
     from trainables.ray_adapter import train_in_trial, train_worker
 
     cfg = template.config(config)
-    out = trial_output_dir(spec, tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
     if not uses_train_backend(spec):
-        train_in_trial(cfg, out, spec.cpus_per_worker)
+        train_in_trial(cfg, trial_id, spec.cpus_per_worker)
         return
 
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -86,7 +173,7 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
         # the one serialisation of the config: Train hands its workers plain data
         train_loop_config={
             "train": cfg.to_dict(),
-            "output_dir": str(out),
+            "label": trial_id,
             "cpus_per_worker": spec.cpus_per_worker,
             "start": spec.start_from,
         },
@@ -94,8 +181,10 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
             num_workers=workers, use_gpu=spec.gpus_per_trial > 0, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
-            name=out.name,
-            storage_path=str(spec.folder / "train"),
+            name=trial_id,
+            # the study's storage (a URI or a shared path): the checkpoints, with every
+            # file of the run, are where the driver reads them for MLflow
+            storage_path=spec.location("train"),
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

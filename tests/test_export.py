@@ -26,6 +26,7 @@ from reports.ranking import (
 from reports.vocabulary import (
     CONFIG_FILE,
     PARENT_STUDY,
+    TAG_ARTIFACT_ERROR,
     TAG_EARLY,
     TAG_FAILURE,
     TAG_FINALIST,
@@ -226,6 +227,20 @@ def test_show_ranks_marks_finalists_and_prints_intervals_within_100_columns() ->
     assert f"robust 0.7400 [{wilson_interval(0.74, 1000)[0]:.3f}" in text
     assert text.count("final #") == 1  # only the finalist has a final line
     assert "failure: diverged: nan" in text and "finalist rank" in text
+    assert "artifacts missing" not in text  # no run is tagged so
+
+
+def test_show_prints_the_files_a_run_lacks_under_its_trial() -> None:
+    lacking = {TAG_ARTIFACT_ERROR: "energies.npz: not in the trial's checkpoint"}
+    runs = [
+        mlflow_like("abc12_00000", **{PGD: 0.5}),
+        mlflow_like("abc12_00001", tags=lacking, **{PGD: 0.7}),
+    ]
+    lines = show_lines(runs, [PGD], ["max"])
+    at = next(i for i, ln in enumerate(lines) if "abc12_00001" in ln)
+    after = lines[at + 1 : next(i for i, ln in enumerate(lines) if "abc12_00000" in ln)]
+    assert "    artifacts missing: energies.npz: not in the trial's checkpoint" in after
+    assert sum("artifacts missing" in ln for ln in lines) == 1
 
 
 # --- a real MLflow store --------------------------------------------------------------------

@@ -13,3 +13,16 @@ LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.pt"  #: the last epoch's full state (r
 ENERGIES_FILE = "energies.npz"  #: per test point energies, natural and adversarial
 METRICS_LOG = "metrics.jsonl"  #: one line of metrics per epoch
 FINAL_FILE = "final.json"  #: the test metrics, written once after the last epoch
+
+#: What a run that trained all its epochs leaves (its final Ray checkpoint carries them).
+FINISHED_RUN_FILES = (
+    BEST_CHECKPOINT,
+    LAST_CHECKPOINT,
+    CONFIG_FILE,
+    METRICS_LOG,
+    ENERGIES_FILE,
+    FINAL_FILE,
+)
+#: What a run stopped before its last epoch leaves (no test evaluation; ``best.pt``
+#: only once an epoch was eligible for selection).
+STOPPED_RUN_FILES = (LAST_CHECKPOINT, CONFIG_FILE, METRICS_LOG)

@@ -9,18 +9,28 @@ Two ways to run one training inside a Tune trial:
   CPU worker, no Train start-up cost). It reports with ``ray.tune.report`` and
   resumes from ``ray.tune.get_checkpoint``.
 
-Either way the per-epoch metrics reach Tune (so ASHA and Optuna see them) with
-a checkpoint holding ``last.pt``; the last epoch's report is held back until
-the final test evaluation is done and goes out once, carrying the ``test/*``
-metrics too, so the trial's last result is complete.
+Either way the per-epoch metrics reach Tune (so ASHA and Optuna see them); the last
+epoch's report is held back until the final test evaluation is done and goes out
+once, carrying the ``test/*`` metrics too, so the trial's last result is complete.
+
+Files travel through the checkpoints, never through a node's disk: the run writes
+into a node-local scratch folder (removed when the trial function ends), and every
+report of rank 0 carries a checkpoint that is a snapshot of that folder in the
+layout of :mod:`trainables.files` (each epoch ``checkpoints/last.pt``,
+``checkpoints/best.pt``, ``config.yaml``, ``metrics.jsonl``; the final report also
+``energies.npz`` and ``final.json``). Ray copies it to the study's storage (a local
+folder, a shared mount or ``s3://…``), where the driver reads it for MLflow and a
+restarted trial reads it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +42,40 @@ from trainables.files import CHECKPOINT_DIR, CONFIG_FILE, FINAL_FILE, LAST_CHECK
 from trainables.loop import train
 from trainables.reporting import JsonlReporter, MultiReporter, Reporter
 
-CHECKPOINT_FILE = Path(LAST_CHECKPOINT).name  #: the file a Ray checkpoint holds
+#: ``last.pt`` at the top of a checkpoint: the layout of checkpoints written before
+#: they carried the whole run folder (still read on resume).
+LEGACY_CHECKPOINT_FILE = Path(LAST_CHECKPOINT).name
+#: Where trials keep their node-local scratch folders (below the system's temp folder).
+SCRATCH_PARENT = "energy-study-trials"
+
+
+def scratch_folder(label: str) -> Path:
+    """A new, empty node-local folder for one run's files (under the system temp
+    folder, in :data:`SCRATCH_PARENT`, its name starting with ``label``)."""
+    parent = Path(tempfile.gettempdir()) / SCRATCH_PARENT
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=parent))
+
+
+@contextlib.contextmanager
+def snapshot(folder: Path) -> Iterator[Path]:
+    """A temporary folder holding the files of ``folder`` as they are now (hard links
+    where the file system allows, else copies), without hidden (``.``) entries: what a
+    Ray checkpoint of the run carries. Removed on exit."""
+    with tempfile.TemporaryDirectory(
+        prefix=".snapshot-", dir=folder.parent, ignore_cleanup_errors=True
+    ) as tmp:
+        for src in sorted(folder.rglob("*")):
+            rel = src.relative_to(folder)
+            if not src.is_file() or any(part.startswith(".") for part in rel.parts):
+                continue
+            dst = Path(tmp) / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+        yield Path(tmp)
 
 
 class RayReporter:
@@ -42,46 +85,56 @@ class RayReporter:
         report: ``ray.train.report`` or ``ray.tune.report``.
         checkpoint_cls: the matching ``Checkpoint`` class.
         epochs: the run's epoch count (the last epoch waits for the test metrics).
+        folder: the run's folder whose snapshot each report with a checkpoint carries
+            (None: this worker sends no checkpoint, a DDP rank other than 0).
     """
 
-    def __init__(self, report: Callable[..., None], checkpoint_cls: Any, epochs: int) -> None:
+    def __init__(
+        self, report: Callable[..., None], checkpoint_cls: Any, epochs: int, folder: Path | None
+    ) -> None:
         self._report = report
         self._checkpoint_cls = checkpoint_cls
         self._epochs = epochs
+        self._folder = folder
         self._held: tuple[int, dict[str, float], Path | None] | None = None
 
-    def _send(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        payload = {"epoch": epoch, **metrics}
-        if checkpoint is None:
-            self._report(payload)
+    def send(self, metrics: dict[str, Any], with_files: bool) -> None:
+        """Report ``metrics``, with a checkpoint of the run's folder when ``with_files``."""
+        if not with_files or self._folder is None:
+            self._report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="energy-study-ckpt-") as tmp:
-            shutil.copy2(checkpoint, Path(tmp) / CHECKPOINT_FILE)
-            self._report(payload, checkpoint=self._checkpoint_cls.from_directory(tmp))
+        with snapshot(self._folder) as tmp:
+            self._report(metrics, checkpoint=self._checkpoint_cls.from_directory(str(tmp)))
 
     def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
         if epoch >= self._epochs:
             self._held = (epoch, metrics, checkpoint)
         else:
-            self._send(epoch, metrics, checkpoint)
+            self.send({"epoch": epoch, **metrics}, checkpoint is not None)
 
     def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
         epoch, last, checkpoint = self._held or (self._epochs, {}, None)
-        self._send(epoch, {**last, **metrics}, checkpoint)
+        self.send({"epoch": epoch, **last, **metrics}, checkpoint is not None or bool(artifacts))
 
 
-def _resume_file(checkpoint: Any, into: Path) -> Path | None:
-    """Copy ``last.pt`` out of a Ray checkpoint (or None when there is none)."""
+def restore_files(checkpoint: Any, into: Path) -> Path | None:
+    """Copy a Ray checkpoint's files into the run folder ``into``; returns the path of
+    its ``last.pt`` there (None without a checkpoint or without ``last.pt``).
+
+    Reads the checkpoint where Ray keeps it (the study's storage: a local folder, a
+    shared mount or ``s3://…``), never a folder of the node that wrote it.
+    """
     if checkpoint is None:
         return None
     into.mkdir(parents=True, exist_ok=True)
     with checkpoint.as_directory() as d:
-        src = Path(d) / CHECKPOINT_FILE
-        if not src.is_file():
-            return None
-        dst = into / "resume.pt"
-        shutil.copy2(src, dst)
-        return dst
+        shutil.copytree(d, into, dirs_exist_ok=True)
+    legacy = into / LEGACY_CHECKPOINT_FILE
+    if legacy.is_file() and not (into / LAST_CHECKPOINT).is_file():
+        (into / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        os.replace(legacy, into / LAST_CHECKPOINT)
+    last = into / LAST_CHECKPOINT
+    return last if last.is_file() else None
 
 
 def finished_run(out: Path, cfg: TrainConfig) -> dict[str, float] | None:
@@ -89,7 +142,8 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict[str, float] | None:
 
     A trial that finished just before its driver was killed can be started again
     by ``study resume`` (Tune snapshots its state every half second). Its run is
-    then not trained or evaluated again: its last epoch and test metrics, read
+    then not trained or evaluated again: its files come back from its last
+    checkpoint (:func:`restore_files`) and its last epoch and test metrics, read
     from ``metrics.jsonl`` and ``final.json``, are reported once more.
     """
     final, lines, saved = out / FINAL_FILE, out / METRICS_LOG, out / CONFIG_FILE
@@ -109,25 +163,53 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict[str, float] | None:
     return {**epochs[-1], **test}
 
 
+def stored_final_checkpoint(checkpoint_cls: Any) -> Any | None:
+    """The newest checkpoint of this Tune trial in storage that holds ``final.json``
+    (None when there is none or the storage cannot be listed).
+
+    A trial that finished after Tune's last snapshot of the study is restored with an
+    older checkpoint; its final one is still in the trial's storage folder.
+    """
+    try:
+        from pyarrow.fs import FileSelector, FileType
+        from ray.train._internal.session import get_session
+
+        storage = get_session().storage
+        fs, trial = storage.storage_filesystem, storage.trial_fs_path
+        found = fs.get_file_info(FileSelector(trial))
+        folders = sorted(
+            i.path
+            for i in found
+            if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")
+        )
+        for path in reversed(folders):
+            if fs.get_file_info(f"{path}/{FINAL_FILE}").type == FileType.File:
+                return checkpoint_cls(path=path, filesystem=fs)
+    except Exception:  # noqa: BLE001 - a private API: without it the trial trains again
+        return None
+    return None
+
+
 def _reporters(out: Path, ray_reporter: RayReporter, rank: int, resume: Path | None) -> Reporter:
-    """Ray plus, on rank 0, ``metrics.jsonl``/``final.json`` in the trial's folder."""
+    """On rank 0, ``metrics.jsonl``/``final.json`` in the run's folder, then Ray (so that
+    each report's checkpoint holds the lines written for it); Ray alone on other ranks."""
     if rank != 0:
         return ray_reporter
     start = 0
     if resume is not None:
         start = int(load_checkpoint(resume).get("epoch", 0))
-    return MultiReporter(ray_reporter, JsonlReporter(out / METRICS_LOG, resume_epoch=start))
+    return MultiReporter(JsonlReporter(out / METRICS_LOG, resume_epoch=start), ray_reporter)
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` for ``TorchTrainer``.
 
     Args:
-        config: ``train`` (a TrainConfig mapping), ``output_dir`` (the trial's
-            folder, on storage every worker can reach), ``cpus_per_worker``
-            (torch threads are set to it, so workers never oversubscribe the cores)
-            and ``start`` (a folder with another run's ``last.pt`` and ``best.pt`` to
-            continue when Ray has no checkpoint, or None).
+        config: ``train`` (a TrainConfig mapping), ``label`` (the trial id: names the
+            node-local scratch folder), ``cpus_per_worker`` (torch threads are set to
+            it, so workers never oversubscribe the cores) and ``start`` (a folder with
+            another run's ``last.pt`` and ``best.pt`` to continue when Ray has no
+            checkpoint, or None).
     """
     import ray.train
     from ray.train import Checkpoint
@@ -146,27 +228,27 @@ def train_worker(config: dict[str, Any]) -> None:
         from ray.train.torch import get_device
 
         cfg = cfg.replace(device=get_device().type)
-    out, cpus = Path(config["output_dir"]), config["cpus_per_worker"]
+    label, cpus = f"{config.get('label', 'run')}-rank{rank}", config["cpus_per_worker"]
     start = Path(config["start"]) if config.get("start") else None
-    _train(cfg, out, cpus, ray.train, Checkpoint, rank=rank, world=world, wrap=wrap, start=start)
+    _train(cfg, label, cpus, ray.train, Checkpoint, rank=rank, world=world, wrap=wrap, start=start)
 
 
-def train_in_trial(cfg: TrainConfig, output_dir: Path, cpus_per_worker: float) -> None:
+def train_in_trial(cfg: TrainConfig, label: str, cpus_per_worker: float) -> None:
     """Run the loop directly in the Tune function (single CPU worker fast path).
 
     Args:
         cfg: the trial's training config.
-        output_dir: the trial's folder (absolute).
+        label: the trial id (names the node-local scratch folder).
         cpus_per_worker: CPUs the trial holds; torch threads are set to it.
     """
     from ray import tune
 
-    _train(cfg, output_dir, cpus_per_worker, tune, tune.Checkpoint)
+    _train(cfg, label, cpus_per_worker, tune, tune.Checkpoint, final_lookup=True)
 
 
 def _train(
     cfg: TrainConfig,
-    out: Path,
+    label: str,
     cpus: float,
     ray_api: Any,
     checkpoint_cls: Any,
@@ -175,26 +257,46 @@ def _train(
     world: int = 1,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     start: Path | None = None,
+    final_lookup: bool = False,
 ) -> None:
-    """Train (or report a run already finished in ``out``) through ``ray.train`` or
-    ``ray.tune`` (``ray_api``: its ``report`` and ``get_checkpoint``)."""
+    """Train through ``ray.train`` or ``ray.tune`` (``ray_api``: its ``report`` and
+    ``get_checkpoint``) in a node-local scratch folder removed at the end; a run whose
+    checkpoint shows it finished is reported again instead (with its files).
+
+    Args:
+        label: names the scratch folder (the trial id, and the rank).
+        final_lookup: also look for a finished run's checkpoint in the Tune trial's
+            storage (:func:`stored_final_checkpoint`) when Ray hands an older one.
+    """
     torch.set_num_threads(max(1, int(cpus)))
-    done = finished_run(out, cfg)
-    if done is not None:
-        ray_api.report(done)
-        return
-    resume = _resume_file(ray_api.get_checkpoint(), out / f".resume-rank{rank}")
-    if resume is None and start is not None:  # continue another run, its best.pt beside
-        resume = start / CHECKPOINT_FILE
-        if rank == 0:
-            shutil.copytree(start, out / CHECKPOINT_DIR, dirs_exist_ok=True)
-    reporter = RayReporter(ray_api.report, checkpoint_cls, cfg.epochs)
-    train(
-        cfg,
-        reporter=_reporters(out, reporter, rank, resume),
-        output_dir=out,
-        resume=resume,
-        rank=rank,
-        world_size=world,
-        wrap_model=wrap,
-    )
+    out = scratch_folder(label)
+    try:
+        checkpoint = ray_api.get_checkpoint()
+        resume = restore_files(checkpoint, out)
+        done, folder = finished_run(out, cfg), out
+        if done is None and final_lookup:  # apart, so that a resume is not disturbed
+            stored, folder = stored_final_checkpoint(checkpoint_cls), out / ".final"
+            if stored is not None and restore_files(stored, folder) is not None:
+                done = finished_run(folder, cfg)
+        if done is not None:
+            again = RayReporter(ray_api.report, checkpoint_cls, cfg.epochs, folder)
+            again.send(done, with_files=rank == 0)
+            return
+        reporter = RayReporter(
+            ray_api.report, checkpoint_cls, cfg.epochs, out if rank == 0 else None
+        )
+        if resume is None and start is not None:  # continue another run, its best.pt beside
+            resume = start / LEGACY_CHECKPOINT_FILE
+            if rank == 0:
+                shutil.copytree(start, out / CHECKPOINT_DIR, dirs_exist_ok=True)
+        train(
+            cfg,
+            reporter=_reporters(out, reporter, rank, resume),
+            output_dir=out,
+            resume=resume,
+            rank=rank,
+            world_size=world,
+            wrap_model=wrap,
+        )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
