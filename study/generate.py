@@ -37,6 +37,7 @@ from reports.vocabulary import (
     PARENT_TAG,
     ROLE_GENERATION,
     ROLE_GENERATION_STUDY,
+    TAG_ARTIFACT_ERROR,
     TAG_FAILURE,
     TAG_PARENT,
     TAG_ROLE,
@@ -48,7 +49,6 @@ from reports.vocabulary import (
 from search_spaces import SearchSpace
 from study.runner import TrialOutcome
 from study.spec import SearchSpec
-from study.trial import trial_output_dir
 from trainables.errors import ConfigError, UserError
 from trainables.gen_config import SamplerConfig
 from trainables.scores import INCEPTION, inception_weights
@@ -290,8 +290,15 @@ def log_sampling_run(
         with np.load(trace) as z:
             for key in ("energy_target", "energy_other"):
                 tracker.log_series(run_id, f"gen/{key}", z[key])
+    lacking = []
     for file in (GRID_FILE, INIT_GRID_FILE, TRACE_FILE, GEN_METRICS_FILE):
-        tracker.log_artifact(run_id, out / file, GENERATION_DIR)
+        if (out / file).is_file():
+            tracker.log_artifact(run_id, out / file, GENERATION_DIR)
+        elif status == "FINISHED":  # a finished sampling run has every file: say which not
+            lacking.append(f"{GENERATION_DIR}/{file}: not in the trial's checkpoint")
+    if lacking:
+        tracker.set_tags(run_id, {TAG_ARTIFACT_ERROR: "; ".join(lacking)})
+        print(f"warning: sampling run {trial_id} lacks {'; '.join(lacking)}", file=sys.stderr)
     if error:
         tracker.set_tags(run_id, {TAG_FAILURE: error[:1000]})
     tracker.end_run(run_id, status)
@@ -342,8 +349,9 @@ class GenerationSpec(SearchSpec):
 
     @property
     def cache(self) -> Path:
-        """``<storage>/cache``: fetched checkpoints, class statistics, reference features."""
-        return Path(self.storage) / "cache"
+        """``<storage>/cache``: fetched checkpoints, class statistics, reference features
+        (a URI storage: the node-local :attr:`~study.spec.SearchSpec.local_root`'s)."""
+        return self.local_root / "cache"
 
     @cached_property
     def template(self) -> dict[str, Any]:
@@ -391,12 +399,21 @@ def generation_trial(
         source: the classifier sampled from (its checkpoint path absolute).
         template: :attr:`GenerationSpec.template`, resolved on the driver.
     """
+    import shutil
+
     from ray import tune
+
+    from trainables.ray_adapter import scratch_folder
 
     cfg = SamplerConfig.from_dict({**template, **config})
     torch.set_num_threads(1)
-    out = trial_output_dir(spec, tune.get_context().get_trial_id())
-    tune.report(sample_and_score(cfg, source, out, cache_dir=spec.cache))
+    # node-local scratch; the files travel to the driver in the checkpoint (storage)
+    out = scratch_folder(tune.get_context().get_trial_id())
+    try:
+        metrics = sample_and_score(cfg, source, out, cache_dir=spec.cache)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out)))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 class GenerationWriter(Callback):
@@ -420,19 +437,30 @@ class GenerationWriter(Callback):
         self.__init__(*state["args"])  # type: ignore[misc]
 
     def _log(self, trial: Any, status: str, error: str | None = None) -> None:
+        import contextlib
+        import tempfile
+
         from study.callbacks import our_metrics
         from study.tracking import MlflowTracker
+        from study.trial import checkpoint_files, trial_checkpoint
         from study.ui import searched_values, trial_run_name
 
         spec, experiment, parent = self._args
         if self._tracker is None:
             self._tracker = MlflowTracker(spec.tracking_uri, experiment)
         name = trial_run_name("sgld", searched_values(spec.load_space(), trial.config))
-        self.run_ids[trial.trial_id] = log_sampling_run(
-            self._tracker, parent, spec.trial_config(trial.config),
-            our_metrics(trial.last_result or {}), trial_output_dir(spec, trial.trial_id),
-            name=name, study=spec.name, trial_id=trial.trial_id, status=status, error=error,
-        )  # fmt: skip
+        # the trial's files from its checkpoint in storage, never from the node that ran it
+        checkpoint = trial_checkpoint(spec.storage, trial.checkpoint, trial.last_result)
+        with contextlib.ExitStack() as stack:
+            if checkpoint is not None:
+                out = stack.enter_context(checkpoint_files(checkpoint))
+            else:  # no files (a failed trial): an empty folder
+                out = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            self.run_ids[trial.trial_id] = log_sampling_run(
+                self._tracker, parent, spec.trial_config(trial.config),
+                our_metrics(trial.last_result or {}), out,
+                name=name, study=spec.name, trial_id=trial.trial_id, status=status, error=error,
+            )  # fmt: skip
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._log(trial, "FINISHED")
@@ -443,13 +471,22 @@ class GenerationWriter(Callback):
         self._log(trial, "FAILED", trial_error_text(trial))
 
 
-def run_generation(spec: GenerationSpec) -> list[TrialOutcome]:
+def run_generation(spec: GenerationSpec, working_dir: str | None = None) -> list[TrialOutcome]:
     """``study generate``: one sampling run (no space), or a Tune + Optuna study over
     the sampler (:func:`study.runner.build_tuner`); the runs' outcomes, MLflow run ids
-    included."""
+    included.
+
+    Args:
+        spec: the generation study.
+        working_dir: a folder shipped to every Ray node (``--working-dir``; a study only).
+    """
+    from study import preflight
     from study.tracking import MlflowTracker
 
     spec.validate()  # bad values fail before anything starts
+    if spec.space:  # the search keeps Tune's state in the storage (a folder or a URI)
+        preflight.check_storage(spec.storage if spec.remote else spec.location())
+    preflight.check_tracking(spec.tracking_uri)
     base_cfg = spec.trial_config({})
     source = resolve_source(spec.source, spec.tracking_uri, spec.cache / "sources", spec.experiment)
     # fail on a missing extractor plugin or Inception weights before anything runs
@@ -478,7 +515,7 @@ def run_generation(spec: GenerationSpec) -> list[TrialOutcome]:
     from study.callbacks import ProgressCallback
     from study.runner import build_tuner, init_ray, trial_outcomes
 
-    init_ray(spec.address)
+    init_ray(spec.address, working_dir=working_dir)
     writer = GenerationWriter(spec, source.experiment, parent)
     trainable = tune.with_parameters(
         generation_trial, spec=spec, source=source, template=spec.template

@@ -20,13 +20,26 @@ from trainables.errors import UserError
 DEFAULT_CONNECT_TIMEOUT_S = 15.0
 
 
-def check_storage(folder: str | Path) -> None:
+def check_storage(folder: str | Path, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
     """Fail unless ``folder`` can be written, creating nothing that stays.
 
-    A probe file is written to and removed from the folder, or, when the folder
-    does not exist yet, from its nearest existing parent (where it will be made).
+    A local folder (or shared mount): a probe file is written to and removed from the
+    folder, or, when the folder does not exist yet, from its nearest existing parent
+    (where it will be made). A URI (``s3://bucket/prefix/name``): a probe object is
+    written, read back and deleted within ``timeout`` seconds
+    (:func:`study.storage.probe`), so an unreachable endpoint or a missing bucket fails
+    here, naming the endpoint.
+
+    Args:
+        folder: the study's folder, a path or a URI.
+        timeout: seconds a storage server has to answer (URIs only).
     """
-    folder = Path(folder).absolute()
+    from study import storage
+
+    if storage.is_uri(str(folder)):
+        storage.probe(str(folder), timeout)
+        return
+    folder = storage.local_path(str(folder)) or Path(folder).absolute()
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -52,14 +65,54 @@ def _host_port(address: str, default_port: int) -> tuple[str, int]:
     return (host or text).strip("[]"), int(port) if port.isdigit() else default_port
 
 
-def check_tracking(uri: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
-    """Fail unless the MLflow store answers: an HTTP(S) server its ``/health`` page
-    within ``timeout`` seconds; a SQLite store's folder must be writable."""
+#: database URL schemes (SQLAlchemy's, a ``+driver`` suffix allowed) -> default port
+DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_database(uri: str | None, timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
+                   what: str = "the database") -> None:  # fmt: skip
+    """Fail unless a database server answers: a TCP connection to the host and port of
+    a ``postgresql://`` (``mysql://``, ``mssql://``) URL within ``timeout`` seconds; a
+    SQLite file's folder must be writable. Other URLs, and None, pass.
+
+    Args:
+        uri: a SQLAlchemy database URL (without a password: :mod:`study.credentials`).
+        timeout: seconds the server has to accept the connection.
+        what: what the URL is for, for the error (``the MLflow tracking store``).
+    """
+    if not uri:
+        return
     if uri.startswith("sqlite:///"):
         check_storage(Path(uri[len("sqlite:///") :]).parent)
         return
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in DATABASE_PORTS or "://" not in uri:
+        return
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if not parts.hostname:
+        return  # a Unix socket (host in the query or libpq's default): libpq's business
+    host, port = parts.hostname, parts.port or DATABASE_PORTS[scheme]
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        raise UserError(
+            f"{what} {uri} could not be reached: no {scheme} server accepted a connection "
+            f"on {host}:{port} ({error}; waited up to {timeout:g} s). Start it, or fix the "
+            "URL; --connect-timeout sets the wait"
+        ) from None
+
+
+def check_tracking(uri: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Fail unless the MLflow store answers: an HTTP(S) server its ``/health`` page
+    within ``timeout`` seconds; a SQLite store's folder must be writable; a
+    PostgreSQL/MySQL store's server must accept a connection (:func:`check_database`)."""
+    if uri.startswith("sqlite:///") or uri.split("://", 1)[0].split("+", 1)[0] in DATABASE_PORTS:
+        check_database(uri, timeout, "the MLflow tracking store")
+        return
     if not uri.startswith(("http://", "https://")):
-        return  # other stores (databricks, postgresql…) are checked by MLflow itself
+        return  # other stores (databricks, file…) are checked by MLflow itself
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - the user's URI

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import re
@@ -31,6 +32,7 @@ from reports.vocabulary import (
     TAG_TRIAL,
 )
 from search_spaces import compile_space
+from study.credentials import redact
 from study.spec import SearchSpec, StudySpec
 from study.tracking import MlflowTracker, flatten
 from study.trial import uses_train_backend
@@ -45,6 +47,17 @@ HEALTH_CHECK_INTERVAL_S = "0.2"
 #: callbacks (nothing scrapes them without the dashboard).
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 TUNE_DIR = "tune"
+#: The file a study writes into its storage folder once it has ended (every trial, the
+#: finalists): ``study run --name N --resume`` on a finished study prints it and exits.
+OUTCOME_FILE = "outcome.yaml"
+#: What ``--working-dir`` does not ship to the cluster's nodes (Ray's ``runtime_env``
+#: ``excludes``, gitignore-style): environments, version control, MLflow stores,
+#: studies' outputs, data sets and checkpoints.
+WORKING_DIR_EXCLUDES = [
+    ".venv/", "venv/", ".git/", "__pycache__/", "*.egg-info/", ".pytest_cache/",
+    ".ruff_cache/", "mlruns/", "mlartifacts/", "mlflow.db", "*.db", "studies/",
+    "data/", "datasets/", "outputs/", "runs/", "*.pt", "*.pth", "*.npz", "*.tar.gz",
+]  # fmt: skip
 
 
 @dataclass
@@ -196,8 +209,31 @@ def set_driver_env(local: bool) -> dict[str, str]:
     return env
 
 
-def init_ray(address: str | None, verbose: bool = False) -> None:
-    """Join ``address`` or start a local cluster; workers get :func:`train_env`."""
+def runtime_env(env: dict[str, str], working_dir: str | None = None) -> dict[str, Any]:
+    """The ``runtime_env`` a study's Ray job runs with.
+
+    Args:
+        env: variables every worker gets (:func:`train_env`).
+        working_dir: a local folder (the project's checkout) that Ray packs and ships
+            to every node, where workers start in it and import from it
+            (``--working-dir``; :data:`WORKING_DIR_EXCLUDES` stay behind); None: the
+            nodes have the code already.
+    """
+    out: dict[str, Any] = {"env_vars": env}
+    if working_dir:
+        folder = Path(working_dir).expanduser().resolve()
+        if not folder.is_dir():
+            from trainables.errors import UserError
+
+            raise UserError(f"--working-dir {working_dir}: no such folder")
+        out["working_dir"] = str(folder)
+        out["excludes"] = list(WORKING_DIR_EXCLUDES)
+    return out
+
+
+def init_ray(address: str | None, verbose: bool = False, working_dir: str | None = None) -> None:
+    """Join ``address`` or start a local cluster; workers get :func:`train_env` (and the
+    code in ``working_dir``, shipped through :func:`runtime_env`, when given)."""
     import ray
 
     if ray.is_initialized():
@@ -207,7 +243,7 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": verbose,
-        "runtime_env": {"env_vars": env},
+        "runtime_env": runtime_env(env, working_dir),
         "configure_logging": verbose,
     }
     # no address: RAY_ADDRESS if set, else a new local cluster; never silently
@@ -236,7 +272,8 @@ def open_parent_run(spec: StudySpec) -> tuple[MlflowTracker, str]:
         space_file = spec.load_space().source
         tracker.log_artifact(run_id, space_file, SPEC_DIR)
         tracker.log_text(run_id, yaml.safe_dump(spec.to_dict(), sort_keys=False), SPEC_ARTIFACT)
-        tracker.log_text(run_id, " ".join(sys.argv), COMMAND_ARTIFACT)
+        # the command line as typed, less any password in it (study.credentials)
+        tracker.log_text(run_id, redact(" ".join(sys.argv)), COMMAND_ARTIFACT)
         describe_study(tracker, spec, run_id, ended=False)  # the UI's description
     return tracker, run_id
 
@@ -273,11 +310,16 @@ def build_tuner(
     from study.callbacks import StateBackup, repair_experiment_state
     from study.search import make_searcher
 
-    tune_dir = spec.folder / TUNE_DIR
+    # Tune's state goes to <storage>/<name>/tune: a folder, or a URI Ray writes through
+    # pyarrow.fs. The state backup guards a local file that Tune rewrites in place; on
+    # a URI storage Tune writes the state locally and uploads it as one new object, so
+    # a killed driver never leaves half a file there, and there is no local file to copy.
+    local_tune_dir = None if spec.remote else spec.folder / TUNE_DIR
     if resume:
-        repair_experiment_state(tune_dir)  # a state file cut short by a killed driver
+        if local_tune_dir is not None:
+            repair_experiment_state(local_tune_dir)  # a state file cut short by a kill
         return tune.Tuner.restore(
-            str(tune_dir.resolve()), trainable, resume_unfinished=True, resume_errored=False
+            spec.location(TUNE_DIR), trainable, resume_unfinished=True, resume_errored=False
         )
     storage = None
     if spec.optuna_storage:
@@ -295,10 +337,10 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
-            storage_path=str(spec.folder.resolve()),
+            storage_path=spec.location(),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[*callbacks, StateBackup(tune_dir)],
+            callbacks=[*callbacks, *([StateBackup(local_tune_dir)] if local_tune_dir else [])],
             verbose=2 if verbose else 0,
         ),
     )
@@ -357,32 +399,124 @@ def trial_outcomes(
     return outcomes
 
 
-def can_resume(spec: StudySpec) -> bool:
-    """Whether the study's Tune state exists on disk."""
+def can_resume(spec: SearchSpec) -> bool:
+    """Whether the study's Tune state exists in its storage (a folder or a URI)."""
     from ray import tune
 
-    return tune.Tuner.can_restore(str((spec.folder / TUNE_DIR).resolve()))
+    return tune.Tuner.can_restore(spec.location(TUNE_DIR))
 
 
-def run_study(spec: StudySpec, *, resume: bool = False, verbose: bool = False) -> StudyOutcome:
+def save_outcome(outcome: StudyOutcome) -> str:
+    """Write :data:`OUTCOME_FILE` into the study's storage folder (the study has ended);
+    returns where."""
+    from study import storage
+
+    data = {
+        "parent_run_id": outcome.parent_run_id,
+        "search_s": outcome.search_s,
+        "final_s": outcome.final_s,
+        "trials": [dataclasses.asdict(t) for t in outcome.trials],
+        "finals": [dataclasses.asdict(f) for f in outcome.finals],
+    }
+    target = outcome.spec.location(OUTCOME_FILE)
+    storage.write_text(target, yaml.safe_dump(_plain(data), sort_keys=False))
+    return target
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML's safe dumper takes it: NumPy scalars become Python numbers,
+    tuples lists, anything else unknown its text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if hasattr(value, "item"):  # a NumPy scalar
+        return value.item()
+    for kind in (bool, int, float):  # subclasses (an IntEnum...)
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
+
+
+def load_outcome(spec: StudySpec) -> StudyOutcome | None:
+    """The outcome a study wrote when it ended (:func:`save_outcome`); None: it has not
+    ended (it never started, or it was stopped before its end)."""
+    from study import storage
+    from study.finals import FinalResult
+
+    try:
+        data = yaml.safe_load(storage.read_text(spec.location(OUTCOME_FILE)))
+    except FileNotFoundError:
+        return None
+    return StudyOutcome(
+        spec,
+        [TrialOutcome(**t) for t in data["trials"]],
+        data["parent_run_id"],
+        finals=[FinalResult(**f) for f in data.get("finals", [])],
+        search_s=float(data.get("search_s", 0.0)),
+        final_s=float(data.get("final_s", 0.0)),
+    )
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    resume: bool = False,
+    verbose: bool = False,
+    working_dir: str | None = None,
+) -> StudyOutcome:
     """Run (or resume) a study to the end and return its trials.
 
-    The spec, space and base config are validated before Ray starts.
+    The spec, space and base config are validated, and the storage, the tracking
+    store, the Optuna storage and the Ray address checked, before anything is created.
+
+    Args:
+        spec: the study.
+        resume: continue the study's Tune state from its storage.
+        verbose: Ray's and Tune's own console output.
+        working_dir: a folder shipped to every Ray node (:func:`runtime_env`).
     """
     from study import preflight
 
     spec.validate()
     # nothing is created before these pass: storage, tracking store, Ray, resources
-    preflight.check_storage(spec.folder)
+    # a URI: a probe object at the storage root (pyarrow leaves an empty "folder"
+    # marker where it deletes one, which the study's own prefix must not get)
+    preflight.check_storage(spec.storage if spec.remote else spec.location(), spec.connect_timeout)
     preflight.check_tracking(spec.tracking_uri, spec.connect_timeout)
+    preflight.check_database(spec.optuna_storage, spec.connect_timeout, "the Optuna storage")
     preflight.check_ray_address(spec.address, spec.connect_timeout)
-    init_ray(spec.address, verbose)
+    init_ray(spec.address, verbose, working_dir)
     preflight.check_resources(spec)
+    check_nodes(spec)
     spec.save()
     tracker, parent = open_parent_run(spec)
     tuner = study_tuner(spec, parent, resume=resume, verbose=verbose)
     with _Interrupts(spec) as sigint:
         return _fit_and_finish(spec, tuner, tracker, parent, sigint)
+
+
+def check_nodes(spec: StudySpec) -> None:
+    """On a cluster of several nodes, ``study doctor``'s checks (every node imports the
+    project, sees the driver's probe in the storage and writes its own, reaches the
+    tracking store) before anything of the study is created; one ``UserError``
+    paragraph naming what failed where. A one-node cluster has nothing to check that
+    preflight did not."""
+    import ray
+
+    if sum(1 for node in ray.nodes() if node["Alive"]) < 2:
+        return
+    from study.doctor import check_cluster
+    from trainables.errors import UserError
+
+    report = check_cluster(None, spec.storage, spec.tracking_uri, 4 * spec.connect_timeout)
+    if not report.ok:
+        raise UserError(
+            "the Ray cluster is not ready for this study (`study doctor` tells the same): "
+            + "; ".join(report.failures())
+        )
 
 
 def _fit_and_finish(
@@ -414,6 +548,7 @@ def _fit_and_finish(
     )
     failed = all(t.status == "FAILED" for t in outcomes) and outcomes
     tracker.end_run(parent, "FAILED" if failed else "FINISHED")
+    save_outcome(outcome)  # the study has ended: a retried `study run --resume` stops here
     return outcome
 
 

@@ -74,10 +74,14 @@ class SearchSpec:
         max_concurrent: trials run at once (0 = as many as resources allow).
         max_failures: retries of a failed trial.
         seed: seed of the Optuna sampler.
-        tracking_uri: MLflow tracking URI.
-        storage: folder of Ray results, checkpoints and trial outputs (made absolute).
+        tracking_uri: MLflow tracking URI (a password in it moves to the environment,
+            :mod:`study.credentials`).
+        storage: where Ray's results, checkpoints and the study's files go: a folder
+            (local, or a mount every node shares; made absolute) or a URI that
+            ``pyarrow.fs`` opens (``s3://bucket/prefix``; see :mod:`study.storage`).
         address: Ray cluster address (None = start a local cluster).
-        optuna_storage: Optuna RDB URL (e.g. ``sqlite:///optuna.db``) for optuna-dashboard.
+        optuna_storage: Optuna RDB URL (e.g. ``sqlite:///optuna.db``) for optuna-dashboard
+            (a password in it moves to the environment).
     """
 
     #: the config keys a space may set, and the preset names it may give
@@ -98,9 +102,19 @@ class SearchSpec:
     optuna_storage: str | None = None
 
     def __post_init__(self) -> None:
-        """Make ``storage`` and a space file's path absolute (Tune moves trials' cwd)."""
-        if self.storage and "://" not in self.storage:  # a URI stays as it is
-            self.storage = str(Path(self.storage).resolve())
+        """Make ``storage`` and a space file's path absolute (Tune moves trials' cwd); a
+        storage URI stays a URI (:func:`study.storage.normalize`). Passwords in
+        ``tracking_uri``, ``optuna_storage`` or ``storage`` move to the environment
+        (:func:`study.credentials.take_credentials`), so that no file, param or line
+        made from the spec carries them."""
+        from study.credentials import check_one_password, take_credentials
+        from study.storage import normalize
+
+        check_one_password(self.tracking_uri, self.optuna_storage)
+        self.tracking_uri = take_credentials(self.tracking_uri) or self.tracking_uri
+        self.optuna_storage = take_credentials(self.optuna_storage)
+        if self.storage:
+            self.storage = normalize(take_credentials(self.storage) or self.storage)
         if self.space and Path(self.space).suffix in (".yaml", ".yml"):
             if Path(self.space).is_file():
                 self.space = str(Path(self.space).resolve())
@@ -111,9 +125,31 @@ class SearchSpec:
         return len(self.metrics) > 1
 
     @property
+    def remote(self) -> bool:
+        """Whether the storage is a URI (``s3://…``) rather than a local or shared path."""
+        from study.storage import is_uri
+
+        return is_uri(self.storage)
+
+    @property
+    def local_root(self) -> Path:
+        """A folder on this machine for the study's local files: the storage itself when
+        it is a path; for a URI storage, a scratch folder named after the URI below the
+        system's temporary folder (``$TMPDIR/energy-study/s3/bucket/prefix``)."""
+        if not self.remote:
+            return Path(self.storage)
+        import tempfile
+
+        scheme, _, rest = self.storage.partition("://")
+        rest = re.sub(r"[^A-Za-z0-9_.\-/]", "_", rest.partition("?")[0]).strip("/")
+        return Path(tempfile.gettempdir()) / "energy-study" / scheme / rest
+
+    @property
     def folder(self) -> Path:
-        """``<storage>/<name>``: Ray's experiment folder and the trials' outputs."""
-        return Path(self.storage) / self.name
+        """``<storage>/<name>`` as a local folder: Ray's experiment folder and the trials'
+        outputs for a storage path; for a URI storage, a node-local scratch folder
+        (:attr:`local_root`; what every node must see is at :meth:`location`)."""
+        return self.local_root / self.name
 
     def location(self, *parts: str) -> str:
         """``<storage>/<name>/<parts…>`` as a string: an absolute local path, or a URI
@@ -122,7 +158,9 @@ class SearchSpec:
         Args:
             parts: path parts below the study's folder (``"train"``, ``"study.yaml"``).
         """
-        return "/".join([self.storage.rstrip("/"), self.name, *parts])
+        from study.storage import join
+
+        return join(self.storage, self.name, *parts)
 
     @cached_property
     def _space(self) -> SearchSpace:
@@ -315,36 +353,49 @@ class StudySpec(SearchSpec):
 
     def check_new(self) -> None:
         """Refuse a name that a study in the storage already has (its ``study.yaml``):
-        ``study run`` starts new studies only."""
-        if (self.folder / SPEC_FILE).is_file():
+        ``study run`` starts new studies only (``--resume`` continues one)."""
+        from study.storage import exists
+
+        if exists(self.location(SPEC_FILE)):
             raise ConfigError(
                 f"a study named {self.name!r} already exists under {self.storage}; "
-                f"continue it with `study resume {self.name}`, or choose another --name "
-                "(extending a finished study with more trials is not implemented yet)"
+                f"continue it with `study resume {self.name}` (or `study run --name "
+                f"{self.name} --resume`, which starts it when it does not exist), or "
+                "choose another --name (extending a finished study with more trials is "
+                "not implemented yet)"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (for ``study.yaml`` and MLflow params)."""
+        """Plain data (for ``study.yaml`` and MLflow params); no URI in it carries a
+        password (:meth:`__post_init__` moved them to the environment)."""
         return dataclasses.asdict(self)
 
-    def save(self) -> Path:
-        """Write ``<storage>/<name>/study.yaml``."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / SPEC_FILE
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
+    def save(self) -> str:
+        """Write ``<storage>/<name>/study.yaml`` (a local file or an object); returns
+        where."""
+        from study.storage import write_text
+
+        target = self.location(SPEC_FILE)
+        write_text(target, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return target
 
     @classmethod
     def load(cls, storage: str | Path, name: str) -> StudySpec:
-        """Read a saved spec; a missing study is a ConfigError naming what exists."""
-        path = Path(storage) / name / SPEC_FILE
-        if not path.is_file():
-            existing = sorted(p.parent.name for p in Path(storage).glob(f"*/{SPEC_FILE}"))
+        """Read a saved spec from a storage path or URI; a missing study is a ConfigError
+        naming the studies that storage has."""
+        from study.storage import join, normalize, read_text, subfolders_with
+
+        storage = normalize(str(storage))
+        try:
+            text = read_text(join(storage, name, SPEC_FILE))
+        except FileNotFoundError:
+            existing = subfolders_with(storage, SPEC_FILE)
             raise ConfigError(
-                f"no study {name!r} under {Path(storage).resolve()}; "
-                f"studies there: {', '.join(existing) or 'none'} (use --storage to look elsewhere)"
-            )
-        return cls(**yaml.safe_load(path.read_text()))
+                f"no study {name!r} under {storage}; studies there: "
+                f"{', '.join(existing) or 'none'} (use --storage to look elsewhere)"
+            ) from None
+        # the storage it was read from wins: a shared mount may sit at another path here
+        return cls(**{**yaml.safe_load(text), "storage": storage})
 
 
 def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

@@ -361,6 +361,74 @@ def test_resume_after_the_driver_is_killed(tmp_path) -> None:
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
 
 
+def test_a_retried_run_resume_entrypoint_starts_resumes_then_reports(tmp_path, capsys) -> None:
+    """`study run --name N --resume`, the entrypoint a retried cluster job runs again:
+    the first time it starts the study; killed mid-study and run again, it resumes it
+    (no trial rerun, no epoch twice); once the study has ended it prints the outcome
+    and exits 0. Without --resume an existing name is refused, naming both ways on."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    spec = make_spec(tmp_path, "retried", trials=2, epochs=3, max_concurrent=1)
+    argv = ["run", "--space", "smoke", "--name", spec.name, "--finalists", "0",
+            "--trials", "2", "--epochs", "3", "--no-asha", "--max-concurrent", "1",
+            "--address", address, "--tracking-uri", spec.tracking_uri,
+            "--storage", spec.storage, "--resume"]  # fmt: skip
+    for key, value in BASE.items():
+        argv += ["--set", f"{key}={value}"]
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "study", *argv],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    finished_before: dict[str, int] = {}
+    deadline = time.time() + 240
+    try:  # one trial finished, the other not yet: kill the driver
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            if not (spec.folder / "tune").is_dir():
+                continue
+            done = {
+                r.data.tags[TAG_TRIAL]: r.info.end_time
+                for r in child_runs(spec)
+                if r.info.status == "FINISHED"
+            }
+            if len(done) == 1:
+                finished_before = done
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert finished_before, (tmp_path / "driver.log").read_text()[-3000:]
+    assert "study retried: 2 trials" in (tmp_path / "driver.log").read_text()  # it started
+    time.sleep(1.0)  # let the killed driver's trials go away
+
+    assert cli.main(argv) == 0  # the same command again: resumes
+    out = capsys.readouterr().out
+    assert "resuming study retried" in out and "study retried: 2 finished" in out
+    runs = child_runs(spec)
+    ids = [r.data.tags[TAG_TRIAL] for r in runs]
+    assert len(ids) == len(set(ids)) == 2, ids
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [s for s, _ in history(spec, run.info.run_id, "val/pgd_acc")]
+        assert steps == [1, 2, 3], steps
+        if run.data.tags[TAG_TRIAL] in finished_before:
+            assert run.info.end_time == finished_before[run.data.tags[TAG_TRIAL]]
+
+    assert cli.main(argv) == 0  # and once more: it has ended, nothing runs
+    out = capsys.readouterr().out
+    assert "has ended already" in out and "study retried: 2 finished" in out
+    assert len(child_runs(spec)) == 2
+
+    assert cli.main([a for a in argv if a != "--resume"]) == 2  # no --resume: refused
+    err = " ".join(capsys.readouterr().err.split())
+    assert "already exists" in err and "--resume" in err and "study resume retried" in err
+
+
 def test_resume_survives_a_tune_state_cut_short_by_a_killed_driver(tmp_path) -> None:
     """Tune rewrites its experiment state in place: a driver killed mid-write leaves it
     empty, and Tune would start the whole study again. study resume puts back the copy
