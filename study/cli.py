@@ -14,6 +14,10 @@ Sub-commands:
   of the study's runs sorted by its objective (``--open``: in a browser).
 * ``study generate --from RUN``: sample images from a trained classifier with
   SGLD, score them (IS/FID/KID), optionally search the sampler with Optuna.
+* ``study doctor``: check every Ray node (import, storage, tracking server, GPUs);
+  exit 1 on a failure (docs/cluster.md).
+* ``study server``: the team's MLflow tracking server, secure by default
+  (docs/servers.md).
 * ``study train``: one training run (in this process, or through Ray Train with
   ``--workers N``), recorded in MLflow as a study of one.
 
@@ -59,13 +63,22 @@ _SPEC_OPTIONS: tuple[tuple[str, type, str], ...] = (
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite default; a
+    password in it moves to the environment (:func:`study.credentials.take_credentials`)."""
+    from study.credentials import take_credentials
     from study.tracking import default_tracking_uri
 
-    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    return take_credentials(uri) or uri
 
 
 def _storage(args: argparse.Namespace) -> str:
-    return str(Path(args.storage or "studies").resolve())
+    """``--storage`` (default ``./studies``): an absolute path, or a URI as given (less a
+    password, which moves to the environment)."""
+    from study.credentials import take_credentials
+    from study.storage import normalize
+
+    return normalize(take_credentials(args.storage or "studies") or "studies")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -137,11 +150,18 @@ def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
 
     from study.runner import run_study
     from study.spec import StudySpec
-    from study.trial import trial_output_dir
+    from study.storage import is_uri
+    from study.trial import trial_files
 
     name = (
         args.experiment if args.experiment != "train" else f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    if is_uri(_storage(args)):
+        raise UserError(
+            f"study train --workers keeps its run in a local or shared folder; --storage "
+            f"{_storage(args)} is a URI: give a path (a mount every node sees), or run a "
+            "study of one with `study run --space fixed --trials 1 --storage URI`"
+        )
     spec = StudySpec(
         name=name,
         space="fixed",
@@ -172,11 +192,12 @@ def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
         print(f"  {key:<28s} {trial.metrics[key]:.4f}")
     if trial.error:
         print(f"error: {trial.error}", file=sys.stderr)
-    folder = trial_output_dir(spec, trial.trial_id)
-    if args.output and folder.is_dir():
-        ignore = shutil.ignore_patterns(".resume*")
-        shutil.copytree(folder, args.output, dirs_exist_ok=True, ignore=ignore)
-        print(f"outputs in {args.output}")
+    if args.output:  # the run's files, from its newest checkpoint in the storage
+        with trial_files(spec, trial.trial_id) as folder:
+            if folder is not None:
+                ignore = shutil.ignore_patterns(".resume*")
+                shutil.copytree(folder, args.output, dirs_exist_ok=True, ignore=ignore)
+                print(f"outputs in {args.output}")
     return 0 if trial.status == "FINISHED" else 1
 
 
@@ -320,16 +341,63 @@ def _print_finals(outcome) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    """``study run``: a new study; with ``--resume``, the study of that name is started
+    when the storage has none, continued when it has an unfinished one, and reported
+    (exit 0) when it has ended: a retried job's entrypoint never starts a second study."""
+    from study.spec import SPEC_FILE
+    from study.storage import exists
+
     spec = _spec_from_args(args)
     spec.validate()  # before any Ray process starts
-    spec.check_new()  # an existing name is `study resume`'s, not ours
+    if spec.remote:  # reachable before it is asked whether the study exists
+        from study.preflight import check_storage
+
+        check_storage(spec.storage, spec.connect_timeout)
+    if args.resume and exists(spec.location(SPEC_FILE)):
+        print(
+            f"study {spec.name} exists in {spec.storage}: --resume continues it with its "
+            "saved settings (of the options given, only --address, --tracking-uri and "
+            "--working-dir apply)",
+            flush=True,
+        )
+        return _continue(spec.storage, spec.name, args)
+    if not args.resume:
+        spec.check_new()  # an existing name is `study resume`'s (or --resume's), not ours
     print(
         f"study {spec.name}: {spec.trials} trials of {spec.space} "
         f"(objective {', '.join(f'{m} {o}' for m, o in zip(spec.metrics, spec.modes))}); "
-        f"MLflow {spec.tracking_uri}; storage {spec.folder}",
+        f"MLflow {spec.tracking_uri}; storage {spec.location()}",
         flush=True,
     )
-    return _finish(_run_or_interrupted(spec, resume=False, verbose=args.verbose))
+    return _finish(
+        _run_or_interrupted(spec, resume=False, verbose=args.verbose, working_dir=args.working_dir)
+    )
+
+
+def _continue(storage: str, name: str, args: argparse.Namespace) -> int:
+    """Continue the saved study ``name`` (``study resume``, ``study run --resume``): print
+    its outcome if it has ended, resume its Tune state if there is one, else start it
+    (its driver stopped before Tune saved anything). ``--address`` and ``--tracking-uri``
+    given here win over the saved ones (a cluster or server that moved)."""
+    from study.runner import can_resume, load_outcome
+    from study.spec import StudySpec
+
+    spec = StudySpec.load(storage, name)
+    if args.address:
+        spec.address = args.address
+    if args.tracking_uri:
+        spec.tracking_uri = _tracking_uri(args)
+    ended = load_outcome(spec)
+    if ended is not None:
+        print(f"study {spec.name} has ended already ({spec.location()}); its outcome:")
+        _print_outcome(ended)
+        return 0
+    resume = can_resume(spec)
+    what = "resuming" if resume else "starting (no Tune state saved yet)"
+    print(f"{what} study {spec.name} from {spec.location()}", flush=True)
+    return _finish(
+        _run_or_interrupted(spec, resume=resume, verbose=args.verbose, working_dir=args.working_dir)
+    )
 
 
 def _finish(outcome: StudyOutcome | None) -> int:
@@ -340,12 +408,12 @@ def _finish(outcome: StudyOutcome | None) -> int:
     return 0 if any(t.status == "FINISHED" for t in outcome.trials) else 1
 
 
-def _run_or_interrupted(spec, *, resume: bool, verbose: bool):
+def _run_or_interrupted(spec, *, resume: bool, verbose: bool, working_dir: str | None = None):
     """``run_study``; after a Ctrl-C, say what finished and how to continue (None)."""
     from study.runner import StudyInterrupted, resume_command, run_study
 
     try:
-        return run_study(spec, resume=resume, verbose=verbose)
+        return run_study(spec, resume=resume, verbose=verbose, working_dir=working_dir)
     except StudyInterrupted as stop:
         done = sum(t.status == "FINISHED" for t in stop.outcome.trials)
         print(
@@ -358,16 +426,18 @@ def _run_or_interrupted(spec, *, resume: bool, verbose: bool):
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from study.runner import can_resume
+    """``study resume NAME``: continue the study saved in ``--storage`` (see
+    :func:`_continue`); a study whose storage has no Tune state is an error."""
+    from study.runner import can_resume, load_outcome
     from study.spec import StudySpec
 
     spec = StudySpec.load(_storage(args), args.name)
-    if args.address:
-        spec.address = args.address
-    if not can_resume(spec):
-        raise UserError(f"study {args.name!r} has no Tune state under {spec.folder} to resume")
-    print(f"resuming study {spec.name} from {spec.folder}", flush=True)
-    return _finish(_run_or_interrupted(spec, resume=True, verbose=args.verbose))
+    if load_outcome(spec) is None and not can_resume(spec):
+        raise UserError(
+            f"study {args.name!r} has no Tune state under {spec.location()} to resume "
+            f"(start it again with `study run --name {args.name} --resume`)"
+        )
+    return _continue(spec.storage, args.name, args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -378,8 +448,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if len(args.metric or []) > 1:
         raise ConfigError("study export ranks by one --metric")
     metric, mode = (args.metric or [None])[0], (args.mode or [None])[0]
-    spec_path = Path(_storage(args)) / args.name / "study.yaml"
-    if spec_path.is_file():
+    from study.spec import SPEC_FILE
+    from study.storage import exists, join
+
+    if exists(join(_storage(args), args.name, SPEC_FILE)):
         spec = StudySpec.load(_storage(args), args.name)
         metric = metric or spec.metrics[0]
         if mode is None and metric in spec.metrics:
@@ -407,14 +479,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from reports.data import search_runs, tags_filter
+    from reports.data import all_experiments, search_runs, tags_filter
     from reports.vocabulary import ROLE_TRIAL, TAG_ROLE
     from study.tracking import quiet_mlflow
 
     quiet_mlflow()
     client = MlflowClient(_tracking_uri(args))
     found = False
-    for exp in client.search_experiments():
+    for exp in all_experiments(client):
         runs = search_runs(client, [exp.experiment_id], tags_filter({TAG_ROLE: ROLE_TRIAL}))
         if not runs:
             continue
@@ -454,7 +526,7 @@ def _latest_study(uri: str) -> str | None:
     """The study whose parent run started last in the store (None: no study, no store)."""
     from mlflow.tracking import MlflowClient
 
-    from reports.data import tags_filter
+    from reports.data import all_experiments, tags_filter
     from reports.vocabulary import ROLE_STUDY, TAG_ROLE, TAG_STUDY
     from study.tracking import quiet_mlflow, store_lock
 
@@ -463,7 +535,7 @@ def _latest_study(uri: str) -> str | None:
     quiet_mlflow()
     with store_lock(uri):
         client = MlflowClient(uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
+    ids = [e.experiment_id for e in all_experiments(client)]
     runs = client.search_runs(
         ids,
         tags_filter({TAG_ROLE: ROLE_STUDY}),
@@ -477,13 +549,14 @@ def _study_view(uri: str, name: str, base: str) -> str:
     """Write study ``name``'s runs view into the store; returns its address on ``base``."""
     from mlflow.tracking import MlflowClient
 
+    from reports.data import all_experiments
     from study.tracking import MlflowTracker, quiet_mlflow
     from study.ui import publish_view, runs_view_url
 
     quiet_mlflow()
     client = MlflowClient(uri)
     if client.get_experiment_by_name(name) is None:
-        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        known = sorted(e.name for e in all_experiments(client) if e.name != "Default")
         raise UserError(f"no study {name!r} in {uri}; studies there: {', '.join(known) or 'none'}")
     return runs_view_url(base, publish_view(MlflowTracker(uri, name), name))
 
@@ -574,7 +647,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         f"a study of {spec.trials} trials over {args.space}" if args.space else "one sampling run"
     )
     print(f"generate {spec.name}: {what} from {args.source}", flush=True)
-    outcomes = run_generation(spec)
+    outcomes = run_generation(spec, working_dir=args.working_dir)
     key, mode = metrics[0], modes[0]
     done = [o for o in outcomes if key in o.metrics]
     done.sort(key=lambda o: o.metrics[key], reverse=mode == "max")
@@ -605,9 +678,16 @@ def build_parser() -> argparse.ArgumentParser:
     store, cluster, sets, objective, search = (argparse.ArgumentParser(add_help=False)
                                                for _ in range(5))
     store.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///./mlflow.db)")
-    store.add_argument("--storage", help="studies' Ray state and outputs (default: ./studies)")
+    store.add_argument("--storage", help="studies' files and Ray state: a folder, a mount "
+                       "every node shares, or a URI such as s3://bucket/prefix (S3-compatible "
+                       "servers: AWS_ENDPOINT_URL) (default: ./studies)")
     cluster.add_argument("--address", help="join this Ray cluster instead of starting one "
                          "(train: with --workers; generate: with --space)")
+    ship = argparse.ArgumentParser(add_help=False)
+    ship.add_argument("--working-dir", metavar="DIR",
+                      help="ship this folder (the project's checkout) to every Ray node "
+                      "(Ray runtime_env working_dir; .venv, .git, mlruns, studies, data and "
+                      "checkpoints stay behind): for nodes that lack the code")
     sets.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="set one config key (repeatable; a.b=V sets b in the mapping a, "
                       "keeping its other keys), e.g. --set eps=8/255")
@@ -627,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run",
-        parents=[sets, objective, search, cluster, store],
+        parents=[sets, objective, search, cluster, ship, store],
         help="run a Ray Tune + Optuna study (default: small WEAT on digits)",
     )
     p.add_argument("--space", help=f"search space YAML or shipped name (default: {DEFAULT_SPACE})")
@@ -640,6 +720,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial "
                    f"(default: the space's, else {StudySpec.grace_period})")  # fmt: skip
     p.add_argument("--name", help="study name, new in --storage (default: <space>-<date>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --name: start the study if --storage has none of that name, "
+                   "continue it if it is unfinished, print its outcome if it has ended (for "
+                   "retried jobs)")  # fmt: skip
     p.add_argument("--scheduler", help="what stops poor trials early: "
                    f"{'|'.join(SCHEDULERS)} (default: the space's, else "
                    f"{StudySpec.scheduler}; multi-objective: none)")  # fmt: skip
@@ -655,7 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", **verbose)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("resume", parents=[cluster, store], help="continue an interrupted study")
+    p = sub.add_parser(
+        "resume", parents=[cluster, ship, store], help="continue an interrupted study"
+    )
     p.add_argument("name")
     p.add_argument("-v", "--verbose", **verbose)
     p.set_defaults(func=_cmd_resume)
@@ -684,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     from reports.cli import configure as configure_report
 
     configure_report(p, store_args=False)
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "ui", parents=[store], help="the MLflow UI of a study (started on 127.0.0.1 for SQLite)"
@@ -695,7 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "generate",
-        parents=[sets, objective, search, cluster, store],
+        parents=[sets, objective, search, cluster, ship, store],
         help="sample images from a trained classifier (SGLD), score them, search the sampler",
     )
     p.add_argument("--from", dest="source", required=True,
@@ -735,7 +822,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP if > 1)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs for the Ray Train run")
     p.set_defaults(func=_cmd_train)
+    from study.doctor import add_parser as add_doctor_parser
+    from study.server import add_parser as add_server_parser
+
+    add_doctor_parser(sub)
+    add_server_parser(sub)
     return parser
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """``study report``: :func:`reports.cli.run` with the tracking URI's password (if
+    any) moved to the environment first, so no error or page can show it."""
+    from reports.cli import run as run_report
+
+    args.tracking_uri = _tracking_uri(args)
+    return run_report(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -746,7 +847,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as exc:
-        message = textwrap.fill(str(exc), width=100, break_long_words=False)
+        from study.credentials import redact
+
+        message = textwrap.fill(redact(str(exc)), width=100, break_long_words=False)
         print(f"study {args.command}: error: {message}", file=sys.stderr)
         return 2
 

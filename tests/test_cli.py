@@ -147,3 +147,54 @@ def test_a_space_study_section_with_null_epochs_or_quoted_counts(tmp_path) -> No
     space.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="trials = 'many'"):
         cli._spec_from_args(cli.build_parser().parse_args(["run", "--space", str(space)]))
+
+
+def test_working_dir_ships_the_checkout_without_environments_or_outputs(tmp_path) -> None:
+    """``--working-dir DIR`` on run/resume/generate becomes Ray's runtime_env
+    ``working_dir`` (absolute) with what nodes never need left out."""
+    from study.runner import WORKING_DIR_EXCLUDES, runtime_env
+    from trainables.errors import UserError
+
+    for command in (["run"], ["resume", "n"], ["generate", "--from", "RUN"]):
+        args = cli.build_parser().parse_args([*command, "--working-dir", "code"])
+        assert args.working_dir == "code", command
+    assert runtime_env({"A": "1"}) == {"env_vars": {"A": "1"}}  # no option: nothing shipped
+    env = runtime_env({"A": "1"}, str(tmp_path))
+    assert env["working_dir"] == str(tmp_path) and env["env_vars"] == {"A": "1"}
+    assert {".venv/", ".git/", "mlruns/", "studies/", "*.pt"} <= set(env["excludes"])
+    assert env["excludes"] == WORKING_DIR_EXCLUDES
+    with pytest.raises(UserError, match="no such folder"):
+        runtime_env({}, str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_working_dir_reaches_the_workers_on_a_real_cluster(tmp_path) -> None:
+    """A Ray task started by ``init_ray(..., working_dir=DIR)`` runs in a copy of DIR:
+    the code is there, the excluded folders and files are not."""
+    import subprocess
+    import sys
+
+    code = tmp_path / "checkout"
+    for name in ("pkg_marker.py", ".venv/lib.py", "studies/s/study.yaml", "mlruns/x", "w.pt"):
+        (code / name).parent.mkdir(parents=True, exist_ok=True)
+        (code / name).write_text("x = 1\n")
+    script = (
+        "import os, ray\n"
+        "from study.runner import init_ray\n"
+        f"init_ray(None, working_dir={str(code)!r})\n"
+        "@ray.remote(num_cpus=0)\n"
+        "def look():\n"
+        "    import pkg_marker\n"
+        "    return sorted(os.listdir('.')), os.getcwd(), pkg_marker.x\n"
+        "print(ray.get(look.remote()))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import ast
+
+    listing, cwd, value = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert listing == ["pkg_marker.py"] and value == 1
+    assert cwd != str(code)  # a copy unpacked by Ray, not the folder itself
