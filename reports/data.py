@@ -184,6 +184,22 @@ def generation_study_filter(name: str) -> str:
 SEARCH_PAGE = 1000
 
 
+def all_experiments(client: Any) -> list[Any]:
+    """Every experiment in the store, page after page (MLflow returns at most 1,000 per
+    call, as for runs); each call retried like every tracker call."""
+    found: list[Any] = []
+    token = None
+    while True:
+        page = retry(
+            lambda t=token: client.search_experiments(max_results=1000, page_token=t),
+            "search experiments",
+        )
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
 def search_runs(
     client: Any, experiment_ids: list[str], filter_string: str, order_by: list[str] | None = None
 ) -> list[Any]:
@@ -246,7 +262,7 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
     """
     client = client_for(tracking_uri)
     experiment = client.get_experiment_by_name(name)
-    all_ids = [e.experiment_id for e in client.search_experiments()]
+    all_ids = [e.experiment_id for e in all_experiments(client)]
     parent: RunData | None = None
     trials: list[RunData] = []
     if experiment is not None:
@@ -271,7 +287,7 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
             if owner in trial_ids or owner in gen_parents or r.tags.get(TAG_STUDY) == name:
                 generations.append(r)
     if experiment is None and not generations:
-        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        known = sorted(e.name for e in all_experiments(client) if e.name != "Default")
         raise ReportError(
             f"no study {name!r} in {tracking_uri}; experiments there: "
             f"{', '.join(known) or 'none'} (pass --tracking-uri for another store)"
