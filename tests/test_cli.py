@@ -25,6 +25,8 @@ SHARED = {  # sub-command: the shared options it takes
     "ui": ["--tracking-uri", "--storage"],
     "generate": ["--address", "--set", "--metric", "--mode", "--tracking-uri", "--storage"],
     "train": ["--address", "--set", "--tracking-uri", "--storage"],
+    "doctor": ["--address", "--tracking-uri", "--storage"],
+    "server": [],
 }
 #: The values each shared option is given below, as the parser hands them on.
 GIVEN = {
