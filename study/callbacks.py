@@ -267,6 +267,7 @@ class MlflowCallback(Callback):
             if stored is None:
                 return {"checkpoint": "the trial reported none"}
             with checkpoint_files(stored) as folder:
+                self._backfill_epochs(run_id, folder / METRICS_LOG)
                 for rel, artifact_dir in TRIAL_ARTIFACTS:
                     path = folder / rel
                     if not path.is_file():
@@ -284,6 +285,37 @@ class MlflowCallback(Callback):
         except Exception as exc:  # noqa: BLE001 - recorded on the run, the study goes on
             missing["checkpoint"] = f"could not be read from storage: {exc}"
         return missing
+
+    def _backfill_epochs(self, run_id: str, log: Path) -> list[int]:
+        """Log the epochs of the trial's ``metrics.jsonl`` (from its checkpoint in storage)
+        that its run lacks; returns them. A driver killed while its writer still held an
+        epoch's metrics lost them, and the resumed trial went on from its checkpoint past
+        that epoch; the writer sends every earlier point before this runs, so an epoch the
+        store lacks here is one that was lost, never one still on its way.
+
+        Args:
+            run_id: the trial's MLflow run.
+            log: the ``metrics.jsonl`` of the trial's last checkpoint (one JSON object per
+                epoch, with its ``epoch``).
+        """
+        if not log.is_file():
+            return []
+        history = self.tracker.client.get_metric_history(run_id, "epoch")
+        stored = {int(m.step) for m in history}
+        added: list[int] = []
+        for line in log.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            epoch = int(row.get("epoch", 0))
+            if epoch < 1 or epoch in stored:
+                continue
+            metrics = {k: v for k, v in our_metrics(row).items() if not k.startswith("test/")}
+            self.tracker.log_metrics(run_id, {**metrics, "epoch": float(epoch)}, step=epoch)
+            stored.add(epoch)
+            added.append(epoch)
+        return added
 
     def _fail(self, trial_id: str, config: dict[str, Any], reason: str) -> None:
         run_id = self.run_id(trial_id, config)

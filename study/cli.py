@@ -347,6 +347,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from study.spec import SPEC_FILE
     from study.storage import exists
 
+    if args.resume and not args.name:
+        raise UserError(
+            "study run --resume needs --name: without one every start gets a new "
+            "timestamped name, so a retried job would start a second study"
+        )
     spec = _spec_from_args(args)
     spec.validate()  # before any Ray process starts
     if spec.remote:  # reachable before it is asked whether the study exists

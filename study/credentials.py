@@ -47,7 +47,8 @@ ENV_BY_SCHEME: dict[str, tuple[str | None, str]] = {
 }
 
 #: ``scheme://user:password@`` in free text
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@?#]*:)[^\s@/]+@")
+#: (the password runs to the host part's last ``@``: an unencoded ``@`` in it is hidden too)
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@?#]*:)[^\s/]+@")
 
 
 def _variables(scheme: str) -> tuple[str | None, str] | None:

@@ -9,6 +9,7 @@ on the local storage, MLflow on SQLite.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -320,3 +321,32 @@ def test_background_writer_records_what_fails_for_good(tmp_path, capsys) -> None
     assert done == [2]  # a failed item does not stop the ones after it
     assert writer.errors == ["MLflow write failed (tag run r1) after 2 tries: no route to host"]
     assert "warning: MLflow write failed (tag run r1)" in capsys.readouterr().err
+
+
+def test_epochs_a_killed_driver_lost_are_filled_in_from_the_checkpoint(tmp_path) -> None:
+    """Epoch 2's metrics were still in the writer when the driver died; the resumed trial
+    went on from its epoch-2 checkpoint. At the trial's end its run gets epoch 2 from the
+    checkpoint's metrics.jsonl, and no epoch twice."""
+    from ray.tune import Checkpoint
+
+    spec, parent = _store(tmp_path)
+    folder = _finished_folder(tmp_path, "f", without=(METRICS_LOG,))
+    rows = [{"epoch": e, "val/pgd_acc": 0.1 * e, "lr": 0.01} for e in (1, 2, 3)]
+    (folder / METRICS_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trial = _trial("abc12_00000", Checkpoint.from_directory(folder), epochs=3)
+    callback = MlflowCallback(spec, parent)
+    callback.on_trial_start(0, [], trial)
+    for row in (rows[0], {**rows[2], "test/clean_acc": 0.9}):  # epoch 2 never arrived
+        callback.on_trial_result(0, [], trial, {**row, "training_iteration": row["epoch"]})
+    callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+
+    tracker = MlflowTracker(spec.tracking_uri, spec.name)
+    (run,) = trial_runs(tracker, spec.name)
+    client = tracker.client
+    for metric in ("epoch", "val/pgd_acc", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, metric))
+        assert steps == [1, 2, 3], (metric, steps)
+    values = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/pgd_acc")}
+    assert values[2] == pytest.approx(0.2)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/clean_acc")] == [3]

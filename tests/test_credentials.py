@@ -104,11 +104,11 @@ def test_two_passwords_for_one_variable_are_refused() -> None:
 def test_redact_hides_every_password_in_free_text() -> None:
     text = (
         "could not reach postgresql://u:p%40ss@h:5432/db; tried http://me:pw@x:5000 "
-        "and s3://bucket/key@v and http://host:5000/a@b"
+        "and s3://bucket/key@v and http://host:5000/a@b and mysql://u:p@ss@h/db"
     )
     assert redact(text) == (
         "could not reach postgresql://u:***@h:5432/db; tried http://me:***@x:5000 "
-        "and s3://bucket/key@v and http://host:5000/a@b"
+        "and s3://bucket/key@v and http://host:5000/a@b and mysql://u:***@h/db"
     )
 
 
