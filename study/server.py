@@ -37,7 +37,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -403,12 +402,6 @@ def _answers(url: str, admin: Admin | None, timeout: float = 5.0) -> int | None:
         return None
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    from study.ui import stop_group
-
-    stop_group(proc, timeout)
-
-
 def serve(p: Plan, out: Any = None, start_timeout: float = START_TIMEOUT_S) -> int:
     """Run ``p.cmd`` in its own process group until it exits or this process gets
     SIGTERM/SIGINT/SIGHUP (which end the whole group); print ``p.lines`` once it
@@ -472,8 +465,10 @@ def serve(p: Plan, out: Any = None, start_timeout: float = START_TIMEOUT_S) -> i
             print("\n".join(p.lines), file=out, flush=True)
         code = proc.wait()
     finally:
+        from study.ui import stop_group
+
         for started in procs:
-            _stop_group(started)
+            stop_group(started, 10.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if stopped else code
@@ -557,18 +552,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m study.server``: the same as ``study server``."""
-    from study.credentials import redact
+    """``python -m study.server``: the same as ``study server`` (its errors too)."""
+    from study.cli import main as study_main
 
-    parser = argparse.ArgumentParser(prog="study")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["server", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except UserError as exc:
-        message = textwrap.fill(redact(str(exc)), width=100, break_long_words=False)
-        print(f"study server: error: {message}", file=sys.stderr)
-        return 2
+    return study_main(["server", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

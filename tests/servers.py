@@ -48,6 +48,8 @@ from pathlib import Path
 
 import pytest
 
+from study.ui import stop_group  # noqa: F401 - the tests stop their servers with it
+
 HOST = "127.0.0.1"
 PG_USER = "study"  # the cluster's superuser (the role tests connect as)
 PG_SYSTEM_USER = "nobody"  # the unprivileged OS user that runs the server when tests run as root
@@ -111,39 +113,6 @@ def start_group(
             cwd=cwd,
             start_new_session=True,
         )
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group of ``proc`` (started by :func:`start_group`), SIGKILL after
-    ``grace`` seconds; waits for the leader. A no-op once the group is gone."""
-    try:
-        pgid = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()
-            if not _group_alive(pgid):
-                break
-            time.sleep(0.1)
-        else:
-            continue
-        break
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Once:
@@ -391,18 +360,23 @@ class Postgres:
         return "\n".join(out)
 
 
-def start_postgres() -> Postgres:
-    """Start a throw-away cluster (skips the test where ``initdb`` is not installed)."""
-    bindir = pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb; Debian: apt-get install postgresql)")
-    server = Postgres(bin=bindir, root=Path(tempfile.mkdtemp(prefix="study-pg-")), port=free_port())
+def _started(server):  # noqa: ANN001, ANN202 - any of the servers below
+    """``server`` started; stopped again (nothing left behind) when its start fails."""
     try:
         server.start()
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def start_postgres() -> Postgres:
+    """Start a throw-away cluster (skips the test where ``initdb`` is not installed)."""
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb; Debian: apt-get install postgresql)")
+    server = Postgres(bin=bindir, root=Path(tempfile.mkdtemp(prefix="study-pg-")), port=free_port())
+    return _started(server)
 
 
 @pytest.fixture(scope="session", name="postgres")
@@ -490,12 +464,7 @@ class S3Server:
 
 def start_s3() -> S3Server:
     server = S3Server(port=free_port(), root=Path(tempfile.mkdtemp(prefix="study-s3-")))
-    try:
-        server.start()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return _started(server)
 
 
 @pytest.fixture(scope="session", name="s3_server")
@@ -592,12 +561,7 @@ def start_mlflow_server(
         bucket=bucket,
         owns_folder=owns_folder,
     )
-    try:
-        server.start()
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    return _started(server)
 
 
 @pytest.fixture(scope="session", name="mlflow_server")
