@@ -38,6 +38,7 @@ TAG_FINALIST = "energy_study.finalist"  #: finalist rank: "1", "2", … (second 
 TAG_SOURCE = "energy_study.source"  #: the checkpoint a generation study samples from
 #: files a trial's run should have and lacks in MLflow: ``<file>: <reason>``, ``; ``-joined
 TAG_ARTIFACT_ERROR = "energy_study.artifact_error"
+TAG_METRICS_ERROR = "energy_study.metrics_error"  #: metric points lost after retries
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI

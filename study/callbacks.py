@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ from reports.vocabulary import (
     TAG_EARLY,
     TAG_FAILURE,
     TAG_METHOD,
+    TAG_METRICS_ERROR,
     TAG_PROCESS,
     TAG_RESUMED,
     TAG_ROLE,
@@ -41,8 +43,9 @@ from reports.vocabulary import (
     TAG_STUDY,
     TAG_TRIAL,
 )
+from study.credentials import redact
 from study.spec import StudySpec
-from study.tracking import BackgroundWriter, MlflowTracker, flatten
+from study.tracking import BackgroundWriter, LostWrites, MlflowTracker, flatten
 from study.trial import checkpoint_files, trial_checkpoint
 from study.ui import energy_histogram, searched_values, trial_run_name
 from trainables.files import FINISHED_RUN_FILES, STOPPED_RUN_FILES
@@ -57,7 +60,14 @@ TRIAL_ARTIFACTS = (
     (METRICS_LOG, None),
     (CONFIG_FILE, None),
     (FINAL_FILE, None),
+    (ENERGY_HIST, None),  # drawn on the worker (else here, from energies.npz)
 )
+#: Metric points (and params, tags) a trial's run lacks because their ``log_batch`` still
+#: failed after the writer's retries: :meth:`study.tracking.LostWrites.describe`.
+#: (Declared here until it joins its neighbour in ``reports/vocabulary.py``.)
+#: Per study name, the spec and parent run of the MLflow callback this process made last:
+#: what a callback unpickled by ``Tuner.restore`` takes (``MlflowCallback.__setstate__``).
+_CURRENT: dict[str, tuple[StudySpec, str]] = {}
 #: Tries of one artifact upload (MLflow's own retries are inside each), and the first
 #: wait between two, seconds (doubling).
 UPLOAD_ATTEMPTS = 3
@@ -95,11 +105,18 @@ class MlflowCallback(Callback):
     Every MLflow write happens in one background thread (:class:`BackgroundWriter`),
     in the order the Tune events came: the hooks only queue work, so a slow or remote
     tracking server never holds up the Tune loop; a trial's epochs go out as batched
-    ``log_batch`` calls; the queue is emptied (nothing lost) when the experiment ends.
-    A finished trial's files are read from its last checkpoint in the study's storage
-    (:func:`study.trial.trial_checkpoint`), never from a node's disk; a file it must
-    have and lacks, or whose upload fails, is tagged :data:`TAG_ARTIFACT_ERROR` on its
-    run and printed as a warning.
+    ``log_batch`` calls (a new run's params wait for its first metrics and go out with
+    them and its process tags); the queue is emptied (nothing lost) when the experiment
+    ends. A finished trial's files are read from its last checkpoint in the study's
+    storage (:func:`study.trial.trial_checkpoint`), never from a node's disk, and
+    uploaded in one call (file by file only when that fails); its energy histogram is
+    the one the worker drew into the checkpoint (drawn here only for a checkpoint that
+    lacks it). A file it must have and lacks, or whose upload fails, is tagged
+    :data:`TAG_ARTIFACT_ERROR` on its run, metric points whose batch still failed after
+    the writer's retries :data:`TAG_METRICS_ERROR` (epochs that its checkpoint's
+    ``metrics.jsonl`` holds are filled in from there instead); both printed as warnings.
+    A callback unpickled by ``Tuner.restore`` (``study resume``) writes to the tracking
+    URI of the resuming driver (:meth:`__setstate__`).
 
     Args:
         spec: the study spec as plain data.
@@ -113,11 +130,17 @@ class MlflowCallback(Callback):
     def __init__(self, spec: StudySpec, parent_run_id: str) -> None:
         self.spec = spec
         self.parent_run_id = parent_run_id
+        _CURRENT[spec.name] = (spec, parent_run_id)
         self._tracker: MlflowTracker | None = None
         self._runs: dict[str, str] = {}
         # last epoch logged per trial: a trial resumed from an older checkpoint
         # repeats epochs the store already holds, and those are not logged twice
         self._logged: dict[str, int] = {}
+        # per run: the epochs sent to the store (or found there), so that the end of a
+        # trial knows which epochs of its checkpoint the run lacks without asking it
+        self._epochs: dict[str, set[int]] = {}
+        self._config_logged: set[str] = set()  # runs given config.yaml by this process
+        self._lost_tagged: dict[str, str] = {}  # run → the TAG_METRICS_ERROR value it got
         self._complete: set[str] = set()
         self._process: dict[str, str] = {}
         self.writer = BackgroundWriter(background=self.BACKGROUND)
@@ -128,7 +151,22 @@ class MlflowCallback(Callback):
         return {"spec": self.spec.to_dict(), "parent_run_id": self.parent_run_id}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(StudySpec(**state["spec"]), state["parent_run_id"])  # type: ignore[misc]
+        """Unpickled from Tune's saved Tuner (``study resume``): the spec and parent run of
+        the resuming driver win over those saved with the study, when that driver made
+        a callback for the same study first (:func:`study.runner.study_tuner` does, before
+        ``Tuner.restore``): its tracking URI (``--tracking-uri``: the server moved), its
+        storage and address are the ones in force now."""
+        saved = StudySpec(**state["spec"])
+        spec, parent = _CURRENT.get(saved.name, (saved, state["parent_run_id"]))
+        if spec.tracking_uri != saved.tracking_uri:
+            print(
+                f"study {spec.name} resumes with the MLflow tracking URI "
+                f"{redact(spec.tracking_uri)} (it ran with {redact(saved.tracking_uri)} "
+                "before): its trial runs are written there",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.__init__(spec, parent)  # type: ignore[misc]
 
     @property
     def tracker(self) -> MlflowTracker:
@@ -167,8 +205,14 @@ class MlflowCallback(Callback):
         )
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Write everything still queued, then end the writer thread."""
+        """Write everything still queued, then end the writer thread; a run that lost
+        metric points and was not tagged for it at its end (its trial had not ended) is
+        tagged now."""
         self.writer.close()
+        for run_id, lost in self.writer.lost.items():
+            if lost and self._lost_tagged.get(run_id) != lost.describe():
+                with contextlib.suppress(Exception):  # the store refuses: printed below
+                    self.tracker.set_tags(run_id, self._lost_tags(run_id))
         if self.writer.errors:
             print(
                 f"warning: {len(self.writer.errors)} MLflow write(s) of study {self.spec.name} "
@@ -176,6 +220,18 @@ class MlflowCallback(Callback):
                 file=sys.stderr,
                 flush=True,
             )
+
+    def _lost_tags(self, run_id: str) -> dict[str, str]:
+        """``{TAG_METRICS_ERROR: what the run lost}`` when its batched writes failed for
+        good, else nothing; the value is printed as a warning and remembered."""
+        lost = self.writer.lost.get(run_id) or LostWrites()
+        if not lost:
+            return {}
+        text = lost.describe()
+        if self._lost_tagged.get(run_id) != text:
+            print(f"warning: MLflow run {run_id} lacks {text}", file=sys.stderr, flush=True)
+        self._lost_tagged[run_id] = text
+        return {TAG_METRICS_ERROR: text}
 
     # --- the writer thread: MLflow calls -------------------------------------------------
     def run_id(self, trial_id: str, config: dict[str, Any]) -> str:
@@ -196,20 +252,35 @@ class MlflowCallback(Callback):
             self._complete.add(trial_id)
             self._runs[trial_id] = stored.info.run_id
             return stored.info.run_id
+        if stored is not None:  # a resumed study: the run goes on
+            run_id = stored.info.run_id
+            self.tracker.reopen_run(run_id)
+            if not stored.data.params:  # its driver was killed before they went out
+                full = self.spec.trial_config(config).to_dict()
+                self.writer.buffer(self.tracker, run_id, [], params=flatten(full))
+            history = self.tracker.client.get_metric_history(run_id, "epoch")
+            self._epochs[run_id] = {int(m.step) for m in history}
+            self._logged[trial_id] = max(self._epochs[run_id], default=0)
+            self._runs[trial_id] = run_id
+            return run_id
         cfg = self.spec.trial_config(config)
+        full = cfg.to_dict()
         # what the trial tried; its id stays in the TAG_TRIAL tag
         name = trial_run_name(cfg.method, searched_values(self.spec.load_space(), config))
-        tags = {PARENT_TAG: self.parent_run_id, TAG_ROLE: ROLE_TRIAL}
-        run_id, created = self.tracker.get_or_create_run(name, tags, key_tags)
-        if created:
-            full = cfg.to_dict()
-            self.tracker.log_params(run_id, flatten(full))
-            searched = ",".join(sorted(config))
-            self.tracker.set_tags(run_id, {TAG_SEARCHED: searched, TAG_METHOD: cfg.method})
-            self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
-        else:
-            self._logged[trial_id] = self.tracker.last_step(run_id, "epoch")
+        tags = {
+            PARENT_TAG: self.parent_run_id,
+            TAG_ROLE: ROLE_TRIAL,
+            **key_tags,
+            TAG_SEARCHED: ",".join(sorted(config)),
+            TAG_METHOD: cfg.method,
+        }
+        run_id = self.tracker.create_run(name, tags)
         self._runs[trial_id] = run_id
+        self._epochs[run_id] = set()
+        # the params go with the run's first metrics, in one log_batch
+        self.writer.buffer(self.tracker, run_id, [], params=flatten(full))
+        self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
+        self._config_logged.add(run_id)
         return run_id
 
     def _log_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
@@ -219,21 +290,25 @@ class MlflowCallback(Callback):
         if trial_id in self._complete:
             return
         process = f"{result.get('hostname', '?')}:{result.get('pid', '?')}"
+        tags: dict[str, str] = {}
         if self._process.get(trial_id) != process:
             # where the trial runs now (it changes when a failed trial is restarted)
             self._process[trial_id] = process
-            tags = {TAG_PROCESS: process}
+            tags[TAG_PROCESS] = process
             since = result.get("iterations_since_restore")
             if isinstance(since, int) and step - since > 0:
                 # this process continued the trial from its checkpoint of that epoch
                 tags[TAG_RESUMED] = str(step - since)
-            self.tracker.set_tags(run_id, tags)
         logged = self._logged.get(trial_id, 0)
         if step <= logged:  # an epoch the store already holds (resumed from an older checkpoint)
             if not any(k.startswith("test/") for k in metrics):
-                return
+                metrics = {}
             metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "best"))}
-        self.writer.buffer(self.tracker, run_id, [(k, v, step) for k, v in metrics.items()])
+        elif "epoch" in metrics:
+            self._epochs.setdefault(run_id, set()).add(step)
+        points = [(k, v, step) for k, v in metrics.items()]
+        if points or tags:  # with the run's other waiting points: one log_batch
+            self.writer.buffer(self.tracker, run_id, points, tags=tags)
         self._logged[trial_id] = max(step, logged)
 
     def _finish(
@@ -252,7 +327,7 @@ class MlflowCallback(Callback):
                 file=sys.stderr,
                 flush=True,
             )
-        self.tracker.set_tags(run_id, tags)
+        self.tracker.set_tags(run_id, {**tags, **self._lost_tags(run_id)})
         self.tracker.end_run(run_id, "FINISHED")
 
     def _upload_files(
@@ -266,32 +341,42 @@ class MlflowCallback(Callback):
             stored = trial_checkpoint(self.spec.storage, checkpoint, last)
             if stored is None:
                 return {"checkpoint": "the trial reported none"}
-            with checkpoint_files(stored) as folder:
+            with (
+                checkpoint_files(stored) as folder,
+                tempfile.TemporaryDirectory(prefix="energy-study-upload-") as tmp,
+            ):
                 self._backfill_epochs(run_id, folder / METRICS_LOG)
+                staged: list[tuple[str, str | None]] = []
                 for rel, artifact_dir in TRIAL_ARTIFACTS:
-                    path = folder / rel
+                    if rel == CONFIG_FILE and run_id in self._config_logged:
+                        continue  # logged when the run was made
+                    path, into = folder / rel, Path(tmp, artifact_dir or "", Path(rel).name)
+                    if rel == ENERGY_HIST and not path.is_file():
+                        # a checkpoint from before the worker drew it: drawn here
+                        into.parent.mkdir(parents=True, exist_ok=True)
+                        if energy_histogram(folder / ENERGIES_FILE, into, f"trial {trial_id}"):
+                            staged.append((rel, artifact_dir))
+                        continue
                     if not path.is_file():
                         if rel in required:
                             missing[rel] = "not in the trial's checkpoint"
                         continue
-                    error = _upload(self.tracker, run_id, path, artifact_dir)
-                    if error:
-                        missing[rel] = f"upload failed: {error}"
-                with tempfile.TemporaryDirectory(prefix="energy-study-hist-") as tmp:
-                    png = Path(tmp) / ENERGY_HIST
-                    hist = energy_histogram(folder / ENERGIES_FILE, png, f"trial {trial_id}")
-                    if hist is not None and (error := _upload(self.tracker, run_id, hist, None)):
-                        missing[ENERGY_HIST] = f"upload failed: {error}"
+                    _stage(path, into)
+                    staged.append((rel, artifact_dir))
+                missing.update(_upload_all(self.tracker, run_id, Path(tmp), staged))
         except Exception as exc:  # noqa: BLE001 - recorded on the run, the study goes on
             missing["checkpoint"] = f"could not be read from storage: {exc}"
         return missing
 
     def _backfill_epochs(self, run_id: str, log: Path) -> list[int]:
         """Log the epochs of the trial's ``metrics.jsonl`` (from its checkpoint in storage)
-        that its run lacks; returns them. A driver killed while its writer still held an
-        epoch's metrics lost them, and the resumed trial went on from its checkpoint past
-        that epoch; the writer sends every earlier point before this runs, so an epoch the
-        store lacks here is one that was lost, never one still on its way.
+        that its run lacks, in one ``log_batch``; returns them. A driver killed while its
+        writer still held an epoch's metrics lost them, and the resumed trial went on from
+        its checkpoint past that epoch; a batch the writer could not send lost them too
+        (those points are then no longer :attr:`BackgroundWriter.lost`). The writer sends
+        every earlier point before this runs, so an epoch the store lacks here is one that
+        was lost, never one still on its way. Which epochs the run holds is known without
+        asking the store when this callback made or found the run.
 
         Args:
             run_id: the trial's MLflow run.
@@ -300,8 +385,13 @@ class MlflowCallback(Callback):
         """
         if not log.is_file():
             return []
-        history = self.tracker.client.get_metric_history(run_id, "epoch")
-        stored = {int(m.step) for m in history}
+        lost = self.writer.lost.get(run_id) or LostWrites()
+        if run_id in self._epochs:
+            stored = self._epochs[run_id] - {step for key, step in lost.points if key == "epoch"}
+        else:
+            history = self.tracker.client.get_metric_history(run_id, "epoch")
+            stored = {int(m.step) for m in history}
+        points: list[tuple[str, float, int]] = []
         added: list[int] = []
         for line in log.read_text().splitlines():
             try:
@@ -312,14 +402,17 @@ class MlflowCallback(Callback):
             if epoch < 1 or epoch in stored:
                 continue
             metrics = {k: v for k, v in our_metrics(row).items() if not k.startswith("test/")}
-            self.tracker.log_metrics(run_id, {**metrics, "epoch": float(epoch)}, step=epoch)
+            points += [(k, v, epoch) for k, v in {**metrics, "epoch": float(epoch)}.items()]
             stored.add(epoch)
             added.append(epoch)
+        self.tracker.log_points(run_id, points)
+        lost.points -= {(key, step) for key, _, step in points}
+        self._epochs[run_id] = stored
         return added
 
     def _fail(self, trial_id: str, config: dict[str, Any], reason: str) -> None:
         run_id = self.run_id(trial_id, config)
-        self.tracker.set_tags(run_id, {TAG_FAILURE: reason})
+        self.tracker.set_tags(run_id, {TAG_FAILURE: reason, **self._lost_tags(run_id)})
         self.tracker.end_run(run_id, "FAILED")
 
 
@@ -336,6 +429,44 @@ def _upload(tracker: MlflowTracker, run_id: str, path: Path, artifact_dir: str |
             if attempt + 1 < UPLOAD_ATTEMPTS:
                 time.sleep(UPLOAD_WAIT_S * 2**attempt)
     return error
+
+
+def _stage(path: Path, into: Path) -> None:
+    """Put the file ``path`` at ``into`` for an upload: a hard link where the file system
+    allows, else a copy (the checkpoint's own files are never moved or changed)."""
+    into.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, into)
+    except OSError:
+        shutil.copy2(path, into)
+
+
+def _upload_all(
+    tracker: MlflowTracker, run_id: str, folder: Path, files: list[tuple[str, str | None]]
+) -> dict[str, str]:
+    """Log the files staged in ``folder`` (in their artifact layout) into the run with one
+    ``log_artifacts`` call; if that fails, file by file (:func:`_upload`, with its retries),
+    so that each file that still fails is named. Returns ``{file: reason}`` for those.
+
+    Args:
+        tracker: the study's tracker.
+        run_id: the trial's run.
+        folder: the staging folder: each file at ``<artifact folder>/<name>``.
+        files: ``(file in the checkpoint, artifact folder or None)`` of each staged file.
+    """
+    if not files:
+        return {}
+    try:
+        tracker.log_artifact(run_id, folder)
+        return {}
+    except Exception:  # noqa: BLE001 - tried again file by file, each error recorded
+        pass
+    missing: dict[str, str] = {}
+    for rel, artifact_dir in files:
+        path = Path(folder, artifact_dir or "", Path(rel).name)
+        if error := _upload(tracker, run_id, path, artifact_dir):
+            missing[rel] = f"upload failed: {error}"
+    return missing
 
 
 class ProgressCallback(Callback):

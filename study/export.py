@@ -26,6 +26,7 @@ from reports.vocabulary import (
     TAG_EARLY,
     TAG_FAILURE,
     TAG_FINALIST,
+    TAG_METRICS_ERROR,
     TAG_ROLE,
     TAG_STUDY,
     TAG_TRIAL,
@@ -216,7 +217,8 @@ def show_lines(
 ) -> list[str]:
     """The text of ``study show``: one line per trial, best first, then its accuracies with
     their n and 95 % Wilson interval (:data:`SHOW_NAMESPACES`), its failure reason and the
-    files its run lacks (:data:`~reports.vocabulary.TAG_ARTIFACT_ERROR`).
+    files its run lacks (:data:`~reports.vocabulary.TAG_ARTIFACT_ERROR`) and
+    metric points it lost (:data:`~reports.vocabulary.TAG_METRICS_ERROR`).
 
     Args:
         runs: the study's trial runs (MLflow runs).
@@ -261,6 +263,8 @@ def show_lines(
         missing = tags.get(TAG_ARTIFACT_ERROR)
         if missing:
             lines.append(f"    artifacts missing: {missing}")
+        if lost := tags.get(TAG_METRICS_ERROR):
+            lines.append(f"    metrics missing: {lost}")
     legend = "[low, high]: 95 % Wilson interval of the accuracy on the n points"
     if any_final:
         legend += (

@@ -15,8 +15,10 @@ resuming a study reuses its runs instead of duplicating them. Tag and artifact
 names: :mod:`reports.vocabulary`.
 
 The trials' writes are made by the MLflow callback's :class:`BackgroundWriter` (one
-thread: the Tune loop never waits on the store; metrics batched, order kept, nothing
-dropped). :meth:`MlflowTracker.log_artifact` raises on a missing file: a caller
+thread: the Tune loop never waits on the store; a run's metrics, params and tags batched
+into as few ``log_batch`` requests as MLflow's limits allow, :func:`batch_chunks`; order
+kept; what fails for good recorded per run in :attr:`BackgroundWriter.lost`).
+:meth:`MlflowTracker.log_artifact` raises on a missing file: a caller
 records what a run lacks instead of skipping it.
 """
 
@@ -29,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,26 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+#: MLflow's limits on one ``log_batch`` request: metrics, params, tags, all together.
+BATCH_METRICS, BATCH_PARAMS, BATCH_TAGS, BATCH_ENTITIES = 1000, 100, 100, 1000
+
+
+def batch_chunks(
+    metrics: list[Any], params: list[Any], tags: list[Any]
+) -> Iterator[tuple[list[Any], list[Any], list[Any]]]:
+    """Split what one run logs into ``(metrics, params, tags)`` chunks that each fit one
+    ``log_batch`` request (at most :data:`BATCH_PARAMS` params, :data:`BATCH_TAGS` tags,
+    :data:`BATCH_METRICS` metrics and :data:`BATCH_ENTITIES` entries in all), in order;
+    nothing when all three are empty."""
+    m, p, t = list(metrics), list(params), list(tags)
+    while m or p or t:
+        p_chunk, p = p[:BATCH_PARAMS], p[BATCH_PARAMS:]
+        t_chunk, t = t[:BATCH_TAGS], t[BATCH_TAGS:]
+        room = min(BATCH_METRICS, BATCH_ENTITIES - len(p_chunk) - len(t_chunk))
+        m_chunk, m = m[:room], m[room:]
+        yield m_chunk, p_chunk, t_chunk
+
+
 class MlflowTracker:
     """The one MLflow writer of a study.
 
@@ -158,9 +181,13 @@ class MlflowTracker:
         existing = self.find_runs(**key_tags)
         if existing:
             run_id = existing[0].info.run_id
-            retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
+            self.reopen_run(run_id)
             return run_id, False
         return self.create_run(run_name, {**tags, **key_tags}), True
+
+    def reopen_run(self, run_id: str) -> None:
+        """Set a run found again (a study resumed) back to RUNNING."""
+        retry(lambda: self.client.update_run(run_id, status="RUNNING"), "reopen run")
 
     def create_run(self, run_name: str, tags: Mapping[str, str]) -> str:
         """A new run of this experiment with ``tags``; returns its id."""
@@ -180,36 +207,53 @@ class MlflowTracker:
     # --- logging ---------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log params that are not logged yet (MLflow params are write-once)."""
-        from mlflow.entities import Param
-
         current = self.get_run(run_id).data.params
-        new = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items() if k not in current]
-        for i in range(0, len(new), 100):
-            chunk = new[i : i + 100]
-            retry(lambda c=chunk: self.client.log_batch(run_id, params=c), "log params")
+        self.log_batch(run_id, [], params={k: v for k, v in params.items() if k not in current})
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log numeric metrics at ``step`` (the epoch for training runs)."""
         numbers = [(k, v) for k, v in metrics.items() if not isinstance(v, bool)]
-        self._log_batch(run_id, [(k, v, step) for k, v in numbers if isinstance(v, int | float)])
+        self.log_batch(run_id, [(k, v, step) for k, v in numbers if isinstance(v, int | float)])
 
     def log_series(self, run_id: str, key: str, values: Iterable[float]) -> None:
         """Log metric ``key`` with ``values`` at steps 0, 1, … (a per-step trace)."""
-        self._log_batch(run_id, [(key, v, step) for step, v in enumerate(values)])
+        self.log_batch(run_id, [(key, v, step) for step, v in enumerate(values)])
 
     def log_points(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
         """Log ``(key, value, step)`` metric points in as few ``log_batch`` calls as
-        MLflow allows (500 points a call)."""
-        self._log_batch(run_id, points)
+        MLflow allows (:func:`batch_chunks`)."""
+        self.log_batch(run_id, points)
 
-    def _log_batch(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
-        from mlflow.entities import Metric
+    def log_batch(
+        self,
+        run_id: str,
+        points: list[tuple[str, float, int]],
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Log metric points ``(key, value, step)``, params and tags of one run together,
+        in as few ``log_batch`` requests as MLflow's limits allow (:func:`batch_chunks`);
+        returns how many requests that took.
+
+        Args:
+            run_id: the run.
+            points: metric points; the value a float, the step the epoch for trial runs.
+            params: params to log (write-once in MLflow: a param the run already holds
+                must come with the same value).
+            tags: tags to set (or overwrite).
+        """
+        from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(v), now, step) for key, v, step in points]
-        for i in range(0, len(batch), 500):
-            chunk = batch[i : i + 500]
-            retry(lambda c=chunk: self.client.log_batch(run_id, metrics=c), "log metrics")
+        metrics = [Metric(key, float(v), now, step) for key, v, step in points]
+        param_list = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in (params or {}).items()]
+        tag_list = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+        sent = 0
+        log = self.client.log_batch
+        for m, p, t in batch_chunks(metrics, param_list, tag_list):
+            retry(lambda m=m, p=p, t=t: log(run_id, metrics=m, params=p, tags=t), "log batch")
+            sent += 1
+        return sent
 
     def last_step(self, run_id: str, metric: str) -> int:
         """The largest step logged for ``metric`` in a run (0 when none)."""
@@ -218,10 +262,7 @@ class MlflowTracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set (or overwrite) tags of a run."""
-        from mlflow.entities import RunTag
-
-        batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
-        retry(lambda: self.client.log_batch(run_id, tags=batch), "set tags")
+        self.log_batch(run_id, [], tags=tags)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file or folder into the run's artifacts.
@@ -254,18 +295,55 @@ class MlflowTracker:
             retry(lambda k=k, v=v: set_tag(self.experiment_id, k, v), "experiment tag")
 
 
+@dataclass
+class LostWrites:
+    """What a run lacks because its batched writes failed for good (:class:`BackgroundWriter`).
+
+    Attributes:
+        points: ``(metric key, step)`` of every metric point lost.
+        params: names of params lost.
+        tags: names of tags lost.
+    """
+
+    points: set[tuple[str, int]] = field(default_factory=set)
+    params: set[str] = field(default_factory=set)
+    tags: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.points or self.params or self.tags)
+
+    def describe(self) -> str:
+        """One line for the run's tag: how many points, at which steps, of which keys;
+        the params and tags lost."""
+        parts = []
+        if self.points:
+            steps = ", ".join(str(s) for s in sorted({s for _, s in self.points}))
+            keys = ", ".join(sorted({k for k, _ in self.points}))
+            parts.append(f"{len(self.points)} metric points at steps {steps} of {keys}")
+        if self.params:
+            parts.append(f"params {', '.join(sorted(self.params))}")
+        if self.tags:
+            parts.append(f"tags {', '.join(sorted(self.tags))}")
+        return "; ".join(parts)
+
+
 class BackgroundWriter:
     """The one thread that makes a driver callback's MLflow writes, so that a slow or
     remote tracking server never holds up the Tune loop.
 
     Work items run one at a time in the order they were submitted (so a run's writes
-    keep their order and a run is ended after everything logged into it); metric points
-    that items :meth:`buffer` are sent together, one ``log_batch`` per run, before the
-    next item that is not a pure metrics item and whenever the queue runs dry. An item
-    or batch that raises is tried again (``attempts`` in all, waits doubling from
-    ``wait_s`` seconds), then recorded in :attr:`errors` and printed on stderr; nothing
-    queued is dropped. :meth:`flush` waits until everything submitted so far is
-    written; :meth:`close` flushes and ends the thread (call it before the process ends).
+    keep their order and a run is ended after everything logged into it); the metric
+    points, params and tags that items :meth:`buffer` are sent together, one
+    ``log_batch`` per run (more only past MLflow's limits), before the next item that
+    is not a pure metrics item and whenever the queue runs dry (a run's params and tags
+    without metric points then wait for its first metrics, the next other item, a
+    :meth:`flush` or :meth:`close`). An item or batch that
+    raises is tried again (``attempts`` in all, waits doubling from ``wait_s`` seconds),
+    then recorded in :attr:`errors` and printed on stderr; a batch that failed for good
+    is also recorded, per run, in :attr:`lost` (its owner tags the run with it); nothing
+    queued is dropped in silence. :meth:`flush` waits until everything submitted so far
+    is written; :meth:`close` flushes and ends the thread (call it before the process
+    ends).
 
     Args:
         attempts: tries of one item or batch (MLflow's own retries are inside each).
@@ -282,10 +360,12 @@ class BackgroundWriter:
         self.wait_s = wait_s
         self.background = background
         self.errors: list[str] = []  #: what could not be written, one line each
+        self.lost: dict[str, LostWrites] = {}  #: run id → what its failed batches held
         self._queue: queue.Queue[tuple[str, Any, bool] | None] = queue.Queue()
-        self._pending: dict[str, tuple[MlflowTracker, list[tuple[str, float, int]]]] = {}
+        self._pending: dict[str, _Batch] = {}
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._inside = threading.local()  # .item: this thread runs an item now
         self._closed = False
 
     def submit(self, what: str, fn: Any, *, metrics_only: bool = False) -> None:
@@ -308,15 +388,38 @@ class BackgroundWriter:
         self._queue.put((what, fn, metrics_only))
 
     def buffer(
-        self, tracker: MlflowTracker, run_id: str, points: list[tuple[str, float, int]]
+        self,
+        tracker: MlflowTracker,
+        run_id: str,
+        points: list[tuple[str, float, int]],
+        *,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
     ) -> None:
-        """From inside an item: metric points ``(key, value, step)`` of ``run_id`` to send
-        with the next batch."""
-        self._pending.setdefault(run_id, (tracker, []))[1].extend(points)
+        """Metric points ``(key, value, step)``, params and tags of ``run_id`` to send
+        with the run's next batch. Called from inside an item they wait for that batch;
+        from anywhere else (no item running in this thread) they are sent at once.
+
+        Args:
+            tracker: the tracker that sends them.
+            run_id: the run they belong to.
+            points: metric points; step = the epoch for trial runs.
+            params: params (write-once in MLflow).
+            tags: tags (a later value of the same tag wins).
+        """
+        inside = getattr(self._inside, "item", False)
+        batch = self._pending.setdefault(run_id, _Batch(tracker)) if inside else _Batch(tracker)
+        batch.points.extend(points)
+        batch.params.update(params or {})
+        batch.tags.update(tags or {})
+        if not inside:
+            self._send(run_id, batch)
 
     def flush(self) -> None:
-        """Wait until every item submitted so far is written (or recorded as failed)."""
-        if self.background and self._thread is not None:
+        """Wait until every item submitted so far is written (or recorded as failed),
+        params and tags waiting for their run's first metrics too."""
+        if self.background and self._thread is not None and not self._closed:
+            self.submit("flush", lambda: None)  # not a metrics item: all that waits goes
             self._queue.join()
 
     def close(self) -> None:
@@ -346,32 +449,65 @@ class BackgroundWriter:
                     if not metrics_only:
                         self._send_points()
                     self._run(what, fn)
-            self._send_points()
+            # the queue ran dry: what waits goes out, but a run's params and tags alone
+            # wait for its first metrics (one log_batch), or the next other item, or close
+            self._send_points(hold_bare=items[-1] is not None)
             for _ in items:
                 self._queue.task_done()
             if items[-1] is None:
                 return
 
-    def _send_points(self) -> None:
+    def _send_points(self, *, hold_bare: bool = False) -> None:
+        """Send every run's waiting batch; ``hold_bare``: keep those without metric points."""
         pending, self._pending = self._pending, {}
-        for run_id, (tracker, points) in pending.items():
-            send = partial(tracker.log_points, run_id, points)
-            self._run(f"{len(points)} metric points of run {run_id}", send)
+        for run_id, batch in pending.items():
+            if hold_bare and not batch.points:
+                self._pending[run_id] = batch
+            else:
+                self._send(run_id, batch)
 
-    def _run(self, what: str, fn: Any) -> None:
+    def _send(self, run_id: str, batch: _Batch) -> None:
+        """Send one run's batch; what fails for good goes to :attr:`lost`."""
+        send = partial(batch.tracker.log_batch, run_id, batch.points, batch.params, batch.tags)
+        what = f"{len(batch.points)} metric points"
+        if batch.params or batch.tags:
+            what += f", {len(batch.params)} params and {len(batch.tags)} tags"
+        if not self._run(f"{what} of run {run_id}", send):
+            lost = self.lost.setdefault(run_id, LostWrites())
+            lost.points.update((key, int(step)) for key, _, step in batch.points)
+            lost.params.update(batch.params)
+            lost.tags.update(batch.tags)
+
+    def _run(self, what: str, fn: Any) -> bool:
+        """``fn()``, tried :attr:`attempts` times; returns whether it went through."""
         wait = self.wait_s
-        for attempt in range(1, self.attempts + 1):
-            try:
-                fn()
-                return
-            except Exception as exc:  # noqa: BLE001 - recorded below, never dropped silently
-                if attempt == self.attempts:
-                    line = f"MLflow write failed ({what}) after {attempt} tries: {exc}"
-                    self.errors.append(line)
-                    print(f"warning: {line}", file=sys.stderr, flush=True)
-                    return
-                time.sleep(wait)
-                wait *= 2
+        outer, self._inside.item = getattr(self._inside, "item", False), True
+        try:
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    fn()
+                    return True
+                except Exception as exc:  # noqa: BLE001 - recorded below, never dropped silently
+                    if attempt == self.attempts:
+                        line = f"MLflow write failed ({what}) after {attempt} tries: {exc}"
+                        self.errors.append(line)
+                        print(f"warning: {line}", file=sys.stderr, flush=True)
+                        return False
+                    time.sleep(wait)
+                    wait *= 2
+        finally:
+            self._inside.item = outer
+        return False
+
+
+@dataclass
+class _Batch:
+    """What one run has waiting in a :class:`BackgroundWriter`."""
+
+    tracker: MlflowTracker
+    points: list[tuple[str, float, int]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, Any] = field(default_factory=dict)
 
 
 class MlflowRunReporter:

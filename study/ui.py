@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import shlex
@@ -36,7 +35,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from reports.vocabulary import (
@@ -53,6 +51,7 @@ from reports.vocabulary import (
     VIEW_KEY,
 )
 from trainables.errors import UserError
+from trainables.reporting import energy_histogram  # noqa: F401  (drawn on the worker too)
 
 #: What every experiment the platform creates is tagged with.
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: TRAINING_KIND}
@@ -92,7 +91,6 @@ WEIGHT_NAMES = {"none": "unweighted"}
 #: Seconds ``study ui`` waits for the server to answer, and for its group to end.
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
-log = logging.getLogger(__name__)
 
 
 # --- run names -----------------------------------------------------------------------------
@@ -143,26 +141,6 @@ def searched_values(space: Any, config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --- trial figures ----------------------------------------------------------------------
-def energy_histogram(npz: Path, png: Path, title: str) -> Path | None:
-    """Draw the histograms of E(x) and E(x, y), natural vs adversarial test points, of a
-    trial's ``energies.npz`` (``npz``: per test point energies) into ``png``, titled
-    ``title``; None when there is no such file or it cannot be drawn (a figure never
-    ends a study)."""
-    if not npz.is_file():
-        return None
-    try:
-        import numpy as np
-
-        from reports.figures import energy_figure
-
-        with np.load(npz) as z:
-            arrays = {k: z[k] for k in z.files}
-        return energy_figure(arrays, f"{title}: test energies", png)
-    except Exception as exc:  # noqa: BLE001 - best effort
-        log.warning("no energy histogram for %s: %s", npz, exc)
-        return None
-
-
 # --- addresses -----------------------------------------------------------------------------
 def _query(pairs: Sequence[tuple[str, str]]) -> str:
     return urllib.parse.urlencode([*pairs, WORKFLOW_PARAM])

@@ -27,9 +27,11 @@ from reports.vocabulary import (
     FINAL_FILE,
     LAST_CHECKPOINT,
     METRICS_LOG,
+    PARENT_TAG,
     ROLE_STUDY,
     TAG_ARTIFACT_ERROR,
     TAG_EARLY,
+    TAG_PROCESS,
     TAG_ROLE,
     TAG_STUDY,
     TAG_TRIAL,
@@ -350,3 +352,272 @@ def test_epochs_a_killed_driver_lost_are_filled_in_from_the_checkpoint(tmp_path)
     values = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/pgd_acc")}
     assert values[2] == pytest.approx(0.2)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test/clean_acc")] == [3]
+
+
+# --- few requests per trial; the histogram drawn on the worker --------------------------------
+#: ``MlflowClient`` methods counted (each call is one request to the store).
+CLIENT_CALLS = (
+    "search_runs", "create_run", "update_run", "get_run", "get_metric_history", "log_batch",
+    "log_text", "log_artifact", "log_artifacts", "set_terminated", "list_artifacts",
+)  # fmt: skip
+
+
+def _count_client_calls(monkeypatch) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """Count the real ``MlflowClient``'s calls by method (inner calls of a counted one not
+    counted again), and the sizes of each ``log_batch``."""
+    from mlflow.tracking import MlflowClient
+
+    calls: dict[str, int] = {}
+    batches: list[dict[str, int]] = []
+    depth = threading.local()
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            if getattr(depth, "n", 0):
+                return original(self, *args, **kwargs)
+            calls[name] = calls.get(name, 0) + 1
+            if name == "log_batch":
+                sizes = {k: len(kwargs.get(k) or ()) for k in ("metrics", "params", "tags")}
+                batches.append(sizes)
+            depth.n = 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth.n = 0
+
+        return counted
+
+    for name in CLIENT_CALLS:
+        monkeypatch.setattr(MlflowClient, name, wrap(name, getattr(MlflowClient, name)))
+    return calls, batches
+
+
+def test_a_finished_trial_costs_few_requests_and_its_worker_drawn_histogram(
+    tmp_path, monkeypatch
+) -> None:
+    """One finished trial of 2 epochs: one search, one run, the params, process tags and
+    first metrics in one log_batch, config.yaml once, the checkpoint's files in one
+    upload, the histogram the worker drew (not drawn again), the end: 8 requests at most
+    (20 before). Nothing lost: every param, epoch and file is in the run."""
+    from ray.tune import Checkpoint
+
+    from study.tracking import flatten
+    from trainables.reporting import draw_energy_histogram
+
+    spec, parent = _store(tmp_path)
+    folder = _finished_folder(tmp_path, "w", without=(METRICS_LOG,))
+    rows = [{"epoch": e, "val/pgd_acc": 0.1 * e, "lr": 0.01} for e in (1, 2)]
+    (folder / METRICS_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = draw_energy_histogram(folder, "trial abc12_00000")  # what the worker does
+    assert png == folder / ENERGY_HIST and png.stat().st_size > 0
+    drawn = png.read_bytes()
+    trial = _trial("abc12_00000", Checkpoint.from_directory(folder))
+    calls, batches = _count_client_calls(monkeypatch)
+    monkeypatch.setattr(
+        "study.callbacks.energy_histogram",
+        lambda *a: pytest.fail("the driver drew a histogram its checkpoint carries"),
+    )
+    callback = MlflowCallback(spec, parent)
+    callback.on_trial_start(0, [], trial)
+    for row in (rows[0], {**rows[1], "test/clean_acc": 0.9}):
+        result = {**row, "training_iteration": row["epoch"], "hostname": "h", "pid": 7}
+        callback.on_trial_result(0, [], trial, result)
+    callback.on_trial_complete(0, [], trial)
+    callback.on_experiment_end([])
+    monkeypatch.undo()
+
+    per_trial = dict(calls)
+    assert sum(per_trial.values()) <= 8, per_trial
+    for name in ("search_runs", "create_run", "log_text", "log_artifacts", "set_terminated"):
+        assert per_trial.pop(name) == 1, (name, calls)
+    assert 2 <= per_trial.pop("log_batch") <= 3, calls  # epochs 1 and 2 together or apart
+    assert per_trial == {}, calls  # no get_run, history, update_run, per-file upload
+    assert min(batches[0].values()) > 0, batches  # params, tags, first metrics: one batch
+
+    tracker = MlflowTracker(spec.tracking_uri, spec.name)
+    (run,) = trial_runs(tracker, spec.name)
+    assert run.info.status == "FINISHED" and TAG_ARTIFACT_ERROR not in run.data.tags
+    cfg = spec.trial_config(trial.config)
+    assert run.data.params == flatten(cfg.to_dict())
+    assert run.data.tags[TAG_PROCESS] == "h:7"
+    assert FULL_RUN <= artifacts(tracker.client, run.info.run_id)
+    for key in ("epoch", "val/pgd_acc", "lr"):
+        steps = sorted(m.step for m in tracker.client.get_metric_history(run.info.run_id, key))
+        assert steps == [1, 2], (key, steps)
+    got = tracker.download(run.info.run_id, ENERGY_HIST, tmp_path / "down")
+    assert got.read_bytes() == drawn  # the worker's figure, uploaded as it was
+
+
+# --- a metrics batch that fails for good is tagged on its run -----------------------------------
+def test_metrics_a_store_refused_are_tagged_on_the_run_or_filled_in(tmp_path, capsys) -> None:
+    """A real store refusing writes: both runs are deleted while a trial's epoch 2 goes
+    out (MLflow refuses writes into a deleted run), then restored. The finished trial
+    gets epoch 2 back from its checkpoint's metrics.jsonl at its end and only its lost
+    test metric is tagged; the failed trial's run names the epoch's keys and step."""
+    from ray.tune import Checkpoint
+
+    spec, parent = _store(tmp_path)
+    folder = _finished_folder(tmp_path, "f", without=(METRICS_LOG,))
+    rows = [{"epoch": e, "val/pgd_acc": 0.1 * e, "lr": 0.01} for e in (1, 2)]
+    (folder / METRICS_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    done = _trial("abc12_00000", Checkpoint.from_directory(folder))
+    failed = _trial("abc12_00001", None)
+    callback = MlflowCallback(spec, parent)
+    callback.writer.wait_s = 0.01  # its retries, quickly
+    client = callback.tracker.client
+    for trial in (done, failed):
+        callback.on_trial_start(0, [], trial)
+        callback.on_trial_result(0, [], trial, {**rows[0], "training_iteration": 1})
+    callback.writer.flush()
+    run_ids = [callback.run_id(t.trial_id, t.config) for t in (done, failed)]
+    for run_id in run_ids:
+        client.delete_run(run_id)
+    callback.on_trial_result(0, [], done, {**rows[1], "test/clean_acc": 0.9})
+    callback.on_trial_result(0, [], failed, {**rows[1], "training_iteration": 2})
+    callback.writer.flush()
+    assert set(callback.writer.lost) == set(run_ids)
+    for run_id in run_ids:
+        client.restore_run(run_id)
+    callback.on_trial_complete(0, [], done)
+    callback.on_trial_error(0, [], failed)
+    callback.on_experiment_end([])
+
+    from study.callbacks import TAG_METRICS_ERROR
+
+    tracker = MlflowTracker(spec.tracking_uri, spec.name)
+    runs = {r.data.tags[TAG_TRIAL]: r for r in trial_runs(tracker, spec.name)}
+    finished, broken = runs[done.trial_id], runs[failed.trial_id]
+    for key in ("epoch", "val/pgd_acc", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(finished.info.run_id, key))
+        assert steps == [1, 2], (key, steps)  # epoch 2 filled in from the checkpoint
+    assert finished.data.tags[TAG_METRICS_ERROR] == ("1 metric points at steps 2 of test/clean_acc")
+    assert finished.info.status == "FINISHED"
+    assert broken.data.tags[TAG_METRICS_ERROR] == (
+        "3 metric points at steps 2 of epoch, lr, val/pgd_acc"
+    )
+    assert broken.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(broken.info.run_id, "epoch")] == [1]
+    err = capsys.readouterr().err
+    assert f"MLflow run {broken.info.run_id} lacks 3 metric points at steps 2" in err
+
+
+# --- study resume --tracking-uri NEW: the callback writes through NEW ---------------------------
+def test_an_unpickled_callback_takes_the_resuming_drivers_spec(tmp_path, capsys) -> None:
+    """Tuner.restore unpickles the callback saved with the study; the spec and parent run
+    of the callback the resuming driver made first (another tracking URI) win, for that
+    study only."""
+    import pickle
+
+    spec, parent = _store(tmp_path)
+    saved = pickle.dumps(MlflowCallback(spec, parent))
+    moved = make_spec(tmp_path, "lacking", tracking_uri=f"sqlite:///{tmp_path / 'moved.db'}")
+    MlflowCallback(moved, "parent-in-moved")  # what study_tuner makes before the restore
+    restored = pickle.loads(saved)
+    assert restored.spec.tracking_uri == moved.tracking_uri
+    assert restored.parent_run_id == "parent-in-moved"
+    assert "resumes with the MLflow tracking URI sqlite:///" in capsys.readouterr().err
+    other = make_spec(tmp_path, "other-study")
+    again = pickle.loads(pickle.dumps(MlflowCallback(other, "p")))
+    assert again.spec.tracking_uri == other.tracking_uri and again.parent_run_id == "p"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_resume_with_another_tracking_uri_writes_the_trials_there(tmp_path, monkeypatch) -> None:
+    """The study stops (SIGINT, as Ctrl-C) once its first trial has ended; its store is
+    copied (the server moved: same data, new address) and `study resume --tracking-uri
+    NEW` finishes it: the trial that ran after the resume is recorded in the new store
+    only, under the same parent run, with no run duplicated."""
+    import os
+    import signal
+
+    import ray
+
+    from study import callbacks
+    from study.runner import StudyInterrupted
+
+    spec = make_spec(tmp_path / "old", "moved", trials=2, epochs=1, max_concurrent=1)
+    stops: list[str] = []
+    complete = callbacks.ProgressCallback.on_trial_complete
+
+    def stop_after_first(self, iteration, trials, trial, **info) -> None:
+        complete(self, iteration, trials, trial, **info)
+        if not stops:
+            stops.append(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGINT)  # Tune's handler: a graceful stop
+
+    monkeypatch.setattr(callbacks.ProgressCallback, "on_trial_complete", stop_after_first)
+    with pytest.raises(StudyInterrupted):
+        run_study(spec)
+    monkeypatch.undo()
+    (first,) = stops
+
+    old = MlflowTracker(spec.tracking_uri, spec.name)
+    before = {r.data.tags[TAG_TRIAL]: r for r in trial_runs(old, spec.name)}
+    assert before[first].info.status == "FINISHED"
+    new_dir = tmp_path / "new"
+    shutil.copytree(tmp_path / "old", new_dir, ignore=shutil.ignore_patterns("studies"))
+    new_uri = f"sqlite:///{new_dir / 'mlflow.db'}"
+    address = ray.get_runtime_context().gcs_address
+    argv = ["resume", spec.name, "--storage", spec.storage, "--tracking-uri", new_uri,
+            "--address", address]  # fmt: skip
+    assert cli.main(argv) == 0
+
+    new = MlflowTracker(new_uri, spec.name)
+    after = {r.data.tags[TAG_TRIAL]: r for r in trial_runs(new, spec.name)}
+    assert len(after) == 2 and all(r.info.status == "FINISHED" for r in after.values())
+    (second,) = set(after) - {first}
+    assert "test/clean_acc" in after[second].data.metrics
+    assert TAG_PROCESS in after[second].data.tags  # its results came through the callback
+    assert after[second].data.tags[PARENT_TAG] == before[first].data.tags[PARENT_TAG]
+    # the old store never saw the resumed trial finish
+    untouched = {r.data.tags[TAG_TRIAL]: r for r in trial_runs(old, spec.name)}
+    assert second not in untouched or "test/clean_acc" not in untouched[second].data.metrics
+    assert untouched[first].info.end_time == before[first].info.end_time
+
+
+def test_a_run_draws_its_energy_histogram_at_its_final_report(tmp_path) -> None:
+    """The worker's side: a real run whose reporters include EnergyHistogramReporter
+    leaves energy_hist.png beside energies.npz, before the reporters after it (Ray's,
+    which snapshots the folder into the final checkpoint) are called."""
+    from trainables.reporting import EnergyHistogramReporter, MultiReporter
+
+    seen: list[bool] = []
+
+    class After:  # what Ray's reporter would find in the folder at the final report
+        def report(self, epoch, metrics, checkpoint) -> None:
+            seen.append((out / ENERGY_HIST).exists())
+
+        def final(self, metrics, artifacts) -> None:
+            seen.append((out / ENERGY_HIST).read_bytes()[:4] == b"\x89PNG")
+
+    cfg = TrainConfig.from_dict({**BASE, "epochs": 1, "method": "standard", "test_subset": 50})
+    out = tmp_path / "run"
+    reporter = MultiReporter(EnergyHistogramReporter(out, "trial t"), After())
+    train(cfg, reporter=reporter, output_dir=out)
+    assert seen == [False, True]  # not after the epoch, drawn before the final report
+
+
+def test_one_runs_batch_is_cut_to_mlflows_limits_and_loses_nothing(tmp_path) -> None:
+    """Params, tags and metric points of one run, more than one log_batch may carry: cut
+    into requests MLflow accepts (100 params, 100 tags, 1000 entries), all stored."""
+    from study.tracking import BATCH_ENTITIES, BATCH_PARAMS, BATCH_TAGS, batch_chunks
+
+    chunks = list(batch_chunks(list(range(2500)), list(range(250)), list(range(150))))
+    assert all(len(p) <= BATCH_PARAMS and len(t) <= BATCH_TAGS for _, p, t in chunks)
+    assert all(len(m) + len(p) + len(t) <= BATCH_ENTITIES for m, p, t in chunks)
+    for i, name in enumerate(("metrics", "params", "tags")):
+        assert [x for c in chunks for x in c[i]] == list(range((2500, 250, 150)[i])), name
+    assert list(batch_chunks([], [], [])) == []
+
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "limits")
+    run_id = tracker.create_run("r", {TAG_STUDY: "limits"})
+    points = [(f"m{k}", float(step), step) for k in range(3) for step in range(500)]
+    params = {f"p{i}": i for i in range(150)}
+    tags = {f"t{i}": i for i in range(120)}
+    assert tracker.log_batch(run_id, points, params, tags) == 2
+    run = tracker.get_run(run_id)
+    assert run.data.params == {k: str(v) for k, v in params.items()}
+    assert {f"t{i}" for i in range(120)} <= set(run.data.tags)
+    for k in range(3):
+        history = tracker.client.get_metric_history(run_id, f"m{k}")
+        assert sorted(m.step for m in history) == list(range(500))

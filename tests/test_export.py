@@ -30,6 +30,7 @@ from reports.vocabulary import (
     TAG_EARLY,
     TAG_FAILURE,
     TAG_FINALIST,
+    TAG_METRICS_ERROR,
     TAG_PARENT,
     TAG_ROLE,
     TAG_STUDY,
@@ -241,6 +242,19 @@ def test_show_prints_the_files_a_run_lacks_under_its_trial() -> None:
     after = lines[at + 1 : next(i for i, ln in enumerate(lines) if "abc12_00000" in ln)]
     assert "    artifacts missing: energies.npz: not in the trial's checkpoint" in after
     assert sum("artifacts missing" in ln for ln in lines) == 1
+
+
+def test_show_prints_the_metric_points_a_run_lost_under_its_trial() -> None:
+    lost = {TAG_METRICS_ERROR: "1 metric points at steps 2 of test/clean_acc"}
+    runs = [
+        mlflow_like("abc12_00000", tags=lost, **{PGD: 0.5}),
+        mlflow_like("abc12_00001", **{PGD: 0.7}),
+    ]
+    lines = show_lines(runs, [PGD], ["max"])
+    at = next(i for i, ln in enumerate(lines) if "abc12_00000" in ln)
+    expected = "    metrics missing: 1 metric points at steps 2 of test/clean_acc"
+    assert lines[at + 1 :].count(expected) == 1
+    assert sum("metrics missing" in ln for ln in lines) == 1
 
 
 # --- a real MLflow store --------------------------------------------------------------------

@@ -8,12 +8,15 @@ vocabulary (``train/loss``, ``val/pgd_acc``, ``test/aa_acc``, ``lr`` …).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from trainables.files import FINAL_FILE
+from trainables.files import ENERGIES_FILE, FINAL_FILE
+
+log = logging.getLogger(__name__)
 
 
 class Reporter(Protocol):
@@ -136,3 +139,63 @@ class ConsoleReporter:
         for key, path in artifacts.items():
             print(f"  {key:<28s} {path}", file=self.stream)
         self.stream.flush()
+
+
+def energy_histogram(npz: Path, png: Path, title: str) -> Path | None:
+    """Draw the histograms of E(x) and E(x, y), natural vs adversarial test points, of a
+    trial's ``energies.npz`` (``npz``: per test point energies) into ``png``, titled
+    ``title``; None when there is no such file or it cannot be drawn (a figure never
+    ends a study or a trial)."""
+    if not npz.is_file():
+        return None
+    try:
+        import numpy as np
+
+        from reports.figures import energy_figure
+
+        with np.load(npz) as z:
+            arrays = {k: z[k] for k in z.files}
+        return energy_figure(arrays, f"{title}: test energies", png)
+    except Exception as exc:  # noqa: BLE001 - best effort
+        log.warning("no energy histogram for %s: %s", npz, exc)
+        return None
+
+
+def draw_energy_histogram(folder: str | Path, title: str) -> Path | None:
+    """On the worker, at a trial's final report: draw the histogram of the run folder's
+    ``energies.npz`` into the same folder, as the file the driver uploads into the trial's
+    MLflow run (``reports.vocabulary.ENERGY_HIST``), so that the final checkpoint carries
+    it and the driver does not draw it. Returns its path; None when the folder has no
+    energies (a stopped run) or the figure cannot be drawn.
+
+    Args:
+        folder: the run's folder (what its checkpoints are snapshots of).
+        title: the figure's title, e.g. ``trial 1a2b3_00004``.
+    """
+    from reports.vocabulary import ENERGY_HIST
+
+    folder = Path(folder)
+    return energy_histogram(folder / ENERGIES_FILE, folder / ENERGY_HIST, title)
+
+
+class EnergyHistogramReporter:
+    """Draws the run's energy histogram (:func:`draw_energy_histogram`) into its folder at
+    the final report, before the reporters after it in a :class:`MultiReporter` see it:
+    on a Ray worker the final checkpoint then carries the figure and the driver only
+    uploads it.
+
+    Args:
+        folder: the run's folder (where ``energies.npz`` is written).
+        title: the figure's title, e.g. ``trial 1a2b3_00004``.
+    """
+
+    def __init__(self, folder: str | Path, title: str) -> None:
+        self.folder = Path(folder)
+        self.title = title
+
+    def report(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        pass
+
+    def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
+        if artifacts:  # a run that trained all its epochs (a stopped one has no energies)
+            draw_energy_histogram(self.folder, self.title)
