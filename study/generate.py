@@ -8,15 +8,25 @@ run nested under the source training run, or under a generation-study parent
 run when SOURCE is a file: its parameters, IS/FID/KID, the energy trace of the
 chain as step metrics, a per-class sample grid and a grid of the initial
 images next to the final ones.
+
+A study's trials run wherever Ray places them, on nodes that need not share the
+driver's disk: every file of the driver a trial opens (the source checkpoint, a
+``.py`` extractor plugin, the Inception weights) travels with it through Ray's
+object store (:class:`ShippedFile`, as :mod:`study.finals` ships a finalist's
+weights); a trial on the driver's own node opens the driver's file, with no copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -40,6 +50,7 @@ from reports.vocabulary import (
     TAG_ARTIFACT_ERROR,
     TAG_FAILURE,
     TAG_PARENT,
+    TAG_PROCESS,
     TAG_ROLE,
     TAG_SOURCE,
     TAG_STUDY,
@@ -49,7 +60,7 @@ from reports.vocabulary import (
 from search_spaces import SearchSpace
 from study.runner import TrialOutcome
 from study.spec import SearchSpec
-from trainables.errors import ConfigError, UserError
+from trainables.errors import ConfigError, DataNotFoundError, UserError
 from trainables.gen_config import SamplerConfig
 from trainables.scores import INCEPTION, inception_weights
 
@@ -59,7 +70,8 @@ class Source:
     """A trained classifier to sample from.
 
     Attributes:
-        checkpoint: local path of its checkpoint (``best.pt`` or ``last.pt``).
+        checkpoint: path of its checkpoint (``best.pt`` or ``last.pt``) on the driver
+            (a study's trials get its bytes through :class:`ShippedFile`).
         train_config: the training config it was trained with (a mapping).
         run_id: its MLflow training run (None when given as a file).
         experiment: the MLflow experiment the sampling runs go to.
@@ -109,6 +121,105 @@ def resolve_source(source: str, tracking_uri: str, cache: Path, experiment: str)
     state = load_checkpoint(ckpt)
     experiment_name = client.get_experiment(run.info.experiment_id).name
     return Source(ckpt, dict(state["config"]), source, experiment_name)
+
+
+def _has_size(path: Path, size: int) -> bool:
+    """Whether ``path`` is a file of ``size`` bytes."""
+    try:
+        return path.is_file() and path.stat().st_size == size
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """A file of the driver that a Ray trial opens wherever Ray places it.
+
+    Its bytes go into Ray's object store once (:meth:`put`, on the driver). A trial
+    on the driver's node opens the driver's file itself (no copy, as on one machine);
+    a trial on any other node fetches the bytes once per node into a node-local
+    folder (:meth:`local`), so a node that does not share the driver's disk opens it
+    all the same.
+
+    Attributes:
+        path: the file on the driver (absolute).
+        size: its size in bytes.
+        digest: a hash of its bytes (the folder of its copies on other nodes).
+        node_id: the Ray node id of the driver.
+        ref: the object ref of its bytes (owned by the driver, alive while it runs).
+    """
+
+    path: str
+    size: int
+    digest: str
+    node_id: str
+    ref: Any
+
+    @classmethod
+    def put(cls, path: str | Path) -> ShippedFile:
+        """Read ``path`` (a file on the driver) into Ray's object store; Ray must be
+        initialised."""
+        import ray
+
+        path = Path(path).resolve()
+        data = path.read_bytes()
+        return cls(
+            path=str(path),
+            size=len(data),
+            digest=hashlib.blake2b(data, digest_size=16).hexdigest(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            ref=ray.put(data),
+        )
+
+    def local(self, scratch: Path) -> Path:
+        """The file as this process can open it: the driver's own path on the driver's
+        node, else a copy at ``<scratch>/<digest>/<name>`` (fetched from the object
+        store once per node, written through a temporary file and a rename so that
+        concurrent trials never read half of it).
+
+        Args:
+            scratch: a node-local folder for the copies (made when needed).
+        """
+        import ray
+
+        own = Path(self.path)
+        if ray.get_runtime_context().get_node_id() == self.node_id and _has_size(own, self.size):
+            return own
+        target = scratch / self.digest / own.name
+        if _has_size(target, self.size):
+            return target
+        data = ray.get(self.ref)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+
+#: The key of the source checkpoint among a trial's shipped files.
+SOURCE_KEY = "checkpoint"
+
+
+def ship_trial_files(source: Source, cfg: SamplerConfig) -> dict[str, ShippedFile]:
+    """The driver's files a sampling trial opens, put into Ray's object store: the
+    source checkpoint (:data:`SOURCE_KEY`), a ``.py`` extractor plugin and, when the
+    runs are scored with Inception, its weights (the file the driver found:
+    ``--inception-weights``, ``$ENERGY_STUDY_INCEPTION_WEIGHTS`` or torch's hub cache).
+
+    Args:
+        source: the classifier sampled from (its checkpoint on the driver).
+        cfg: the study's sampler config before any sampled value (its file paths
+            absolute, :attr:`GenerationSpec.template`).
+    """
+    files = {SOURCE_KEY: ShippedFile.put(source.checkpoint)}
+    if cfg.extractor_plugin and cfg.extractor_plugin.endswith(".py"):
+        files["extractor_plugin"] = ShippedFile.put(cfg.extractor_plugin)
+    if cfg.score and cfg.feature_extractor == INCEPTION:
+        files["inception_weights"] = ShippedFile.put(inception_weights(cfg.inception_weights))
+    return files
 
 
 def load_plugin(plugin: str | None) -> None:
@@ -272,8 +383,13 @@ def log_sampling_run(
     trial_id: str,
     status: str = "FINISHED",
     error: str | None = None,
+    process: str | None = None,
 ) -> str:
-    """One sampling run, nested under ``parent_run_id``, with params, scores, trace and grids."""
+    """One sampling run, nested under ``parent_run_id``, with params, scores, trace and grids.
+
+    ``process`` (``host:pid`` of the process that sampled, a study's trial) becomes the
+    tag :data:`~reports.vocabulary.TAG_PROCESS`, as for a training trial.
+    """
     from study.tracking import flatten
 
     run_id, created = tracker.get_or_create_run(
@@ -283,6 +399,8 @@ def log_sampling_run(
     )
     if created:
         tracker.log_params(run_id, flatten(cfg.to_dict()))
+    if process:
+        tracker.set_tags(run_id, {TAG_PROCESS: process})
     if metrics:
         tracker.log_metrics(run_id, metrics, step=0)
     trace = out / TRACE_FILE
@@ -389,28 +507,47 @@ def validate_space(space_name: str) -> SearchSpace:
 
 
 def generation_trial(
-    config: dict[str, Any], spec: GenerationSpec, source: Source, template: dict[str, Any]
+    config: dict[str, Any],
+    spec: GenerationSpec,
+    source: Source,
+    template: dict[str, Any],
+    files: Mapping[str, ShippedFile] | None = None,
 ) -> None:
     """Tune function trainable: one sampling run; reports its ``gen/*`` metrics once.
 
     Args:
         config: the trial's Tune config (sampled values and the space's constants).
         spec: the generation study (folder and cache).
-        source: the classifier sampled from (its checkpoint path absolute).
+        source: the classifier sampled from (its checkpoint path is the driver's).
         template: :attr:`GenerationSpec.template`, resolved on the driver.
+        files: the driver's files the trial opens (:func:`ship_trial_files`): the source
+            checkpoint and the sampler's files, opened where this trial runs (None: the
+            driver's paths as they are, for a node that shares the driver's disk).
     """
     import shutil
+    import socket
 
     from ray import tune
 
     from trainables.ray_adapter import scratch_folder
 
-    cfg = SamplerConfig.from_dict({**template, **config})
+    local = {key: shipped.local(spec.cache / "shipped") for key, shipped in (files or {}).items()}
+    if SOURCE_KEY in local:
+        source = dataclasses.replace(source, checkpoint=local.pop(SOURCE_KEY))
+    cfg = SamplerConfig.from_dict({**template, **{k: str(v) for k, v in local.items()}, **config})
     torch.set_num_threads(1)
     # node-local scratch; the files travel to the driver in the checkpoint (storage)
     out = scratch_folder(tune.get_context().get_trial_id())
     try:
-        metrics = sample_and_score(cfg, source, out, cache_dir=spec.cache)
+        try:
+            metrics = sample_and_score(cfg, source, out, cache_dir=spec.cache)
+        except DataNotFoundError as exc:  # the data is the one file that does not travel
+            raise DataNotFoundError(
+                f"on node {socket.gethostname()}: a generation trial reads the source's "
+                "training data where it runs, like a training trial: the dataset must be at "
+                f"data_root = {source.train_config.get('data_root')!r} on every node that "
+                f"runs trials (a shared volume; see docs/cluster.md). {exc}"
+            ) from None
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out)))
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -451,15 +588,17 @@ class GenerationWriter(Callback):
         name = trial_run_name("sgld", searched_values(spec.load_space(), trial.config))
         # the trial's files from its checkpoint in storage, never from the node that ran it
         checkpoint = trial_checkpoint(spec.storage, trial.checkpoint, trial.last_result)
+        last = trial.last_result or {}
+        process = f"{last.get('hostname', '?')}:{last['pid']}" if "pid" in last else None
         with contextlib.ExitStack() as stack:
             if checkpoint is not None:
                 out = stack.enter_context(checkpoint_files(checkpoint))
             else:  # no files (a failed trial): an empty folder
                 out = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             self.run_ids[trial.trial_id] = log_sampling_run(
-                self._tracker, parent, spec.trial_config(trial.config),
-                our_metrics(trial.last_result or {}), out,
+                self._tracker, parent, spec.trial_config(trial.config), our_metrics(last), out,
                 name=name, study=spec.name, trial_id=trial.trial_id, status=status, error=error,
+                process=process,
             )  # fmt: skip
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -517,8 +656,11 @@ def run_generation(spec: GenerationSpec, working_dir: str | None = None) -> list
 
     init_ray(spec.address, working_dir=working_dir)
     writer = GenerationWriter(spec, source.experiment, parent)
+    # the trials may run on nodes that do not share this disk: the files they open go
+    # with them through the object store (alive while ``files`` is, i.e. the study)
+    files = ship_trial_files(source, base_cfg)
     trainable = tune.with_parameters(
-        generation_trial, spec=spec, source=source, template=spec.template
+        generation_trial, spec=spec, source=source, template=spec.template, files=files
     )
     tuner = build_tuner(
         spec,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from study import cli
-from study.generate import GenerationSpec, run_generation
+from study.generate import GenerationSpec, ShippedFile, run_generation
 from study.tracking import TAG_ROLE, TAG_STUDY, MlflowTracker
 from trainables.data import load_data, to_float
 from trainables.errors import ConfigError
@@ -433,3 +433,81 @@ def test_generation_study_from_a_checkpoint_file(trained, tmp_path, monkeypatch)
     for outcome in outcomes:  # the sampled values and the space's constants
         assert {"init", "momentum", "step_size", "samples", "steps"} <= set(outcome.config)
         assert np.isfinite(outcome.metrics["gen/fid"])
+    # one machine: the trials opened the driver's files themselves, no copy was made
+    assert not (tmp_path / "cache" / "shipped").exists()
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_trial_without_the_dataset_names_its_node_and_the_data_root(tmp_path) -> None:
+    """The training data does not travel with a trial: a node without it fails the trial
+    with a message naming the node, the data_root and that every node needs it."""
+    import socket
+
+    from trainables.checkpoint import save_checkpoint
+
+    root = tmp_path / "no-cifar"
+    config = {"dataset": "cifar10", "data_root": str(root)}
+    ckpt = save_checkpoint(tmp_path / "best.pt", {"config": config, "model": {}})
+    spec = GenerationSpec(name="nodata", source=str(ckpt), space="sgld_smoke", trials=1,
+                          base={"score": False}, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          storage=str(tmp_path))  # fmt: skip
+    (outcome,) = run_generation(spec)
+    assert outcome.status == "FAILED"
+    assert "DataNotFoundError" in outcome.error and "cifar10 files not found" in outcome.error
+    assert f"on node {socket.gethostname()}" in outcome.error, outcome.error
+    assert f"data_root = {str(root)!r} on every node" in outcome.error, outcome.error
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_shipped_file_is_the_drivers_on_its_node_and_a_copy_elsewhere(tmp_path) -> None:
+    """The driver's file itself on the driver's node; on another node (its Ray node id
+    differs) a copy of the same bytes fetched from the object store, once per node."""
+    import dataclasses
+
+    driver = tmp_path / "driver" / "best.pt"
+    driver.parent.mkdir()
+    driver.write_bytes(bytes(range(256)) * 40)
+    scratch = tmp_path / "scratch"
+    shipped = ShippedFile.put(driver)
+    assert shipped.local(scratch) == driver and not scratch.exists()
+
+    elsewhere = dataclasses.replace(shipped, node_id="another-node")
+    copy = elsewhere.local(scratch)
+    assert copy != driver and copy.name == "best.pt" and copy.parent.parent == scratch
+    assert copy.read_bytes() == driver.read_bytes()
+    mtime = copy.stat().st_mtime_ns
+    assert elsewhere.local(scratch) == copy and copy.stat().st_mtime_ns == mtime  # not refetched
+    assert [p.name for p in scratch.rglob("*") if p.is_file()] == ["best.pt"]  # no temp left
+
+    # the driver's node, but its file gone (a driver that cleaned up): the copy is used
+    driver.unlink()
+    assert shipped.local(scratch) == copy
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_study_ships_every_driver_file_its_trials_open(trained, tmp_path) -> None:
+    """The source checkpoint always; a ``.py`` plugin and the Inception weights the
+    driver found when the runs are scored with Inception; nothing else."""
+    import ray
+
+    from study.generate import SOURCE_KEY, resolve_source, ship_trial_files
+    from trainables.gen_config import SamplerConfig
+
+    src = resolve_source(str(trained["ckpt"]), "sqlite:///unused.db", tmp_path, "generation")
+    weights = tmp_path / "weights" / INCEPTION_FILE
+    weights.parent.mkdir()
+    weights.write_bytes(b"not really Inception")
+    scored = SamplerConfig.from_dict(
+        {"feature_extractor": INCEPTION, "inception_weights": str(weights.parent),
+         "extractor_plugin": PLUGIN}
+    )  # fmt: skip
+    files = ship_trial_files(src, scored)
+    assert set(files) == {SOURCE_KEY, "extractor_plugin", "inception_weights"}
+    for key, path in ((SOURCE_KEY, trained["ckpt"]), ("extractor_plugin", Path(PLUGIN)),
+                      ("inception_weights", weights)):  # fmt: skip
+        assert files[key].path == str(path.resolve())  # the folder given: the file in it
+        assert ray.get(files[key].ref) == path.read_bytes(), key
+    standin_only = SamplerConfig.from_dict({"feature_extractor": STANDIN, "extractor_plugin": "m"})
+    assert set(ship_trial_files(src, standin_only)) == {SOURCE_KEY}  # a module is not a file
+    unscored = SamplerConfig.from_dict({"score": False, "inception_weights": str(weights)})
+    assert set(ship_trial_files(src, unscored)) == {SOURCE_KEY}
