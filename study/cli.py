@@ -62,13 +62,20 @@ _SPEC_OPTIONS: tuple[tuple[str, type, str], ...] = (
 )  # fmt: skip
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
-    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite default; a
-    password in it moves to the environment (:func:`study.credentials.take_credentials`)."""
-    from study.credentials import take_credentials
+def _given_tracking_uri(args: argparse.Namespace) -> str:
+    """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the SQLite default, as given
+    (a password in it still there)."""
     from study.tracking import default_tracking_uri
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """:func:`_given_tracking_uri` with its password moved to the environment
+    (:func:`study.credentials.take_credentials`)."""
+    from study.credentials import take_credentials
+
+    uri = _given_tracking_uri(args)
     return take_credentials(uri) or uri
 
 
@@ -206,9 +213,13 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
     :class:`StudySpec`'s defaults (epochs: :data:`DEFAULT_EPOCHS` without ``--config``)."""
     from search_spaces import load_space
     from search_spaces.space import SpaceError
+    from study.credentials import check_one_password
     from study.spec import DEFAULT_SPACE, StudySpec, _merge, base_config
     from trainables.config import parse_overrides
 
+    # as StudySpec does, on the URIs as given: once the tracking URI's password is in
+    # PGPASSWORD, the spec could no longer tell that the Optuna storage's differs
+    check_one_password(_given_tracking_uri(args), args.optuna_storage)
     space_name = args.space or DEFAULT_SPACE
     try:
         suggested = dict(load_space(space_name).study)

@@ -11,6 +11,10 @@ One small Ray task runs on every alive node, pinned there
 * reaches the tracking store (HTTP(S): ``GET /health``, then one authenticated API call
   with the node's ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``; PostgreSQL/MySQL: a TCP
   connect; a SQLite file or local folder is the driver's alone and is checked there);
+  credentials given in ``--tracking-uri`` or ``--storage`` are taken out of the URIs as
+  ``study run`` does (:mod:`study.credentials`) and reach each node's check as a task
+  argument, set in that task's environment only while it runs (never in Ray's
+  ``runtime_env``, which Ray's runtime-env agent writes to its log);
 * counts the GPUs the node's processes can see (``torch.cuda.device_count()``), next to
   the GPUs Ray advertises for it.
 
@@ -41,7 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from study.credentials import redact
+from study.credentials import applied, redact, take_credentials, taken_env
 from study.storage import is_uri, local_path, normalize
 from trainables.errors import UserError
 
@@ -341,11 +345,14 @@ def _node_probe(
     timeout_s: float,
     driver_version: str,
     driver_wrote: bool,
+    credentials: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The task run on every node: import, storage, tracking and GPU checks (a dict).
 
     ``driver_wrote``: whether the driver's probe is in the storage (else the node only
-    writes, reads back and deletes its own).
+    writes, reads back and deletes its own). ``credentials``: the variables the URIs
+    given to the driver filled (:func:`study.credentials.taken_env`), set for the storage
+    and tracking checks only (a worker runs one task at a time; they are restored after).
     """
     out: dict[str, Any] = {"host": socket.gethostname(), "checks": {}}
     checks = out["checks"]
@@ -361,8 +368,9 @@ def _node_probe(
             checks["import"] = (OK, version)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         checks["import"] = (FAIL, _reason(exc))
-    checks["storage"] = _storage_probe(base, token, out["host"], driver_wrote)
-    tracking = check_tracking_from_here(tracking_uri, timeout_s * 0.5, driver=False)
+    with applied(credentials or {}):
+        checks["storage"] = _storage_probe(base, token, out["host"], driver_wrote)
+        tracking = check_tracking_from_here(tracking_uri, timeout_s * 0.5, driver=False)
     checks["tracking"] = (tracking.status, tracking.detail)
     try:
         import torch
@@ -500,17 +508,24 @@ def check_cluster(
         storage: the study storage: a local path (a shared mount on a cluster) or a
             ``pyarrow.fs`` URI (``s3://bucket/prefix``). Nothing stays behind in it.
         tracking_uri: the MLflow tracking store (``http(s)://``, ``postgresql://``,
-            ``sqlite:///``…).
+            ``sqlite:///``…). A password in it (or in ``storage``) moves to this
+            process's environment (:func:`study.credentials.take_credentials`) and
+            reaches the nodes' checks as a task argument, never a line of the report.
         timeout_s: seconds each node, and the driver's own checks, may take (all nodes
             run at once).
 
     Returns:
         A :class:`DoctorReport`; ``report.ok`` is False when any check failed. A cluster
         that cannot be joined is a problem of the report, not an exception.
+
+    Raises:
+        UserError: a bad ``timeout_s``; a password in a URI whose scheme has no variable.
     """
     if timeout_s <= 0:
         raise UserError(f"--timeout must be a positive number of seconds, not {timeout_s:g}")
-    storage = normalize(storage)
+    tracking_uri = take_credentials(tracking_uri) or tracking_uri
+    storage = normalize(take_credentials(storage) or storage)
+    credentials = taken_env([tracking_uri, storage])
     report = DoctorReport(address, redact(storage), redact(tracking_uri), timeout_s=timeout_s)
     base = probe_base(storage)
     token = uuid.uuid4().hex
@@ -538,7 +553,7 @@ def check_cluster(
             )
             return report
         wrote = driver.checks["storage"].status == OK
-        report.rows += _probe_nodes(base, token, tracking_uri, timeout_s, wrote)
+        report.rows += _probe_nodes(base, token, tracking_uri, timeout_s, wrote, credentials)
         if not any(r.node_id for r in report.rows):
             report.problems.append("the Ray cluster has no alive node")
     finally:
@@ -560,9 +575,15 @@ def _driver_ip() -> str:
 
 
 def _probe_nodes(
-    base: str, token: str, tracking_uri: str, timeout_s: float, driver_wrote: bool
+    base: str,
+    token: str,
+    tracking_uri: str,
+    timeout_s: float,
+    driver_wrote: bool,
+    credentials: dict[str, str] | None = None,
 ) -> list[NodeRow]:
-    """Run :func:`_node_probe` on every alive node at once; ``timeout_s`` for all."""
+    """Run :func:`_node_probe` on every alive node at once; ``timeout_s`` for all
+    (``credentials``: the variables its checks need, see :func:`_node_probe`)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -590,7 +611,7 @@ def _probe_nodes(
         refs.append(
             probe.options(
                 num_cpus=0, scheduling_strategy=strategy, max_retries=0, name="study-doctor"
-            ).remote(base, token, tracking_uri, timeout_s, version, driver_wrote)
+            ).remote(base, token, tracking_uri, timeout_s, version, driver_wrote, credentials)
         )
     deadline = time.monotonic() + timeout_s
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -648,10 +669,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    """``study doctor``: print the report's table; 0 when every check passed, else 1."""
-    from study.tracking import default_tracking_uri
+    """``study doctor``: print the report's table; 0 when every check passed, else 1.
+    The tracking URI and storage are read as ``study run`` reads them (a password in
+    either moves to the environment first)."""
+    from study.cli import _storage, _tracking_uri
 
-    tracking = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    report = check_cluster(args.address, args.storage or "studies", tracking, args.timeout)
+    report = check_cluster(args.address, _storage(args), _tracking_uri(args), args.timeout)
     print(report.table(), flush=True)
     return 0 if report.ok else 1

@@ -14,10 +14,12 @@ test's arguments; importing them by their fixture names works too).
 Each server is started once per session however many modules import its fixture.
 
 - ``postgres``: a PostgreSQL cluster from Debian's ``postgresql`` package
-  (``initdb``/``pg_ctl`` in ``/usr/lib/postgresql/<version>/bin``), in a temp folder,
-  run as an unprivileged user (the server refuses root), password authentication
-  (``scram-sha-256``) on ``127.0.0.1``. Skipped, with the reason, where ``initdb`` is
-  not installed (``.ci/run`` installs the package).
+  (``initdb``/``postgres`` in ``/usr/lib/postgresql/<version>/bin``), in a temp folder,
+  started and stopped by the code of ``study server --postgres``
+  (:class:`study.server.LocalPostgres`: as an unprivileged user when run as root, since
+  the server refuses root; password authentication, ``scram-sha-256``) on ``127.0.0.1``.
+  Skipped, with the reason, where ``initdb`` is not installed (``.ci/run`` installs the
+  package).
 - ``s3_server``: moto's standalone S3 server (``moto[server]``, the dev extra).
   ``s3_server.env`` holds the variables a client needs; ``s3_env`` applies them for one
   test.
@@ -29,12 +31,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import glob
 import os
-import pwd
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -48,12 +47,14 @@ from pathlib import Path
 
 import pytest
 
+from study.server import PG_USER, LocalPostgres
+from study.server import pg_bin as server_pg_bin
 from study.ui import stop_group  # noqa: F401 - the tests stop their servers with it
 
 HOST = "127.0.0.1"
-PG_USER = "study"  # the cluster's superuser (the role tests connect as)
-PG_SYSTEM_USER = "nobody"  # the unprivileged OS user that runs the server when tests run as root
-PG_FALLBACK_USER = "energy-study-pg"  # created with useradd where ``nobody`` does not exist
+#: postgresql.conf settings of the tests' cluster: fast, not crash-safe
+TEST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                 "max_connections": "200"}  # fmt: skip
 S3_KEY_ID = "testing"
 S3_SECRET = "testing-secret"
 S3_REGION = "us-east-1"
@@ -148,48 +149,19 @@ def _stop_all() -> None:  # an interrupted session still leaves no server behind
 
 # --- PostgreSQL ------------------------------------------------------------------
 def pg_bin() -> Path | None:
-    """The newest ``/usr/lib/postgresql/<version>/bin`` holding ``initdb``, or None."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: (
-            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
-        ),
-    )
-    if found:
-        return Path(found[-1]).parent
-    initdb = shutil.which("initdb")
-    return Path(initdb).parent if initdb else None
-
-
-def _system_user() -> pwd.struct_passwd | None:
-    """The unprivileged user that runs the server (None: the tests do not run as root)."""
-    if os.geteuid() != 0:
-        return None
-    for name in (PG_SYSTEM_USER, PG_FALLBACK_USER):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name)
-    subprocess.run(
-        [
-            "useradd",
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            PG_FALLBACK_USER,
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return pwd.getpwnam(PG_FALLBACK_USER)
+    """The newest ``/usr/lib/postgresql/<version>/bin`` holding ``initdb``, or None
+    (:func:`study.server.pg_bin`)."""
+    return server_pg_bin()
 
 
 @dataclass
 class Postgres:
-    """A running throw-away PostgreSQL cluster.
+    """A running throw-away PostgreSQL cluster: ``study server --postgres``'s
+    :class:`study.server.LocalPostgres` in a temp folder, tuned for tests (no fsync).
 
     Attributes:
-        bin: folder of ``initdb``, ``pg_ctl``, ``pg_dump``.
-        root: the temp folder (data directory ``root/data``, log ``root/server.log``).
+        bin: folder of ``initdb``, ``postgres``, ``psql``, ``pg_dump``.
+        root: the temp folder (data directory ``root/data``, log ``root/postgresql.log``).
         port: TCP port on 127.0.0.1.
         user: the superuser role the tests connect as.
         password: its password (scram-sha-256; every host connection needs it).
@@ -201,7 +173,7 @@ class Postgres:
     user: str = PG_USER
     password: str = field(default_factory=lambda: "pw-" + secrets.token_hex(12))
     host: str = HOST
-    _os_user: pwd.struct_passwd | None = None
+    _server: LocalPostgres | None = None
 
     @property
     def data(self) -> Path:
@@ -209,7 +181,7 @@ class Postgres:
 
     @property
     def log(self) -> Path:
-        return self.root / "server.log"
+        return self.root / "postgresql.log"
 
     def url(self, db: str = "postgres", password: bool = True) -> str:
         """``postgresql://user[:password]@127.0.0.1:port/db``; without the password a
@@ -222,89 +194,22 @@ class Postgres:
         """The libpq variables that carry the credentials (``PGPASSWORD``, ``PGUSER``)."""
         return {"PGPASSWORD": self.password, "PGUSER": self.user}
 
-    def _run_as_owner(self, cmd: Sequence[str], **kwargs) -> subprocess.CompletedProcess:  # noqa: ANN003
-        user = self._os_user
-        extra = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
-        env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
-        return subprocess.run(
-            list(cmd), cwd=self.root, env=env, capture_output=True, text=True, **extra, **kwargs
-        )
-
     def _client_env(self) -> dict[str, str]:
         return {**os.environ, **self.env, "PGHOST": self.host, "PGPORT": str(self.port)}
 
     def start(self) -> None:
-        """initdb (superuser ``user`` with ``password``), then ``pg_ctl start``, waiting."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._os_user = _system_user()
-        pwfile = self.root / "pwfile"
-        pwfile.write_text(self.password + "\n")
-        pwfile.chmod(0o600)
-        if self._os_user is not None:
-            for p in (self.root, pwfile):
-                os.chown(p, self._os_user.pw_uid, self._os_user.pw_gid)
-        self.root.chmod(0o700)
-        done = self._run_as_owner(
-            [
-                str(self.bin / "initdb"),
-                "-D", str(self.data),
-                "-U", self.user,
-                "--pwfile", str(pwfile),
-                "--auth-host=scram-sha-256",
-                "--auth-local=scram-sha-256",
-                "-E", "UTF8",
-                "--no-instructions",
-            ]
+        """initdb (superuser ``user`` with ``password``), then the server, waiting."""
+        self.root.chmod(0o711)  # the OS user that runs it (when root) passes through
+        self._server = LocalPostgres(
+            self.root, self.password, port=self.port, host=self.host, user=self.user,
+            bin=self.bin, settings=TEST_SETTINGS,
         )  # fmt: skip
-        pwfile.unlink()
-        if done.returncode != 0:
-            raise RuntimeError(f"initdb failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        conf = (
-            f"listen_addresses = '{self.host}'\nport = {self.port}\n"
-            "unix_socket_directories = ''\nfsync = off\nsynchronous_commit = off\n"
-            "full_page_writes = off\nmax_connections = 200\n"
-        )
-        with open(self.data / "postgresql.conf", "a") as fh:
-            fh.write(conf)
-        # pg_ctl forks the postmaster into its own session; stop() ends it
-        done = self._run_as_owner(
-            [
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.log),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ]
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"pg_ctl start failed:\n{done.stdout}\n{done.stderr}{_tail(self.log)}"
-            )
+        self._server.start()
 
     def stop(self) -> None:
-        """``pg_ctl stop -m fast``; kills the postmaster if that fails; removes the folder."""
-        if self.data.exists():
-            done = self._run_as_owner(
-                [
-                    str(self.bin / "pg_ctl"),
-                    "-D",
-                    str(self.data),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "-t",
-                    "30",
-                    "stop",
-                ]
-            )
-            pidfile = self.data / "postmaster.pid"
-            if done.returncode != 0 and pidfile.exists():
-                with contextlib.suppress(ValueError, ProcessLookupError, OSError):
-                    os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
+        """Fast shutdown, then whatever is left of its process group; removes the folder."""
+        if self._server is not None:
+            self._server.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def psql(self, sql: str, db: str = "postgres") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,46 @@ def test_working_dir_reaches_the_workers_on_a_real_cluster(tmp_path) -> None:
     listing, cwd, value = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert listing == ["pkg_marker.py"] and value == 1
     assert cwd != str(code)  # a copy unpacked by Ray, not the folder itself
+
+
+# --- passwords in --tracking-uri and --optuna-storage ------------------------------------
+_PG_VARIABLES = ("PGPASSWORD", "MLFLOW_TRACKING_URI")
+
+
+def test_run_refuses_two_postgres_passwords_as_a_spec_does(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Different passwords in --tracking-uri and --optuna-storage: exit 2, one paragraph
+    naming both options and ~/.pgpass, no password shown or moved; StudySpec refuses the
+    same pair with the same message."""
+    for name in _PG_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    tracking, optuna = "postgresql://a:first-pw@h1/mlflow", "postgresql://a:second-pw@h2/optuna"
+    argv = ["run", "--storage", str(tmp_path), "--tracking-uri", tracking,
+            "--optuna-storage", optuna]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study run: error: --tracking-uri and --optuna-storage carry different")
+    assert "~/.pgpass" in err and "same user and password" in err
+    assert "first-pw" not in err and "second-pw" not in err
+    assert "postgresql://a:***@h1/mlflow" in err.replace("\n", " ")
+    assert "PGPASSWORD" not in os.environ  # refused before anything moved
+    with pytest.raises(ConfigError) as caught:
+        StudySpec(name="two", storage=str(tmp_path), tracking_uri=tracking, optuna_storage=optuna)
+    flat = " ".join(err.split()).removeprefix("study run: error: ")
+    assert " ".join(str(caught.value).split()) == flat
+
+
+def test_run_takes_one_postgres_password_given_twice(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same password in both URIs is fine: both URIs lose it, PGPASSWORD holds it."""
+    for name in _PG_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    argv = ["run", "--storage", str(tmp_path),
+            "--tracking-uri", "postgresql://a:same-pw@h1/mlflow",
+            "--optuna-storage", "postgresql://b@h2/optuna?password=same-pw"]  # fmt: skip
+    spec = cli._spec_from_args(cli.build_parser().parse_args(argv))
+    assert spec.tracking_uri == "postgresql://a@h1/mlflow"
+    assert spec.optuna_storage == "postgresql://b@h2/optuna"
+    assert os.environ["PGPASSWORD"] == "same-pw"

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from study.credentials import check_one_password, redact, split_credentials, take_credentials
+from study.credentials import (
+    applied,
+    check_one_password,
+    redact,
+    split_credentials,
+    take_credentials,
+    taken_env,
+)
 from study.spec import StudySpec
 from trainables.errors import ConfigError
 
@@ -99,6 +106,15 @@ def test_two_passwords_for_one_variable_are_refused() -> None:
         check_one_password("postgresql://u:one@a/db", "postgresql://u:two@b/optuna")
     assert ":one@" not in str(caught.value)
     assert ":two@" not in str(caught.value)
+    assert str(caught.value).startswith("--tracking-uri and --optuna-storage carry different")
+    # a password in the query counts the same; the labels name the options given
+    with pytest.raises(ConfigError, match="^--backend-store-uri and --auth-database-uri") as c2:
+        check_one_password(
+            "postgresql://u@a/db?password=pw-one",
+            "postgresql://u:pw-two@b/auth",
+            labels=("--backend-store-uri", "--auth-database-uri"),
+        )
+    assert "pw-one" not in str(c2.value) and "pw-two" not in str(c2.value)
 
 
 def test_redact_hides_every_password_in_free_text() -> None:
@@ -141,6 +157,82 @@ def test_a_spec_refuses_two_passwords_for_pgpassword(tmp_path) -> None:
             tracking_uri="postgresql://a:one@h1/mlflow",
             optuna_storage="postgresql://a:two@h2/optuna",
         )
+
+
+@pytest.mark.parametrize(
+    ("uri", "clean", "env"),
+    [
+        (
+            "postgresql://alice@db:5432/mlflow?password=s3cr%26t&sslmode=require",
+            "postgresql://alice@db:5432/mlflow?sslmode=require",
+            {"PGPASSWORD": "s3cr&t"},
+        ),
+        (
+            "postgresql+psycopg2://alice@db/optuna?sslmode=disable&PASSWORD=pw&application_name=x",
+            "postgresql+psycopg2://alice@db/optuna?sslmode=disable&application_name=x",
+            {"PGPASSWORD": "pw"},
+        ),
+        (  # the same password twice in one URI: one variable, both places cleaned
+            "postgresql://alice:pw@db/mlflow?password=pw",
+            "postgresql://alice@db/mlflow",
+            {"PGPASSWORD": "pw"},
+        ),
+        ("mysql://carol@db/optuna?password=pw", "mysql://carol@db/optuna", {"MYSQL_PWD": "pw"}),
+    ],
+)
+def test_a_password_in_the_query_moves_like_one_in_the_user_part(
+    uri: str, clean: str, env: dict[str, str]
+) -> None:
+    import os
+
+    assert split_credentials(uri) == (clean, env)
+    assert take_credentials(uri) == clean
+    assert {name: os.environ[name] for name in env} == env
+
+
+def test_a_query_password_is_refused_where_it_has_no_variable_or_differs() -> None:
+    with pytest.raises(ConfigError) as caught:
+        split_credentials("sqlite:///mlflow.db?password=topsecret")
+    assert "topsecret" not in str(caught.value) and "password=***" in str(caught.value)
+    with pytest.raises(ConfigError, match="two different passwords") as caught:
+        split_credentials("postgresql://u:pw-first@h/db?password=pw-second")
+    assert "pw-first" not in str(caught.value) and "pw-second" not in str(caught.value)
+
+
+def test_redact_hides_query_passwords() -> None:
+    text = (
+        "cannot connect to postgresql://u@h/db?password=p%40ss&sslmode=require "
+        "nor mysql://u@h/db?sslmode=x&Password=hunter2; ?passwords=fine stays"
+    )
+    assert redact(text) == (
+        "cannot connect to postgresql://u@h/db?password=***&sslmode=require "
+        "nor mysql://u@h/db?sslmode=x&Password=***; ?passwords=fine stays"
+    )
+
+
+def test_taken_env_holds_what_uris_gave_not_what_the_user_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only variables a URI filled travel to other machines, for the schemes asked."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "users-own-key")  # set by the user: stays home
+    take_credentials("http://bob:hunter2@mlflow.example:5000")
+    take_credentials("postgresql://u:pg-pw@db/optuna")
+    http = taken_env(["http://mlflow.example:5000", "s3://bucket/prefix"])
+    assert http == {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "hunter2"}
+    assert taken_env(["postgresql://u@db/optuna"]) == {"PGPASSWORD": "pg-pw"}
+    assert taken_env(["sqlite:///x.db", "/a/folder"]) == {}
+
+
+def test_applied_sets_variables_for_a_block_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setenv("PGPASSWORD", "before")
+    with applied({"PGPASSWORD": "during", "MYSQL_PWD": "during-too"}):
+        assert (os.environ["PGPASSWORD"], os.environ["MYSQL_PWD"]) == ("during", "during-too")
+    assert os.environ["PGPASSWORD"] == "before" and "MYSQL_PWD" not in os.environ
+    with pytest.raises(RuntimeError), applied({"MYSQL_PWD": "x"}):
+        raise RuntimeError("a failing check")
+    assert "MYSQL_PWD" not in os.environ
 
 
 # --- end to end: a study on PostgreSQL with the password in the URIs (slow) ---------------

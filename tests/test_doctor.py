@@ -49,16 +49,20 @@ def _probes_left(folder: Path) -> list[Path]:
 
 
 def test_doctor_names_an_unreachable_database_without_its_password(
-    ray_cluster, tmp_path: Path
+    ray_cluster, tmp_path: Path, monkeypatch
 ) -> None:
     """A PostgreSQL store nobody listens on: a FAIL naming host and port; the password
-    given in the URI is in no line of the report."""
+    given in the URI moved to PGPASSWORD, as `study run` moves it, and is in no line of
+    the report."""
+    monkeypatch.delenv("PGPASSWORD", raising=False)
     port = _closed_port()
     uri = f"postgresql://study:not-for-print@127.0.0.1:{port}/mlflow"
     report = check_cluster(None, str(tmp_path), uri, 30)
     text = report.table()
     assert not report.ok
-    assert "not-for-print" not in text and "study:***@" in text, text
+    assert "not-for-print" not in text, text
+    assert f"tracking: postgresql://study@127.0.0.1:{port}/mlflow" in text, text
+    assert os.environ["PGPASSWORD"] == "not-for-print"
     tracking = [r.checks["tracking"] for r in report.rows]
     assert all(c.status == FAIL for c in tracking), text
     assert all(f"127.0.0.1:{port} could not be reached" in c.detail for c in tracking), text
@@ -272,3 +276,32 @@ def test_tracking_check_needs_this_nodes_mlflow_credentials(auth_server, monkeyp
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "correct-horse-battery")
     assert check_tracking_from_here(auth_server, 5, driver=False) == Check(OK, "/health and API ok")
+
+
+def test_doctor_takes_the_credentials_out_of_the_tracking_uri_for_every_node(
+    ray_cluster, auth_server, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`study doctor --tracking-uri http://alice:PW@host:port`, as `study run` takes it: the
+    driver and the node (whose Ray workers started before PW was in any environment) both
+    pass the authenticated check, PW is in no line of the output, and the workers'
+    environment is as before once the check is done."""
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+
+    @ray_cluster.remote(num_cpus=0)
+    def worker_password() -> str | None:
+        return os.environ.get("MLFLOW_TRACKING_PASSWORD")
+
+    assert ray_cluster.get(worker_password.remote()) is None  # the nodes lack it
+    secret = "correct-horse-battery"
+    given = auth_server.replace("http://", f"http://alice:{secret}@")
+    rc = run_doctor(_doctor_args("--storage", str(tmp_path / "studies"), "--tracking-uri", given))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "all checks passed" in out
+    assert f"tracking: {auth_server}\n" in out  # the URI as shown: no user, no password
+    assert secret not in out and "alice" not in out
+    node_rows = [ln for ln in out.splitlines() if ln and ln.split()[0] not in ("driver", "node")]
+    assert any(ln.rstrip().endswith("OK") for ln in node_rows), out  # the node's tracking
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"  # moved, as study run does
+    assert ray_cluster.get(worker_password.remote()) is None  # set for the check only

@@ -429,3 +429,158 @@ def test_server_auth_file_must_hold_user_and_password(tmp_path: Path) -> None:
     ini.write_text("[mlflow]\nadmin_username = boss\nadmin_password = a-long-enough-pw\n")
     admin = admin_credentials(str(ini), {})
     assert admin is not None and (admin.username, admin.config) == ("boss", ini.resolve())
+
+
+# --- the basic-auth user store on PostgreSQL, and study server --postgres DIR ------------
+def test_server_plan_keeps_the_user_store_password_out_of_the_ini(tmp_path: Path) -> None:
+    """A password in --auth-database-uri goes to the server's PGPASSWORD; basic_auth.ini
+    names the database without it; a different password than the store's is refused."""
+    from study.server import plan
+    from trainables.errors import UserError
+
+    folder = tmp_path / "stack"
+    auth = "postgresql://users:auth-pw-12345@db.internal/mlflow_users?sslmode=require"
+    argv = ("--folder", str(folder), "--auth", "--auth-database-uri", auth)
+    p = plan(_args(*argv), environ={"MLFLOW_TRACKING_PASSWORD": "a" * 16})
+    assert p.env["PGPASSWORD"] == "auth-pw-12345"
+    assert "auth-pw-12345" not in " ".join(p.cmd + p.lines)
+    p.prepare()
+    ini = (folder / "basic_auth.ini").read_text()
+    assert "auth-pw-12345" not in ini
+    assert "database_uri = postgresql://users@db.internal/mlflow_users?sslmode=require\n" in ini
+    with pytest.raises(UserError, match="--backend-store-uri and --auth-database-uri") as caught:
+        plan(
+            _args(*argv, "--backend-store-uri", "postgresql://m:other-pw@db.internal/mlflow"),
+            environ={"MLFLOW_TRACKING_PASSWORD": "a" * 16},
+        )
+    assert "other-pw" not in str(caught.value) and "auth-pw" not in str(caught.value)
+
+
+def test_server_plan_postgres_dir_builds_the_store_and_says_where_the_password_is(
+    tmp_path: Path,
+) -> None:
+    """--postgres DIR: the store is the cluster's database mlflow on 127.0.0.1, a generated
+    password (to be written to DIR/password) or PGPASSWORD's, never shown; the Optuna URI
+    printed without it; nothing created by the plan; --backend-store-uri with it refused."""
+    from study.server import plan
+    from trainables.errors import UserError
+
+    pg = tmp_path / "pg"
+    argv = ("--folder", str(tmp_path / "stack"), "--postgres", str(pg), "--postgres-port", "6543")
+    p = plan(_args(*argv), environ={})
+    assert p.database is not None and p.password_file == pg / "password"
+    assert p.backend == "postgresql://study@127.0.0.1:6543/mlflow"
+    assert p.env["PGPASSWORD"] == p.database.password and len(p.database.password) >= 24
+    shown = "\n".join(p.cmd + p.lines)
+    assert p.database.password not in shown
+    assert "--optuna-storage postgresql://study@127.0.0.1:6543/optuna" in shown
+    assert f"password generated into {pg / 'password'} (mode 600)" in shown
+    assert not pg.exists()
+
+    given = plan(_args(*argv), environ={"PGPASSWORD": "from-the-environment"})
+    assert given.database is not None and given.password_file is None
+    assert given.env["PGPASSWORD"] == "from-the-environment"
+    assert "password from PGPASSWORD" in "\n".join(given.lines)
+    with pytest.raises(UserError, match="give one of them"):
+        plan(_args(*argv, "--backend-store-uri", "postgresql://u@h/db"), environ={})
+
+
+def test_postgres_dir_without_the_server_programs_says_what_to_install(tmp_path: Path) -> None:
+    from study.server import require_pg_bin
+    from trainables.errors import UserError
+
+    with pytest.raises(UserError, match="apt-get install postgresql"):
+        require_pg_bin(lib=tmp_path, path=str(tmp_path))
+
+
+@slow
+def test_study_server_user_store_on_postgres_without_its_password_in_the_ini(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    """--auth-database-uri postgresql://user:PW@…: basic_auth.ini has no PW, the server
+    (PW in its PGPASSWORD) keeps its users in PostgreSQL: 401 without credentials, 200
+    with the admin's; PW never printed."""
+    folder = tmp_path / "stack"
+    postgres.create_database("auth_users")
+    port = free_port()
+    user, password = "team-admin", "pw-" + uuid.uuid4().hex
+    server = StudyServer(
+        ["--folder", str(folder), "--port", str(port), "--workers", "1", "--auth",
+         "--auth-database-uri", postgres.url("auth_users")],
+        _server_env(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password),
+        folder,
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        ini = (folder / "basic_auth.ini").read_text()
+        assert postgres.password not in ini
+        assert f"database_uri = {postgres.url('auth_users', password=False)}\n" in ini
+        search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _status(search) == 401
+        assert _status(search, (user, password)) == 200
+        assert user in postgres.psql("SELECT username FROM users", db="auth_users")
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert postgres.password not in server.output()
+
+
+@slow
+def test_study_server_postgres_dir_keeps_the_runs_across_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """study server --postgres DIR: a cluster made in DIR with a generated password
+    (DIR/password, mode 600, never printed) holds a logged run and an Optuna study;
+    SIGTERM stops MLflow and PostgreSQL (both ports free); a restart on DIR serves the run."""
+    import tempfile
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from servers import pg_bin
+
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    base = Path(tempfile.mkdtemp(prefix="study-served-pg-"))
+    base.chmod(0o711)  # as root, PostgreSQL runs as another user, who must pass through
+    pg, folder = base / "pg", tmp_path / "stack"
+    port, pg_port = free_port(), free_port()
+    argv = ["--folder", str(folder), "--port", str(port), "--workers", "1",
+            "--postgres", str(pg), "--postgres-port", str(pg_port)]  # fmt: skip
+    try:
+        server = StudyServer(argv, _server_env(), folder)
+        try:
+            uri = server.wait_ready()
+            password = (pg / "password").read_text().strip()
+            assert (pg / "password").stat().st_mode & 0o777 == 0o600
+            output = server.output()
+            assert f"password generated into {pg / 'password'}" in output
+            optuna_url = f"postgresql://study@127.0.0.1:{pg_port}/optuna"
+            assert f"study run --optuna-storage {optuna_url} " in output
+            run_id, _ = _log_one_run(uri, tmp_path)
+            monkeypatch.setenv("PGPASSWORD", password)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.create_study(study_name="served", storage=optuna_url)
+            study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        finally:
+            code = server.stop()
+        assert code == 0
+        assert not _listening(port) and not _listening(pg_port)  # both stopped
+        assert password not in server.output()
+
+        server.log.unlink()
+        again = StudyServer(argv, _server_env(), folder)
+        try:
+            uri = again.wait_ready()
+            assert f"password in {pg / 'password'}" in again.output()
+            run = MlflowClient(uri).get_run(run_id)
+            assert run.data.metrics["val_acc"] == 0.75
+            assert len(optuna.load_study(study_name="served", storage=optuna_url).trials) == 2
+        finally:
+            code = again.stop()
+        assert code == 0
+        assert not _listening(pg_port)
+        assert password not in again.output()
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
