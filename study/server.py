@@ -403,7 +403,7 @@ class LocalPostgres:
     """
 
     folder: Path
-    password: str
+    password: str = field(repr=False)  # never in a repr, a log or a traceback
     port: int = PG_PORT
     host: str = PG_HOST
     user: str = PG_USER
