@@ -416,16 +416,18 @@ def _continue(storage: str, name: str, args: argparse.Namespace) -> int:
     )
 
 
-def _finish(outcome: StudyOutcome | None) -> int:
-    """Print the outcome of ``study run``/``resume``; 130 after Ctrl-C, 1 if no trial finished."""
-    if outcome is None:
-        return 130
+def _finish(outcome: StudyOutcome | int) -> int:
+    """Print the outcome of ``study run``/``resume``; 1 if no trial finished. An int is
+    the exit status of an interrupted study (128 + the signal: 130 Ctrl-C, 143 SIGTERM)."""
+    if isinstance(outcome, int):
+        return outcome
     _print_outcome(outcome)
     return 0 if any(t.status == "FINISHED" for t in outcome.trials) else 1
 
 
 def _run_or_interrupted(spec, *, resume: bool, verbose: bool, working_dir: str | None = None):
-    """``run_study``; after a Ctrl-C, say what finished and how to continue (None)."""
+    """``run_study``; after a Ctrl-C or SIGTERM, say what finished and how to continue,
+    and return the exit status (128 + the signal)."""
     from study.runner import StudyInterrupted, resume_command, run_study
 
     try:
@@ -433,12 +435,12 @@ def _run_or_interrupted(spec, *, resume: bool, verbose: bool, working_dir: str |
     except StudyInterrupted as stop:
         done = sum(t.status == "FINISHED" for t in stop.outcome.trials)
         print(
-            f"\nstudy {spec.name} interrupted (Ctrl-C): {done} trial(s) finished, the rest "
-            f"saved; continue with:\n  {resume_command(spec)}",
+            f"\nstudy {spec.name} interrupted ({stop.stopped_by}): {done} trial(s) finished, "
+            f"the rest saved; continue with:\n  {resume_command(spec)}",
             file=sys.stderr,
             flush=True,
         )
-        return None
+        return 128 + stop.signum
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:

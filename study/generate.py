@@ -529,7 +529,7 @@ def generation_trial(
 
     from ray import tune
 
-    from trainables.ray_adapter import scratch_folder
+    from trainables.ray_adapter import scratch_folder, snapshot
 
     local = {key: shipped.local(spec.cache / "shipped") for key, shipped in (files or {}).items()}
     if SOURCE_KEY in local:
@@ -548,7 +548,8 @@ def generation_trial(
                 f"data_root = {source.train_config.get('data_root')!r} on every node that "
                 f"runs trials (a shared volume; see docs/cluster.md). {exc}"
             ) from None
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(out)))
+        with snapshot(out) as files:  # without the folder's hidden owner record
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(files)))
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

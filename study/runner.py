@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from reports.data import retry
 from reports.vocabulary import (
     COMMAND_ARTIFACT,
     PARENT_STUDY,
@@ -25,6 +27,7 @@ from reports.vocabulary import (
     ROLE_TRIAL,
     SPEC_ARTIFACT,
     SPEC_DIR,
+    TAG_ARTIFACT_ERROR,
     TAG_FAILURE,
     TAG_PARENT,
     TAG_ROLE,
@@ -37,6 +40,7 @@ from study.spec import SearchSpec, StudySpec
 from study.tracking import MlflowTracker, flatten
 from study.trial import uses_train_backend
 from study.ui import describe_study, name_optuna_study
+from trainables.files import FINISHED_RUN_FILES, STOPPED_RUN_FILES
 
 #: Ray Train V2 polls its workers this often (seconds); its default of 2 s adds
 #: several seconds to every TorchTrainer start and finish.
@@ -70,6 +74,16 @@ class TrialOutcome:
     metrics: dict[str, float]  # its last result's numbers
     error: str | None
     run_id: str | None = None  # its MLflow run (study generate sets it)
+
+
+@dataclass
+class EndedTrial:
+    """A trial that Tune ended (TERMINATED: it ran to its end or the scheduler stopped
+    it), as its MLflow run is finished from it (:func:`_reconcile`)."""
+
+    config: dict[str, Any]  # its Tune config
+    checkpoint: Any  # Tune's last checkpoint of it (None for the train backend)
+    last: dict[str, Any]  # its last result (for the train backend, with the checkpoint's path)
 
 
 @dataclass
@@ -388,7 +402,7 @@ def trial_outcomes(
     for result in grid:
         if result.config is None:  # a trial that never started (study interrupted)
             continue
-        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+        trial_id = _result_trial_id(result)
         metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
         if result.error is not None:
             status = "FAILED"
@@ -397,6 +411,41 @@ def trial_outcomes(
         error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
         outcomes.append(TrialOutcome(str(trial_id), status, dict(result.config), metrics, error))
     return outcomes
+
+
+def ended_trials(grid: Any) -> dict[str, EndedTrial]:
+    """The trials of a Tune result grid that Tune ended without an error (TERMINATED:
+    they ran to their end or the scheduler stopped them), by id; not the ones an
+    interrupt stopped, which ``study resume`` continues.
+
+    Args:
+        grid: what ``Tuner.fit`` returned.
+    """
+    statuses = _tune_statuses(grid)
+    ended = {}
+    for result in grid:
+        if result.config is None or result.error is not None:
+            continue
+        trial_id, last = _result_trial_id(result), dict(result.metrics or {})
+        status = statuses.get(trial_id)
+        if status == "TERMINATED" or (status is None and last.get("done")):
+            ended[trial_id] = EndedTrial(dict(result.config), result.checkpoint, last)
+    return ended
+
+
+def _tune_statuses(grid: Any) -> dict[str, str]:
+    """Tune's status of every trial of a result grid (``TERMINATED``, ``PAUSED`` …), by
+    id; empty where the grid does not tell (Ray keeps the trials in a private field; the
+    last result's ``done`` is the fallback, which Tune does not always save)."""
+    try:
+        return {str(t.trial_id): str(t.status) for t in grid._experiment_analysis.trials}
+    except Exception:  # noqa: BLE001 - another Ray version: fall back on `done`
+        return {}
+
+
+def _result_trial_id(result: Any) -> str:
+    """The trial id of one result of a Tune result grid."""
+    return str((result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path))
 
 
 def can_resume(spec: SearchSpec) -> bool:
@@ -522,7 +571,7 @@ def check_nodes(spec: StudySpec) -> None:
 def _fit_and_finish(
     spec: StudySpec, tuner: Any, tracker: MlflowTracker, parent: str, sigint: _Interrupts
 ) -> StudyOutcome:
-    t0 = time.perf_counter()
+    t0, fit_started_ms = time.perf_counter(), int(time.time() * 1000)
     grid = tuner.fit()
     search_s = time.perf_counter() - t0
     interrupted = sigint.caught()
@@ -534,11 +583,12 @@ def _fit_and_finish(
         remove_orphaned_placement_groups(all_of_this_job=True)
     outcomes = trial_outcomes(grid, spec.ran_full_budget)  # the rule the searcher uses
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
+    ended = ended_trials(grid)
     if interrupted:
-        _reconcile(tracker, spec, outcomes, interrupted=True)
+        _reconcile(tracker, spec, parent, outcomes, ended, fit_started_ms, interrupted=True)
         tracker.end_run(parent, "KILLED")
-        raise StudyInterrupted(spec, outcome)
-    _reconcile(tracker, spec, outcomes)
+        raise StudyInterrupted(spec, outcome, sigint.signum)
+    _reconcile(tracker, spec, parent, outcomes, ended, fit_started_ms)
     t1 = time.perf_counter()
     outcome.finals = run_finals(spec, tracker, outcome)
     outcome.final_s = time.perf_counter() - t1
@@ -579,17 +629,25 @@ def run_finals(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -
 
 
 class StudyInterrupted(Exception):
-    """The study was stopped by Ctrl-C (SIGINT); its state is saved for ``study resume``.
+    """The study was stopped by Ctrl-C (SIGINT) or SIGTERM; its state is saved for
+    ``study resume``.
 
     Attributes:
         spec: the study.
         outcome: the trials as they stood when it stopped.
+        signum: the signal that stopped it (``signal.SIGINT`` for Ctrl-C, ``SIGTERM``).
     """
 
-    def __init__(self, spec: StudySpec, outcome: StudyOutcome) -> None:
-        super().__init__(f"study {spec.name} interrupted")
+    def __init__(self, spec: StudySpec, outcome: StudyOutcome, signum: int = signal.SIGINT) -> None:
+        super().__init__(f"study {spec.name} interrupted ({signal_text(signum)})")
         self.spec = spec
         self.outcome = outcome
+        self.signum = int(signum)
+
+    @property
+    def stopped_by(self) -> str:
+        """What stopped it, as a person would say it (``Ctrl-C``, ``SIGTERM``)."""
+        return signal_text(self.signum)
 
 
 def resume_command(spec: StudySpec) -> str:
@@ -601,14 +659,30 @@ def resume_command(spec: StudySpec) -> str:
     return " ".join(parts)
 
 
-class _Interrupts:
-    """Ctrl-C around a study's ``Tuner.fit`` and after it.
+def signal_text(signum: int) -> str:
+    """A stop signal as a person would say it: ``Ctrl-C`` for SIGINT, else its name."""
+    if signum == signal.SIGINT:
+        return "Ctrl-C"
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
-    Tune catches the first SIGINT itself (it stops the trials and saves the
-    experiment) and then puts back the handler that was there before it: ours,
-    :meth:`_now`, which ends the process at once with the resume command. So ours
-    being back in place after ``fit`` means a Ctrl-C came; after ``fit`` ours stays
-    installed until the study returns, so any later Ctrl-C stops at once.
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM (a preempting Slurm, a Kubernetes pod deleted) around a
+    study's ``Tuner.fit`` and after it.
+
+    Tune catches the first SIGINT itself (it stops the trials, saves the experiment and
+    ends its callbacks, so the MLflow writer's queue is drained) and then puts back the
+    handler that was there before it: ours, :meth:`_now`, which ends the process at once
+    with the resume command. So ours being back in place after ``fit`` means a stop
+    came; after ``fit`` ours stays installed until the study returns, so any later
+    signal stops at once. SIGTERM takes the same path: :meth:`_term` hands it to
+    whatever handles SIGINT at that moment (Tune's during ``fit``, ours before and
+    after), so a preempted study stops as gracefully as a Ctrl-C and a second SIGTERM
+    stops it at once. Ours replace the SIGTERM handler ``ray.init`` installs (which
+    would end the driver with no state saved) until the study returns.
     """
 
     def __init__(self, spec: StudySpec) -> None:
@@ -616,24 +690,40 @@ class _Interrupts:
         self.main = threading.current_thread() is threading.main_thread()
         self.tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
         self.previous: Any = None
+        self.previous_term: Any = None
         self.hit = False
+        self.signum = int(signal.SIGINT)  #: the signal that stopped the study
+
+    @property
+    def stopped_by(self) -> str:
+        """What stopped the study (:func:`signal_text`)."""
+        return signal_text(self.signum)
 
     def _now(self, signum: int, frame: Any) -> None:
         print(
-            f"\nstopped at once (Ctrl-C); continue with: {resume_command(self.spec)}",
+            f"\nstopped at once ({signal_text(signum)}); continue with: "
+            f"{resume_command(self.spec)}",
             file=sys.stderr,
             flush=True,
         )
-        os._exit(130)
+        os._exit(128 + signum)
+
+    def _term(self, signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if handler != self._now and not self.hit:
+            self.signum = signum  # Tune's handler: the graceful stop, by this signal
+        (handler if callable(handler) else self._now)(signum, frame)
 
     def __enter__(self) -> _Interrupts:
         if self.main:
             self.previous = signal.getsignal(signal.SIGINT)
+            self.previous_term = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGINT, self._now)
+            signal.signal(signal.SIGTERM, self._term)
         return self
 
     def caught(self) -> bool:
-        """Call right after ``fit``: whether Tune caught a Ctrl-C during it."""
+        """Call right after ``fit``: whether Tune caught a Ctrl-C or SIGTERM during it."""
         if self.main:
             if self.tune_catches and signal.getsignal(signal.SIGINT) == self._now:
                 self.hit = True
@@ -641,8 +731,9 @@ class _Interrupts:
         return self.hit
 
     def __exit__(self, *exc: object) -> None:
-        if self.main and not self.hit:  # interrupted: Ctrl-C keeps stopping at once
+        if self.main and not self.hit:  # interrupted: a signal keeps stopping at once
             signal.signal(signal.SIGINT, self.previous)
+            signal.signal(signal.SIGTERM, self.previous_term)
 
 
 def _trial_id_from_path(path: str) -> str:
@@ -654,14 +745,78 @@ def _trial_id_from_path(path: str) -> str:
 def _reconcile(
     tracker: MlflowTracker,
     spec: StudySpec,
+    parent: str,
     outcomes: list[TrialOutcome],
+    ended: dict[str, EndedTrial] | None = None,
+    since_ms: int | None = None,
     interrupted: bool = False,
-) -> None:
-    """No child run stays RUNNING once its trial has ended (e.g. after a driver kill);
-    after an interrupt, the unfinished ones are KILLED (``study resume`` reopens them)."""
+) -> list[str]:
+    """Settle the study's MLflow runs against Tune's state once ``fit`` returned; returns
+    the trials whose runs were finished here from their checkpoints.
+
+    A trial Tune ended (``ended``) whose run is still RUNNING, or was ended before this
+    driver's ``fit`` (``since_ms``) and lacks a file it must have
+    (:data:`~trainables.files.FINISHED_RUN_FILES`, or
+    :data:`~trainables.files.STOPPED_RUN_FILES` for one stopped early) that no
+    ``energy_study.artifact_error`` tag accounts for, or has no run at all, is finished
+    through the MLflow callback's own end of a trial, from its last checkpoint in the
+    storage: the driver died after Tune saved the trial as ended but before its writer
+    had ended the run, and ``study resume`` does not run that trial again. So the files
+    are uploaded, the epochs the run lacks are filled in from the checkpoint's
+    ``metrics.jsonl``, the test metrics of its last result are logged, and a file truly
+    missing is tagged. Then no other child run stays RUNNING: a failed trial's run is
+    FAILED with its reason; after an interrupt the unfinished ones are KILLED (``study
+    resume`` reopens them), as is a run whose trial Tune does not know.
+
+    Args:
+        tracker: the study's tracker.
+        spec: the study.
+        parent: the study's parent run (a trial run made here nests under it).
+        outcomes: every trial as ``fit`` left it (:func:`trial_outcomes`).
+        ended: the trials Tune ended (:func:`ended_trials`).
+        since_ms: when this driver's ``fit`` started (milliseconds since the epoch): a
+            run ended since then was ended by its MLflow callback, which uploaded its
+            files or tagged what it lacks, and is not listed again (None: every run is).
+        interrupted: ``fit`` was stopped by a signal.
+    """
+    from study.callbacks import MlflowCallback
+
+    runs = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: ROLE_TRIAL})
+    newest: dict[str, Any] = {}
+    for run in runs:  # newest first
+        newest.setdefault(run.data.tags.get(TAG_TRIAL, ""), run)
+    callback: MlflowCallback | None = None
+    settled: list[str] = []
+    for trial_id, end in (ended or {}).items():
+        run = newest.get(trial_id)
+        if run is not None and run.info.status != "RUNNING":
+            ended_now = since_ms is not None and (run.info.end_time or 0) >= since_ms
+            if ended_now or not _unaccounted_files(tracker, spec, run, end):
+                continue
+        callback = callback or MlflowCallback(spec, parent)
+        # through the callback's writer, as its Tune hooks do: what its methods buffer
+        # (points, params) goes out before the next item and when it closes
+        checkpoint = _stored_checkpoint(spec, trial_id, end)
+        callback.writer.submit(
+            f"the run of trial {trial_id}",
+            partial(_open_ended_run, callback, tracker, spec, trial_id, end, run),
+        )
+        callback.writer.submit(
+            f"the end of trial {trial_id}",
+            partial(callback._finish, trial_id, end.config, checkpoint, end.last),
+        )
+        settled.append(trial_id)
+    if callback is not None:
+        callback.writer.close()  # every item written, or printed as a failed write
+        print(
+            f"finished the MLflow runs of {len(settled)} trial(s) that ended before the "
+            f"study's driver could record them, from their checkpoints: {', '.join(settled)}",
+            flush=True,
+        )
+    done = {newest[t].info.run_id for t in settled if t in newest}
     by_id = {t.trial_id: t for t in outcomes}
-    for run in tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: ROLE_TRIAL}):
-        if run.info.status != "RUNNING":
+    for run in runs:
+        if run.info.status != "RUNNING" or run.info.run_id in done:
             continue
         trial = by_id.get(run.data.tags.get(TAG_TRIAL, ""))
         status = "FAILED" if trial is not None and trial.status == "FAILED" else "FINISHED"
@@ -670,3 +825,72 @@ def _reconcile(
         if trial is not None and trial.error:
             tracker.set_tags(run.info.run_id, {TAG_FAILURE: trial.error})
         tracker.end_run(run.info.run_id, status)
+    return settled
+
+
+def _unaccounted_files(
+    tracker: MlflowTracker, spec: StudySpec, run: Any, end: EndedTrial
+) -> set[str]:
+    """The files an ended trial's run must have (all of a finished trial's, or those of
+    one stopped early) that are neither among its artifacts nor named in its
+    ``energy_study.artifact_error`` tag (already known to be missing from its
+    checkpoint)."""
+    required = set(
+        FINISHED_RUN_FILES if spec.ran_full_budget(end.config, end.last) else STOPPED_RUN_FILES
+    )
+    present: set[str] = set()
+    client, run_id = tracker.client, run.info.run_id
+    for folder in sorted({str(Path(f).parent) for f in required}):
+        where = None if folder == "." else folder
+        listed = retry(lambda w=where: client.list_artifacts(run_id, w), "list artifacts")
+        present |= {item.path for item in listed if not item.is_dir}
+    recorded = run.data.tags.get(TAG_ARTIFACT_ERROR, "")
+    known = {part.split(":", 1)[0].strip() for part in recorded.split(";") if part.strip()}
+    return required - present - known
+
+
+def _stored_checkpoint(spec: StudySpec, trial_id: str, end: EndedTrial) -> Any | None:
+    """An ended trial's last checkpoint in the storage: the one Tune (or, for the train
+    backend, its last result) names, else the newest in its storage folders; None when
+    it has none or they cannot be listed (said on stderr; ``study resume`` tries again)."""
+    from study.trial import latest_stored_checkpoint, trial_checkpoint
+
+    checkpoint = trial_checkpoint(spec.storage, end.checkpoint, end.last)
+    if checkpoint is not None:
+        return checkpoint
+    try:
+        return latest_stored_checkpoint(spec, trial_id)
+    except Exception as exc:  # noqa: BLE001 - the run records it; resume tries again
+        print(
+            f"warning: trial {trial_id}: its checkpoints in {spec.storage} could not be "
+            f"listed ({exc}); study resume tries again",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
+def _open_ended_run(
+    callback: Any,
+    tracker: MlflowTracker,
+    spec: StudySpec,
+    trial_id: str,
+    end: EndedTrial,
+    run: Any | None,
+) -> None:
+    """Open the run of a trial Tune ended for ``callback`` (an
+    :class:`~study.callbacks.MlflowCallback`) to end it (a run ended without its files is
+    reopened first: the callback leaves a complete-looking run alone; no run at all is
+    made), and log its last result's test metrics when the run lacks them (the writer
+    held them when the driver died). Runs in the callback's writer thread."""
+    from study.callbacks import our_metrics
+
+    if run is not None and run.info.status != "RUNNING":
+        key_tags = {TAG_STUDY: spec.name, TAG_TRIAL: trial_id}
+        tracker.get_or_create_run(run.info.run_name, {}, key_tags)  # back to RUNNING
+    run_id = callback.run_id(trial_id, end.config)
+    held = tracker.get_run(run_id).data.metrics
+    final = {k: v for k, v in our_metrics(end.last).items() if k.startswith(("test/", "best"))}
+    if final and not any(k.startswith("test/") for k in held):
+        step = int(end.last.get("epoch", end.last.get("training_iteration", 0)))
+        tracker.log_metrics(run_id, final, step=step)

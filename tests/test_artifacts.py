@@ -126,6 +126,11 @@ def check_trial_runs(spec: StudySpec, outcome) -> None:
                 assert set(a.files) == set(b.files) and a.files
                 for key in a.files:
                     np.testing.assert_array_equal(a[key], b[key])
+            # the worker drew the histogram into its final checkpoint; the driver uploaded it
+            hist = stored / ENERGY_HIST
+            assert hist.is_file() and hist.read_bytes()[:4] == b"\x89PNG"
+            got = tracker.download(run.info.run_id, ENERGY_HIST, Path(tmp, "hist"))
+            assert Path(got).read_bytes() == hist.read_bytes()
 
 
 @pytest.mark.usefixtures("ray_cluster")

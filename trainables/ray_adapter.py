@@ -14,7 +14,9 @@ epoch's report is held back until the final test evaluation is done and goes out
 once, carrying the ``test/*`` metrics too, so the trial's last result is complete.
 
 Files travel through the checkpoints, never through a node's disk: the run writes
-into a node-local scratch folder (removed when the trial function ends), and every
+into a node-local scratch folder (removed when the trial function ends; one that a
+trial Tune stopped abruptly left behind is removed by a later trial on the node once it
+is a day old and its process gone: :func:`sweep_scratch`), and every
 report of rank 0 carries a checkpoint that is a snapshot of that folder in the
 layout of :mod:`trainables.files` (each epoch ``checkpoints/last.pt``,
 ``checkpoints/best.pt``, ``config.yaml``, ``metrics.jsonl``; the final report also
@@ -29,7 +31,9 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,21 +44,132 @@ from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig
 from trainables.files import CHECKPOINT_DIR, CONFIG_FILE, FINAL_FILE, LAST_CHECKPOINT, METRICS_LOG
 from trainables.loop import train
-from trainables.reporting import JsonlReporter, MultiReporter, Reporter
+from trainables.reporting import (
+    EnergyHistogramReporter,
+    JsonlReporter,
+    MultiReporter,
+    Reporter,
+)
 
 #: ``last.pt`` at the top of a checkpoint: the layout of checkpoints written before
 #: they carried the whole run folder (still read on resume).
 LEGACY_CHECKPOINT_FILE = Path(LAST_CHECKPOINT).name
 #: Where trials keep their node-local scratch folders (below the system's temp folder).
 SCRATCH_PARENT = "energy-study-trials"
+#: A scratch folder in which nothing changed for this long (seconds, by the newest
+#: mtime of anything in it) and whose owning process is gone is removed by the next
+#: trial that starts on the node (:func:`sweep_scratch`): a trial Tune stopped abruptly
+#: (ASHA, a kill) never ran its own clean-up. A live trial writes its checkpoint every
+#: epoch, far more often than this.
+SCRATCH_MAX_AGE_S = 24 * 3600
+#: The file in a scratch folder that names its owner: ``HOST PID START`` (START: the
+#: process's start time in clock ticks since boot, empty where ``/proc`` is missing).
+#: Hidden, so no checkpoint of a training run carries it (:func:`snapshot`).
+SCRATCH_OWNER = ".owner"
 
 
 def scratch_folder(label: str) -> Path:
     """A new, empty node-local folder for one run's files (under the system temp
-    folder, in :data:`SCRATCH_PARENT`, its name starting with ``label``)."""
+    folder, in :data:`SCRATCH_PARENT`, its name starting with ``label``), its owner
+    written into it (:data:`SCRATCH_OWNER`). Folders that dead trials left there are
+    swept first (:func:`sweep_scratch`)."""
     parent = Path(tempfile.gettempdir()) / SCRATCH_PARENT
     parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=parent))
+    sweep_scratch(parent)
+    folder = Path(tempfile.mkdtemp(prefix=f"{label}-", dir=parent))
+    pid = os.getpid()
+    (folder / SCRATCH_OWNER).write_text(
+        f"{socket.gethostname()} {pid} {_process_start(pid) or ''}\n"
+    )
+    return folder
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot: field 22 of
+    ``/proc/PID/stat``), to tell it from a later process given the same pid; None where
+    it cannot be read (no such process, no ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()  # after "pid (name)": field 3 onwards
+    return fields[19] if len(fields) > 19 else None
+
+
+def scratch_owner_alive(folder: Path) -> bool | None:
+    """Whether the process that made scratch folder ``folder`` still runs.
+
+    True when its pid (:data:`SCRATCH_OWNER`) is a live process on this host that
+    started when the owner did; False when that process is gone (or its pid now belongs
+    to a process started later); None when it cannot be told: no owner file (a folder
+    of an older version, or one being made), or another host's (a temp folder shared
+    between nodes).
+    """
+    try:
+        host, pid_text, *start = (folder / SCRATCH_OWNER).read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname() or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    now = _process_start(pid)
+    return not (start and now is not None and now != start[0])
+
+
+def _last_change(folder: Path) -> float:
+    """The newest mtime (seconds since the epoch) of ``folder`` and anything in it."""
+    newest = folder.lstat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
+def sweep_scratch(
+    parent: Path, max_age_s: float = SCRATCH_MAX_AGE_S, now: float | None = None
+) -> list[Path]:
+    """Remove the scratch folders in ``parent`` that trials stopped abruptly left behind;
+    returns the ones removed.
+
+    A folder goes when nothing in it changed for ``max_age_s`` seconds and its owner is
+    not a live process (:func:`scratch_owner_alive`: gone, or cannot be told); a folder
+    whose owner still runs stays, however old. Anything that cannot be read or removed
+    (another user's, a race with another trial's sweep) is left alone.
+
+    Args:
+        parent: the folder of the scratch folders (:data:`SCRATCH_PARENT` in the
+            system's temp folder).
+        max_age_s: least seconds since the newest change in a folder
+            (:data:`SCRATCH_MAX_AGE_S`).
+        now: the current time, seconds since the epoch (None: the clock's).
+    """
+    now = time.time() if now is None else now
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for folder in entries:
+        try:
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            if now - folder.lstat().st_mtime < max_age_s or now - _last_change(folder) < max_age_s:
+                continue
+        except OSError:
+            continue
+        if scratch_owner_alive(folder):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            removed.append(folder)
+    return removed
 
 
 @contextlib.contextmanager
@@ -190,15 +305,23 @@ def stored_final_checkpoint(checkpoint_cls: Any) -> Any | None:
     return None
 
 
-def _reporters(out: Path, ray_reporter: RayReporter, rank: int, resume: Path | None) -> Reporter:
-    """On rank 0, ``metrics.jsonl``/``final.json`` in the run's folder, then Ray (so that
-    each report's checkpoint holds the lines written for it); Ray alone on other ranks."""
+def _reporters(
+    out: Path, ray_reporter: RayReporter, rank: int, resume: Path | None, trial: str = ""
+) -> Reporter:
+    """On rank 0, ``metrics.jsonl``/``final.json`` and, at the end, the energy histogram
+    in the run's folder, then Ray (so that each report's checkpoint holds the files
+    written for it: the driver uploads the figure instead of drawing it); Ray alone on
+    other ranks. ``trial`` (the trial id) titles the histogram."""
     if rank != 0:
         return ray_reporter
     start = 0
     if resume is not None:
         start = int(load_checkpoint(resume).get("epoch", 0))
-    return MultiReporter(JsonlReporter(out / METRICS_LOG, resume_epoch=start), ray_reporter)
+    return MultiReporter(
+        JsonlReporter(out / METRICS_LOG, resume_epoch=start),
+        EnergyHistogramReporter(out, f"trial {trial}"),
+        ray_reporter,
+    )
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -291,7 +414,7 @@ def _train(
                 shutil.copytree(start, out / CHECKPOINT_DIR, dirs_exist_ok=True)
         train(
             cfg,
-            reporter=_reporters(out, reporter, rank, resume),
+            reporter=_reporters(out, reporter, rank, resume, label.removesuffix(f"-rank{rank}")),
             output_dir=out,
             resume=resume,
             rank=rank,
