@@ -211,8 +211,16 @@ class MlflowCallback(Callback):
         self.writer.close()
         for run_id, lost in self.writer.lost.items():
             if lost and self._lost_tagged.get(run_id) != lost.describe():
-                with contextlib.suppress(Exception):  # the store refuses: printed below
+                try:
                     self.tracker.set_tags(run_id, self._lost_tags(run_id))
+                except Exception as exc:  # noqa: BLE001 - the store refuses: said, not raised
+                    print(
+                        f"warning: could not tag MLflow run {run_id} with what it lost: "
+                        f"{redact(str(exc))}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        _CURRENT.pop(self.spec.name, None)  # a later restore in this process finds no stale spec
         if self.writer.errors:
             print(
                 f"warning: {len(self.writer.errors)} MLflow write(s) of study {self.spec.name} "
@@ -255,9 +263,10 @@ class MlflowCallback(Callback):
         if stored is not None:  # a resumed study: the run goes on
             run_id = stored.info.run_id
             self.tracker.reopen_run(run_id)
-            if not stored.data.params:  # its driver was killed before they went out
-                full = self.spec.trial_config(config).to_dict()
-                self.writer.buffer(self.tracker, run_id, [], params=flatten(full))
+            full = flatten(self.spec.trial_config(config).to_dict())
+            if lacking := {k: v for k, v in full.items() if k not in stored.data.params}:
+                # its driver was killed before they (or some of their batches) went out
+                self.writer.buffer(self.tracker, run_id, [], params=lacking)
             history = self.tracker.client.get_metric_history(run_id, "epoch")
             self._epochs[run_id] = {int(m.step) for m in history}
             self._logged[trial_id] = max(self._epochs[run_id], default=0)

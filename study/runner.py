@@ -28,6 +28,7 @@ from reports.vocabulary import (
     SPEC_ARTIFACT,
     SPEC_DIR,
     TAG_ARTIFACT_ERROR,
+    TAG_EARLY,
     TAG_FAILURE,
     TAG_PARENT,
     TAG_ROLE,
@@ -583,7 +584,9 @@ def _fit_and_finish(
         remove_orphaned_placement_groups(all_of_this_job=True)
     outcomes = trial_outcomes(grid, spec.ran_full_budget)  # the rule the searcher uses
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
-    ended = ended_trials(grid)
+    # after an interrupt Tune's cleanup marks every live trial TERMINATED: the trials that
+    # really ended in this fit were finished by the callback, earlier ones wait for resume
+    ended = {} if interrupted else ended_trials(grid)
     if interrupted:
         _reconcile(tracker, spec, parent, outcomes, ended, fit_started_ms, interrupted=True)
         tracker.end_run(parent, "KILLED")
@@ -791,7 +794,18 @@ def _reconcile(
         run = newest.get(trial_id)
         if run is not None and run.info.status != "RUNNING":
             ended_now = since_ms is not None and (run.info.end_time or 0) >= since_ms
-            if ended_now or not _unaccounted_files(tracker, spec, run, end):
+            if ended_now or TAG_EARLY in run.data.tags:  # the callback's end went through
+                continue
+            try:
+                if not _unaccounted_files(tracker, spec, run, end):
+                    continue
+            except Exception as exc:  # noqa: BLE001 - the study goes on; the next resume checks
+                print(
+                    f"warning: could not check the files of trial {trial_id}'s MLflow run "
+                    f"({redact(str(exc))}); a later `study resume` checks again",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
         callback = callback or MlflowCallback(spec, parent)
         # through the callback's writer, as its Tune hooks do: what its methods buffer

@@ -131,7 +131,7 @@ class Admin:
     """
 
     username: str
-    password: str
+    password: str = field(repr=False)  # credentials: never in a repr
     source: str
     config: Path | None = None
 
@@ -631,7 +631,7 @@ class Plan:
     """
 
     cmd: list[str]
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # credentials: never in a repr
     uri: str
     health: str
     admin: Admin | None

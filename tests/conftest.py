@@ -34,3 +34,21 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ARG001 - pyte
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_credentials_leak():
+    """Each test leaves the environment as it found it: code under test moves passwords
+    out of URIs into variables (``PGPASSWORD``, ``MLFLOW_TRACKING_PASSWORD`` …) and
+    remembers which (``study.credentials._TAKEN``); neither may reach a later test."""
+    import os
+
+    from study import credentials
+
+    env, taken = dict(os.environ), set(credentials._TAKEN)
+    yield
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+    credentials._TAKEN.clear()
+    credentials._TAKEN.update(taken)
