@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+from test_artifacts import BASE, FULL_RUN  # the same tiny digits trial and its files
 
 from reports.vocabulary import (
-    BEST_CHECKPOINT,
     CONFIG_FILE,
-    ENERGIES_FILE,
-    ENERGY_HIST,
     FINAL_FILE,
     LAST_CHECKPOINT,
     METRICS_LOG,
@@ -43,30 +41,6 @@ from study.spec import StudySpec
 from study.tracking import MlflowTracker
 from study.trial import trial_files
 
-#: A base config that trains a digits trial in a few seconds on one core.
-BASE = {
-    "dataset": "digits",
-    "model": "small_cnn",
-    "eps": 0.1,
-    "step_size": 0.025,
-    "attack_steps": 2,
-    "val_attack_steps": 3,
-    "eval_steps": 3,
-    "eval_step_size": 0.025,
-    "batch_size": 64,
-    "autoattack": False,
-    "test_subset": 200,
-}
-#: What every trial run that trained all its epochs has in MLflow.
-FULL_RUN = {
-    BEST_CHECKPOINT,
-    LAST_CHECKPOINT,
-    ENERGIES_FILE,
-    METRICS_LOG,
-    CONFIG_FILE,
-    FINAL_FILE,
-    ENERGY_HIST,
-}
 #: The per-epoch metrics checked at every epoch.
 EPOCH_KEYS = ("epoch", "val/pgd_acc", "val/clean_acc", "train/loss", "lr")
 
