@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -450,12 +451,20 @@ def _stage(path: Path, into: Path) -> None:
         shutil.copy2(path, into)
 
 
+#: most files of one trial uploaded at once to a tracking server (one PUT each)
+UPLOAD_THREADS = 4
+
+
 def _upload_all(
     tracker: MlflowTracker, run_id: str, folder: Path, files: list[tuple[str, str | None]]
 ) -> dict[str, str]:
-    """Log the files staged in ``folder`` (in their artifact layout) into the run with one
-    ``log_artifacts`` call; if that fails, file by file (:func:`_upload`, with its retries),
-    so that each file that still fails is named. Returns ``{file: reason}`` for those.
+    """Log the files staged in ``folder`` (in their artifact layout) into the run.
+
+    On a tracking server (an ``http(s)://`` URI) every file is one request, and MLflow's
+    ``log_artifacts`` sends them one after another; they go up to
+    :data:`UPLOAD_THREADS` at once instead, each with :func:`_upload`'s retries. A local
+    store copies them in one ``log_artifacts`` call; if that fails, file by file, so that
+    each file that still fails is named. Returns ``{file: reason}`` for those.
 
     Args:
         tracker: the study's tracker.
@@ -465,17 +474,26 @@ def _upload_all(
     """
     if not files:
         return {}
-    try:
-        tracker.log_artifact(run_id, folder)
-        return {}
-    except Exception:  # noqa: BLE001 - tried again file by file, each error recorded
-        pass
-    missing: dict[str, str] = {}
-    for rel, artifact_dir in files:
-        path = Path(folder, artifact_dir or "", Path(rel).name)
-        if error := _upload(tracker, run_id, path, artifact_dir):
-            missing[rel] = f"upload failed: {error}"
-    return missing
+
+    def one(item: tuple[str, str | None]) -> str:
+        rel, artifact_dir = item
+        return _upload(
+            tracker, run_id, Path(folder, artifact_dir or "", Path(rel).name), artifact_dir
+        )
+
+    if tracker.tracking_uri.startswith(("http://", "https://")) and len(files) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(UPLOAD_THREADS, len(files))) as pool:
+            errors = list(pool.map(one, files))
+    else:
+        try:
+            tracker.log_artifact(run_id, folder)
+            return {}
+        except Exception:  # noqa: BLE001 - tried again file by file, each error recorded
+            pass
+        errors = [one(item) for item in files]
+    return {rel: f"upload failed: {e}" for (rel, _), e in zip(files, errors, strict=True) if e}
 
 
 class ProgressCallback(Callback):
@@ -662,3 +680,82 @@ def repair_experiment_state(tune_dir: Path) -> bool:
         flush=True,
     )
     return True
+
+
+def align_search_state(tune_location: str) -> int:
+    """Before ``Tuner.restore``: make Tune's search state agree with its trial list.
+
+    Tune saves its trial list (``experiment_state-*.json``) and its search state
+    (``search_gen_state-*.json``: how many trials the searcher has created, and which
+    are running) as separate files, and on a URI storage uploads them one by one. A
+    driver killed between the two, or a state file put back from the backup
+    (:func:`repair_experiment_state`), can leave a search state that counts a trial
+    the trial list lacks. Restored as is, Tune never creates that trial: the study
+    ends one trial short with exit code 0 (seen once in
+    tests/test_cluster_storage.py). Here the count is set to the trial list's length
+    (both ways), and trials the list lacks leave the concurrency limiter's running
+    set, so Tune asks the searcher for them again. The Optuna trial suggested for such
+    a lost trial stays RUNNING in the Optuna storage.
+
+    Args:
+        tune_location: the study's Tune folder, a path or a URI (``<storage>/<name>/tune``).
+
+    Returns:
+        how many trials the search state counted beyond the trial list (negative: it
+        counted fewer, from a save older than the list; 0: they agreed, or there was
+        nothing to check).
+    """
+    import pyarrow.fs as pafs
+    import ray.cloudpickle as cloudpickle
+
+    from study.storage import filesystem
+
+    fs, where = filesystem(tune_location)
+    where = where.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
+    except OSError:
+        return 0
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    states = [n for n in names if n.startswith("experiment_state-") and n.endswith(".json")]
+    gens = [n for n in names if n.startswith("search_gen_state-") and n.endswith(".json")]
+    if not states or not gens:
+        return 0
+    try:
+        with fs.open_input_stream(f"{where}/{states[-1]}") as stream:
+            trial_data = json.loads(stream.readall())["trial_data"]
+        trial_ids = {json.loads(state)["trial_id"] for state, _meta in trial_data}
+        with fs.open_input_stream(f"{where}/{gens[-1]}") as stream:
+            search = cloudpickle.loads(stream.readall())
+        counter = int(search["counter"])
+    except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
+        return 0  # Tune's own restore reports a state it cannot read
+    extra = counter - len(trial_ids)
+    if extra == 0:
+        return 0
+    search["counter"] = len(trial_ids)
+    search["finished"] = False
+    for key, state in search.items():
+        if key.startswith("name:") and isinstance(state.get("live_trials"), set):
+            state["live_trials"] = state["live_trials"] & trial_ids
+    data = cloudpickle.dumps(search)
+    target = f"{where}/{gens[-1]}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = Path(where) / f".{gens[-1]}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    else:
+        with fs.open_output_stream(target) as stream:  # one object, written whole
+            stream.write(data)
+    if extra > 0:
+        what = f"counted {extra} trial(s) that its saved trial list lacks"
+        then = "resuming creates them again"
+    else:
+        what = f"lacked {-extra} trial(s) of its saved trial list"
+        then = "resuming counts them, and creates no trial beyond the study's number"
+    print(
+        f"the study's saved search state {what} (its driver was killed between two saves); {then}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return extra

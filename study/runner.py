@@ -210,18 +210,50 @@ def set_driver_env(local: bool) -> dict[str, str]:
     """Set the study's Ray and Tune settings in this process (a variable already set wins).
 
     The driver launches TorchTrainers too (``study train --workers``), so it gets
-    :func:`train_env` as well; Tune snapshots the experiment every 0.5 s, so a
-    killed driver reruns (almost) no finished trial. Returns :func:`train_env`,
-    for the workers' environment.
+    :func:`train_env` as well. How often Tune saves the experiment's state depends on
+    the study's size: :func:`set_state_save_period`. Returns :func:`train_env`, for
+    the workers' environment.
     """
     env = train_env(local)
-    for key, value in {
-        **env,
-        "RAY_AIR_NEW_OUTPUT": "0",
-        "TUNE_GLOBAL_CHECKPOINT_S": "0.5",
-    }.items():
+    for key, value in {**env, "RAY_AIR_NEW_OUTPUT": "0"}.items():
         os.environ.setdefault(key, value)
     return env
+
+
+#: the value :func:`set_state_save_period` last put into ``TUNE_GLOBAL_CHECKPOINT_S``
+#: (a value that differs from it was set by the user, and wins)
+_SET_PERIOD: str | None = None
+
+
+def state_save_period(trials: int) -> float:
+    """Seconds between two saves of Tune's experiment state for a study of ``trials``.
+
+    Every save encodes every trial, so a fixed period makes the driver's cost grow
+    with the square of the study (measured: 1,947 saves, 43 s of driver CPU, in a
+    100-trial study at 0.5 s). A period that grows with the study keeps the cost per
+    trial flat: 0.5 s up to 10 trials (what a killed driver of a small study loses is
+    at most half a second of its state), then 0.05 s per trial, at most 30 s.
+
+    >>> state_save_period(4), state_save_period(100), state_save_period(5000)
+    (0.5, 5.0, 30.0)
+    """
+    return min(30.0, max(0.5, 0.05 * trials))
+
+
+def set_state_save_period(trials: int) -> float:
+    """Set ``TUNE_GLOBAL_CHECKPOINT_S`` (read when Tune's loop starts) to
+    :func:`state_save_period` unless the user set it; returns the period in effect
+    (seconds), or 0.0 for Ray's own "auto"."""
+    global _SET_PERIOD
+    current = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")
+    if current is None or current == _SET_PERIOD:
+        _SET_PERIOD = f"{state_save_period(trials):g}"
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = _SET_PERIOD
+        current = _SET_PERIOD
+    try:
+        return float(current)
+    except ValueError:
+        return 0.0
 
 
 def runtime_env(env: dict[str, str], working_dir: str | None = None) -> dict[str, Any]:
@@ -322,7 +354,7 @@ def build_tuner(
     import optuna
     from ray import tune
 
-    from study.callbacks import StateBackup, repair_experiment_state
+    from study.callbacks import StateBackup, align_search_state, repair_experiment_state
     from study.search import make_searcher
 
     # Tune's state goes to <storage>/<name>/tune: a folder, or a URI Ray writes through
@@ -330,9 +362,11 @@ def build_tuner(
     # a URI storage Tune writes the state locally and uploads it as one new object, so
     # a killed driver never leaves half a file there, and there is no local file to copy.
     local_tune_dir = None if spec.remote else spec.folder / TUNE_DIR
+    period = set_state_save_period(spec.trials)
     if resume:
         if local_tune_dir is not None:
             repair_experiment_state(local_tune_dir)  # a state file cut short by a kill
+        align_search_state(spec.location(TUNE_DIR))  # a trial counted but never saved
         return tune.Tuner.restore(
             spec.location(TUNE_DIR), trainable, resume_unfinished=True, resume_errored=False
         )
@@ -355,7 +389,10 @@ def build_tuner(
             storage_path=spec.location(),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[*callbacks, *([StateBackup(local_tune_dir)] if local_tune_dir else [])],
+            callbacks=[
+                *callbacks,
+                *([StateBackup(local_tune_dir, max(1.0, period))] if local_tune_dir else []),
+            ],
             verbose=2 if verbose else 0,
         ),
     )
@@ -584,6 +621,13 @@ def _fit_and_finish(
         remove_orphaned_placement_groups(all_of_this_job=True)
     outcomes = trial_outcomes(grid, spec.ran_full_budget)  # the rule the searcher uses
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
+    if not interrupted and len(grid) < spec.trials:  # never silently short
+        print(
+            f"warning: the search ended with {len(grid)} of the study's {spec.trials} "
+            f"trials (Tune created no more)",
+            file=sys.stderr,
+            flush=True,
+        )
     # after an interrupt Tune's cleanup marks every live trial TERMINATED: the trials that
     # really ended in this fit were finished by the callback, earlier ones wait for resume
     ended = {} if interrupted else ended_trials(grid)

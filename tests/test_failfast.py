@@ -259,3 +259,61 @@ def test_a_tune_state_cut_short_by_a_killed_driver_is_put_back_from_the_backup(t
     assert repair_experiment_state(tmp_path)
     assert json.loads(state.read_text()) == json.loads(whole)
     assert not repair_experiment_state(tmp_path)  # a whole state is left alone
+
+
+def _search_generator(limit: int):
+    """Tune's own search wrappers around an Optuna searcher, as ``Tuner`` builds them."""
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = {"beta": optuna.distributions.FloatDistribution(1.0, 10.0)}
+    searcher = OptunaSearch(space=space, metric="val/pgd_acc", mode="max")
+    return SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=limit))
+
+
+def _trial_list(folder, ids: list[str]) -> None:
+    import json
+
+    data = [[json.dumps({"trial_id": i}), "{}"] for i in ids]
+    state = folder / "experiment_state-2026-12-03_10-00-00.json"
+    state.write_text(json.dumps({"trial_data": data, "runner_data": {}}))
+
+
+def test_a_search_state_that_counts_a_trial_the_trial_list_lacks_is_aligned(tmp_path):
+    """Killed between the two saves: the search state counts 3 trials (one of them
+    running) and the trial list has 2. Restored as is, Tune would never create the
+    third; aligned, Tune's own restore reads a count of 2 and the lost trial is no
+    longer running, so the search goes on."""
+    from study.callbacks import align_search_state
+
+    saved = _search_generator(limit=2)
+    saved._counter, saved._total_samples = 3, 3
+    saved.searcher.live_trials = {"a", "lost"}
+    saved.save_to_dir(str(tmp_path), "2026-12-03_10-00-00")
+    _trial_list(tmp_path, ["a", "b"])
+
+    assert align_search_state(str(tmp_path)) == 1
+    restored = _search_generator(limit=2)
+    restored.restore_from_dir(str(tmp_path))
+    assert restored._counter == 2 and restored._total_samples == 3
+    assert not restored.is_finished()
+    assert restored.searcher.live_trials == {"a"}
+    assert align_search_state(str(tmp_path)) == 0  # now they agree
+
+
+def test_a_search_state_older_than_the_trial_list_counts_all_its_trials(tmp_path):
+    """The other way round (a search state from the save before): the count rises to
+    the trial list's length, so no trial beyond the study's number is created."""
+    from study.callbacks import align_search_state
+
+    saved = _search_generator(limit=2)
+    saved._counter, saved._total_samples = 1, 3
+    saved.save_to_dir(str(tmp_path), "2026-12-03_10-00-00")
+    _trial_list(tmp_path, ["a", "b", "c"])
+
+    assert align_search_state(str(tmp_path)) == -2
+    restored = _search_generator(limit=2)
+    restored.restore_from_dir(str(tmp_path))
+    assert restored._counter == 3 and restored.is_finished()
+    assert align_search_state(str(tmp_path / "none")) == 0  # no state: nothing to do

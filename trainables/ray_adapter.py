@@ -256,7 +256,8 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict[str, float] | None:
     """The complete last result of a run that already finished in ``out`` (else None).
 
     A trial that finished just before its driver was killed can be started again
-    by ``study resume`` (Tune snapshots its state every half second). Its run is
+    by ``study resume`` (Tune's last saved state may predate its end:
+    :func:`study.runner.state_save_period`). Its run is
     then not trained or evaluated again: its files come back from its last
     checkpoint (:func:`restore_files`) and its last epoch and test metrics, read
     from ``metrics.jsonl`` and ``final.json``, are reported once more.
