@@ -682,74 +682,136 @@ def repair_experiment_state(tune_dir: Path) -> bool:
     return True
 
 
+class _TuneFolder:
+    """The state files of a study's Tune folder (a path or a URI), read and rewritten
+    whole, for the repairs that must happen before ``Tuner.restore`` reads them."""
+
+    def __init__(self, tune_location: str) -> None:
+        import pyarrow.fs as pafs
+
+        from study.storage import filesystem
+
+        self.fs, where = filesystem(tune_location)
+        self.where = where.rstrip("/")
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.where, allow_not_found=True))
+        except OSError:
+            infos = []
+        self.names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def newest(self, prefix: str, suffix: str) -> str | None:
+        """The newest file ``<prefix><time><suffix>``: the one Tune reads (its names
+        sort by the session's start time, and Tune takes the greatest)."""
+        found = [n for n in self.names if n.startswith(prefix) and n.endswith(suffix)]
+        return found[-1] if found else None
+
+    def read(self, name: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.where}/{name}") as stream:
+            return stream.readall()
+
+    def write(self, name: str, data: bytes) -> None:
+        """Replace ``name`` whole: a temporary file and a rename on a local folder, one
+        object on a URI storage."""
+        import pyarrow.fs as pafs
+
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = Path(self.where) / f".{name}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, Path(self.where) / name)
+            return
+        with self.fs.open_output_stream(f"{self.where}/{name}") as stream:
+            stream.write(data)
+
+
+def set_saved_save_period(tune_location: str, period: str) -> bool:
+    """Before ``Tuner.restore``: Tune takes its state-save period from the saved state,
+    not from ``TUNE_GLOBAL_CHECKPOINT_S`` as a new study does; put ``period`` (seconds,
+    or ``auto``) there, so that a resumed study saves as often as the variable says.
+    Returns whether it changed the state. A state it cannot read or write is left as it
+    is (Tune's restore reports an unreadable one)."""
+    try:
+        folder = _TuneFolder(tune_location)
+        name = folder.newest("experiment_state-", ".json")
+        if name is None:
+            return False
+        state = json.loads(folder.read(name))
+        runner = state["runner_data"]
+        if str(runner.get("_checkpoint_period")) == period:
+            return False
+        runner["_checkpoint_period"] = period
+        folder.write(name, json.dumps(state).encode())
+        return True
+    except Exception:  # noqa: BLE001 - an old period costs time, never the study
+        return False
+
+
 def align_search_state(tune_location: str) -> int:
     """Before ``Tuner.restore``: make Tune's search state agree with its trial list.
 
     Tune saves its trial list (``experiment_state-*.json``) and its search state
     (``search_gen_state-*.json``: how many trials the searcher has created, and which
-    are running) as separate files, and on a URI storage uploads them one by one. A
-    driver killed between the two, or a state file put back from the backup
-    (:func:`repair_experiment_state`), can leave a search state that counts a trial
-    the trial list lacks. Restored as is, Tune never creates that trial: the study
-    ends one trial short with exit code 0 (seen once in
-    tests/test_cluster_storage.py). Here the count is set to the trial list's length
-    (both ways), and trials the list lacks leave the concurrency limiter's running
-    set, so Tune asks the searcher for them again. The Optuna trial suggested for such
-    a lost trial stays RUNNING in the Optuna storage.
+    are running; ``searcher-state-*.pkl``: the Optuna searcher) as separate files, and
+    on a URI storage uploads them one by one. A driver killed between them, or a state
+    file put back from the backup (:func:`repair_experiment_state`), leaves a search
+    state that does not match the list:
+
+    - it counts a trial the list lacks. Restored as is, Tune never creates that trial:
+      the study ends one trial short with exit code 0 (seen once in
+      tests/test_cluster_storage.py). The count comes down to the list's length, the
+      lost trial leaves the concurrency limiter's running set, and its Optuna trial is
+      told FAIL (else TPE would count it as running for the rest of the study).
+    - it lacks trials of the list (a search state from the save before). The count
+      rises to the list's length (no trial beyond the study's number), and the list's
+      unfinished trials join the running set, so the concurrency limit holds. Their
+      results are not told to Optuna (:class:`study.search.StudySearch` skips a trial
+      it did not suggest).
 
     Args:
         tune_location: the study's Tune folder, a path or a URI (``<storage>/<name>/tune``).
 
     Returns:
         how many trials the search state counted beyond the trial list (negative: it
-        counted fewer, from a save older than the list; 0: they agreed, or there was
-        nothing to check).
+        counted fewer; 0: they agreed, or there was nothing it could check or fix).
     """
-    import pyarrow.fs as pafs
     import ray.cloudpickle as cloudpickle
 
-    from study.storage import filesystem
-
-    fs, where = filesystem(tune_location)
-    where = where.rstrip("/")
     try:
-        infos = fs.get_file_info(pafs.FileSelector(where, allow_not_found=True))
-    except OSError:
+        folder = _TuneFolder(tune_location)
+        state_name = folder.newest("experiment_state-", ".json")
+        gen_name = folder.newest("search_gen_state-", ".json")
+        if state_name is None or gen_name is None:
+            return 0
+        trials = {}
+        for trial_json, _meta in json.loads(folder.read(state_name))["trial_data"]:
+            trial = json.loads(trial_json)
+            trials[trial["trial_id"]] = trial.get("status")
+        search = cloudpickle.loads(folder.read(gen_name))
+        extra = int(search["counter"]) - len(trials)
+    except Exception:  # noqa: BLE001 - Tune's own restore reports a state it cannot read
         return 0
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
-    states = [n for n in names if n.startswith("experiment_state-") and n.endswith(".json")]
-    gens = [n for n in names if n.startswith("search_gen_state-") and n.endswith(".json")]
-    if not states or not gens:
-        return 0
-    try:
-        with fs.open_input_stream(f"{where}/{states[-1]}") as stream:
-            trial_data = json.loads(stream.readall())["trial_data"]
-        trial_ids = {json.loads(state)["trial_id"] for state, _meta in trial_data}
-        with fs.open_input_stream(f"{where}/{gens[-1]}") as stream:
-            search = cloudpickle.loads(stream.readall())
-        counter = int(search["counter"])
-    except (OSError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError):
-        return 0  # Tune's own restore reports a state it cannot read
-    extra = counter - len(trial_ids)
     if extra == 0:
         return 0
-    search["counter"] = len(trial_ids)
+    ids = set(trials)
+    unfinished = {t for t, status in trials.items() if status not in ("TERMINATED", "ERROR")}
+    search["counter"] = len(trials)
     search["finished"] = False
-    for key, state in search.items():
-        if key.startswith("name:") and isinstance(state.get("live_trials"), set):
-            state["live_trials"] = state["live_trials"] & trial_ids
-    data = cloudpickle.dumps(search)
-    target = f"{where}/{gens[-1]}"
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = Path(where) / f".{gens[-1]}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    else:
-        with fs.open_output_stream(target) as stream:  # one object, written whole
-            stream.write(data)
+    for key, wrapper in search.items():
+        if key.startswith("name:") and isinstance(wrapper.get("live_trials"), set):
+            live = (
+                wrapper["live_trials"] & ids if extra > 0 else wrapper["live_trials"] | unfinished
+            )
+            wrapper["live_trials"] = live
+            if "num_unfinished_live_trials" in wrapper:
+                wrapper["num_unfinished_live_trials"] = len(live)
+    try:
+        folder.write(gen_name, cloudpickle.dumps(search))
+        failed = _fail_lost_optuna_trials(folder, ids) if extra > 0 else 0
+    except Exception as exc:  # noqa: BLE001 - the resume goes on as before
+        print(f"the study's search state could not be aligned: {exc}", file=sys.stderr)
+        return 0
     if extra > 0:
         what = f"counted {extra} trial(s) that its saved trial list lacks"
-        then = "resuming creates them again"
+        then = f"resuming creates them again ({failed} Optuna trial(s) told FAIL)"
     else:
         what = f"lacked {-extra} trial(s) of its saved trial list"
         then = "resuming counts them, and creates no trial beyond the study's number"
@@ -759,3 +821,48 @@ def align_search_state(tune_location: str) -> int:
         flush=True,
     )
     return extra
+
+
+def _fail_lost_optuna_trials(folder: _TuneFolder, ids: set[str]) -> int:
+    """Tell FAIL, in the saved Optuna searcher's study, each trial it suggested for a Tune
+    trial that the trial list lacks and that it has not told an end; returns how many.
+    In an RDB storage that goes to the database; in memory, into the saved searcher."""
+    from optuna.trial import TrialState
+
+    name = folder.newest("searcher-state-", ".pkl")
+    if name is None:
+        return 0
+    searcher = pickle.loads(folder.read(name))
+    if not isinstance(searcher, dict) or "_ot_trials" not in searcher:
+        return 0
+    done = searcher.setdefault("_completed_trials", set())
+    lost = [t for t in searcher["_ot_trials"] if t not in ids and t not in done]
+    for trial_id in lost:
+        searcher["_ot_study"].tell(searcher["_ot_trials"][trial_id], state=TrialState.FAIL)
+        done.add(trial_id)
+    if lost:
+        folder.write(name, pickle.dumps(searcher))
+    return len(lost)
+
+
+def add_search_samples(tune_location: str, more: int) -> int:
+    """Before ``Tuner.restore`` (``study extend``): let the saved search create ``more``
+    trials beyond the ones it was told to; returns the new total. The searcher keeps
+    its history (TPE goes on from every trial so far).
+
+    Raises:
+        UserError: the study has no search state to extend.
+    """
+    import ray.cloudpickle as cloudpickle
+
+    from trainables.errors import UserError
+
+    folder = _TuneFolder(tune_location)
+    name = folder.newest("search_gen_state-", ".json")
+    if name is None:
+        raise UserError(f"no search state under {tune_location}: nothing to extend")
+    search = cloudpickle.loads(folder.read(name))
+    search["total_samples"] = int(search["total_samples"]) + more
+    search["finished"] = False
+    folder.write(name, cloudpickle.dumps(search))
+    return search["total_samples"]

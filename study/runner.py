@@ -354,7 +354,12 @@ def build_tuner(
     import optuna
     from ray import tune
 
-    from study.callbacks import StateBackup, align_search_state, repair_experiment_state
+    from study.callbacks import (
+        StateBackup,
+        align_search_state,
+        repair_experiment_state,
+        set_saved_save_period,
+    )
     from study.search import make_searcher
 
     # Tune's state goes to <storage>/<name>/tune: a folder, or a URI Ray writes through
@@ -367,6 +372,7 @@ def build_tuner(
         if local_tune_dir is not None:
             repair_experiment_state(local_tune_dir)  # a state file cut short by a kill
         align_search_state(spec.location(TUNE_DIR))  # a trial counted but never saved
+        set_saved_save_period(spec.location(TUNE_DIR), os.environ["TUNE_GLOBAL_CHECKPOINT_S"])
         return tune.Tuner.restore(
             spec.location(TUNE_DIR), trainable, resume_unfinished=True, resume_errored=False
         )
@@ -416,7 +422,7 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
     ]
     if uses_train_backend(spec):
         callbacks.append(PlacementGroupSweeper())
-    return build_tuner(
+    tuner = build_tuner(
         spec,
         tune.with_resources(trainable, trial_resources(spec)),
         callbacks,
@@ -424,6 +430,12 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
         resume=resume,
         verbose=verbose,
     )
+    if resume:  # the progress callback comes back from Tune's state: `study extend` grew it
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+        for callback in getattr(run_config, "callbacks", None) or []:
+            if isinstance(callback, ProgressCallback):
+                callback.trials = spec.trials
+    return tuner
 
 
 def trial_outcomes(

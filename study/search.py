@@ -88,9 +88,10 @@ class StudySearch(OptunaSearch):
     def _report(self, trial_id: str, result: dict[str, Any]) -> None:
         """The objective as an intermediate value at step ``epoch``, once per epoch (a
         restored trial reports its last epoch again); single objective only: Optuna
-        keeps no intermediate values for several."""
-        if isinstance(self.metric, list):
-            return
+        keeps no intermediate values for several; nothing for a trial it did not suggest
+        (:func:`study.callbacks.align_search_state`)."""
+        if isinstance(self.metric, list) or trial_id not in self._ot_trials:
+            return  # not one it suggested: restored from an older search state
         value, epoch = result.get(self.metric), result.get("epoch")
         if value is None or epoch is None:  # a result without an epoch (study generate)
             return

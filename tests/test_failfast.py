@@ -262,36 +262,48 @@ def test_a_tune_state_cut_short_by_a_killed_driver_is_put_back_from_the_backup(t
 
 
 def _search_generator(limit: int):
-    """Tune's own search wrappers around an Optuna searcher, as ``Tuner`` builds them."""
+    """Tune's own search wrappers around the study's searcher, as ``Tuner`` builds them."""
     import optuna
     from ray.tune.search import ConcurrencyLimiter, SearchGenerator
-    from ray.tune.search.optuna import OptunaSearch
+
+    from study.search import StudySearch
 
     space = {"beta": optuna.distributions.FloatDistribution(1.0, 10.0)}
-    searcher = OptunaSearch(space=space, metric="val/pgd_acc", mode="max")
+    searcher = StudySearch(space=space, metric="val/pgd_acc", mode="max", seed=0)
     return SearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=limit))
 
 
-def _trial_list(folder, ids: list[str]) -> None:
+def _trial_list(folder, trials: dict[str, str]) -> None:
+    """An experiment state as Tune writes it: ``[trial state JSON, run metadata]`` per
+    trial, with its id and status."""
     import json
 
-    data = [[json.dumps({"trial_id": i}), "{}"] for i in ids]
+    data = [[json.dumps({"trial_id": t, "status": s}), "{}"] for t, s in trials.items()]
     state = folder / "experiment_state-2026-12-03_10-00-00.json"
-    state.write_text(json.dumps({"trial_data": data, "runner_data": {}}))
+    state.write_text(json.dumps({"trial_data": data, "runner_data": {"_checkpoint_period": "0.5"}}))
+
+
+def _optuna_states(generator) -> dict[str, str]:
+    searcher = generator.searcher.searcher
+    study_states = {t.number: t.state.name for t in searcher._ot_study.get_trials()}
+    return {tid: study_states[t.number] for tid, t in searcher._ot_trials.items()}
 
 
 def test_a_search_state_that_counts_a_trial_the_trial_list_lacks_is_aligned(tmp_path):
-    """Killed between the two saves: the search state counts 3 trials (one of them
-    running) and the trial list has 2. Restored as is, Tune would never create the
-    third; aligned, Tune's own restore reads a count of 2 and the lost trial is no
-    longer running, so the search goes on."""
+    """Killed between the saves: the search state counts 3 trials (b ended, a and
+    "lost" running) and the trial list has 2. Restored as is, Tune would never create
+    the third; aligned, Tune's own restore reads a count of 2, the lost trial is no
+    longer running and its Optuna trial has failed, so the search goes on."""
     from study.callbacks import align_search_state
 
     saved = _search_generator(limit=2)
+    saved.searcher.suggest("b")
+    saved.searcher.on_trial_complete("b", {"val/pgd_acc": 0.5, "epoch": 1})
+    saved.searcher.suggest("a")
+    saved.searcher.suggest("lost")
     saved._counter, saved._total_samples = 3, 3
-    saved.searcher.live_trials = {"a", "lost"}
     saved.save_to_dir(str(tmp_path), "2026-12-03_10-00-00")
-    _trial_list(tmp_path, ["a", "b"])
+    _trial_list(tmp_path, {"a": "RUNNING", "b": "TERMINATED"})
 
     assert align_search_state(str(tmp_path)) == 1
     restored = _search_generator(limit=2)
@@ -299,21 +311,52 @@ def test_a_search_state_that_counts_a_trial_the_trial_list_lacks_is_aligned(tmp_
     assert restored._counter == 2 and restored._total_samples == 3
     assert not restored.is_finished()
     assert restored.searcher.live_trials == {"a"}
+    assert restored.searcher.num_unfinished_live_trials == 1
+    assert _optuna_states(restored) == {"b": "COMPLETE", "a": "RUNNING", "lost": "FAIL"}
     assert align_search_state(str(tmp_path)) == 0  # now they agree
 
 
 def test_a_search_state_older_than_the_trial_list_counts_all_its_trials(tmp_path):
     """The other way round (a search state from the save before): the count rises to
-    the trial list's length, so no trial beyond the study's number is created."""
+    the trial list's length, so no trial beyond the study's number is created; the
+    list's running trial counts against the concurrency limit, and its results, which
+    the older searcher never suggested, are skipped instead of failing the study."""
     from study.callbacks import align_search_state
 
     saved = _search_generator(limit=2)
+    saved.searcher.suggest("a")
     saved._counter, saved._total_samples = 1, 3
     saved.save_to_dir(str(tmp_path), "2026-12-03_10-00-00")
-    _trial_list(tmp_path, ["a", "b", "c"])
+    _trial_list(tmp_path, {"a": "RUNNING", "b": "RUNNING", "c": "TERMINATED"})
 
     assert align_search_state(str(tmp_path)) == -2
     restored = _search_generator(limit=2)
     restored.restore_from_dir(str(tmp_path))
     assert restored._counter == 3 and restored.is_finished()
+    assert restored.searcher.live_trials == {"a", "b"}
+    restored.on_trial_result("b", {"val/pgd_acc": 0.4, "epoch": 1})
+    restored.on_trial_complete("b", {"val/pgd_acc": 0.4, "epoch": 1})
+    assert restored.searcher.live_trials == {"a"}
+    assert _optuna_states(restored) == {"a": "RUNNING"}
     assert align_search_state(str(tmp_path / "none")) == 0  # no state: nothing to do
+
+
+def test_a_resumed_study_saves_its_state_as_often_as_the_variable_says(tmp_path):
+    """Tune restores its save period from the saved state; the resume puts the one in
+    effect there, and a state it cannot parse is left alone."""
+    import json
+
+    from study.callbacks import set_saved_save_period
+
+    _trial_list(tmp_path, {"a": "TERMINATED"})
+    state = tmp_path / "experiment_state-2026-12-03_10-00-00.json"
+    assert set_saved_save_period(str(tmp_path), "5")
+    assert json.loads(state.read_text())["runner_data"]["_checkpoint_period"] == "5"
+    assert (
+        json.loads(state.read_text())["trial_data"][0][0]
+        == '{"trial_id": "a", "status": "TERMINATED"}'
+    )
+    assert not set_saved_save_period(str(tmp_path), "5")  # already so
+    state.write_text('{"trial_data": [')  # cut short: repair_experiment_state's business
+    assert not set_saved_save_period(str(tmp_path), "7")
+    assert state.read_text() == '{"trial_data": ['
