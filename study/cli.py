@@ -458,6 +458,43 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return _continue(spec.storage, args.name, args)
 
 
+def _cmd_extend(args: argparse.Namespace) -> int:
+    """``study extend NAME --trials N``: N more trials in the same study (the same Tune
+    and Optuna search, MLflow parent run and space), ended or not; the space file must
+    not have changed since the study started."""
+    from study import storage
+    from study.callbacks import add_search_samples
+    from study.runner import OUTCOME_FILE, TUNE_DIR, can_resume
+    from study.spec import StudySpec
+
+    if args.trials < 1:
+        raise UserError(f"--trials {args.trials}: extend by at least 1 trial")
+    spec = StudySpec.load(_storage(args), args.name)
+    if args.address:
+        spec.address = args.address
+    if args.tracking_uri:
+        spec.tracking_uri = _tracking_uri(args)
+    if not can_resume(spec):
+        raise UserError(
+            f"study {args.name!r} has no Tune state under {spec.location()} to extend "
+            f"(start it with `study run --name {args.name} --resume`)"
+        )
+    if spec.space_sha256 and spec.space_digest() != spec.space_sha256:
+        raise UserError(
+            f"the search space {spec.load_space().source} changed since study "
+            f"{args.name!r} started: its trials would not be comparable; start a new study "
+            f"(`study run --warm-start` is planned) or put the file back"
+        )
+    total = add_search_samples(spec.location(TUNE_DIR), args.trials)
+    before, spec.trials = spec.trials, total
+    spec.save()
+    storage.delete(spec.location(OUTCOME_FILE))  # it has not ended any more
+    print(f"extending study {spec.name} from {before} to {total} trials", flush=True)
+    return _finish(
+        _run_or_interrupted(spec, resume=True, verbose=args.verbose, working_dir=args.working_dir)
+    )
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from study.export import export_best
     from study.spec import StudySpec
@@ -763,6 +800,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("-v", "--verbose", **verbose)
     p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser(
+        "extend", parents=[cluster, ship, store], help="add trials to a study (ended or not)"
+    )
+    p.add_argument("name")
+    p.add_argument("--trials", type=int, required=True, help="how many trials to add")
+    p.add_argument("-v", "--verbose", **verbose)
+    p.set_defaults(func=_cmd_extend)
 
     p = sub.add_parser(
         "export", parents=[objective, store], help="write the best config(s) of a study as YAML"

@@ -226,6 +226,8 @@ class StudySpec(SearchSpec):
         start_from: a folder with another run's ``last.pt`` (and ``best.pt``) that the
             trials of the ``train`` backend continue when Ray has no checkpoint of
             theirs (``study train --workers N --resume CKPT``); None: start afresh.
+        space_sha256: SHA-256 of the space file when the study started (set by
+            :meth:`save`); ``study extend`` refuses a space that changed since.
     """
 
     config_keys: ClassVar[tuple[str, ...]] = tuple(TrainConfig.field_names())
@@ -242,6 +244,7 @@ class StudySpec(SearchSpec):
     gpus_per_trial: float = 0.0
     backend: str = "auto"
     finalists: int = 3
+    space_sha256: str = ""
     final_n: int | None = None
     connect_timeout: float = 15.0
     start_from: str | None = None
@@ -360,9 +363,9 @@ class StudySpec(SearchSpec):
             raise ConfigError(
                 f"a study named {self.name!r} already exists under {self.storage}; "
                 f"continue it with `study resume {self.name}` (or `study run --name "
-                f"{self.name} --resume`, which starts it when it does not exist), or "
-                "choose another --name (extending a finished study with more trials is "
-                "not implemented yet)"
+                f"{self.name} --resume`, which starts it when it does not exist), add "
+                f"trials to it with `study extend {self.name} --trials N`, or choose "
+                "another --name"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -370,10 +373,22 @@ class StudySpec(SearchSpec):
         password (:meth:`__post_init__` moved them to the environment)."""
         return dataclasses.asdict(self)
 
+    def space_digest(self) -> str:
+        """SHA-256 of the search space's file as it is now (of its name when it has no
+        file): what :attr:`space_sha256` keeps from the study's start."""
+        import hashlib
+
+        source = Path(self.load_space().source)
+        data = source.read_bytes() if source.is_file() else str(self.space).encode()
+        return hashlib.sha256(data).hexdigest()
+
     def save(self) -> str:
         """Write ``<storage>/<name>/study.yaml`` (a local file or an object); returns
-        where."""
+        where. The space's digest is kept the first time (:meth:`space_digest`)."""
         from study.storage import write_text
+
+        if not self.space_sha256:
+            self.space_sha256 = self.space_digest()
 
         target = self.location(SPEC_FILE)
         write_text(target, yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -209,7 +209,7 @@ def test_study_run_refuses_an_existing_name(tmp_path, capsys) -> None:
     code = cli.main(_run_args(tmp_path, "--name", "taken", "--epochs", "1"))
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "study resume taken" in err and "not implemented yet" in err
+    assert "study resume taken" in err and "study extend taken --trials N" in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing was created
 
 
@@ -323,3 +323,58 @@ def test_hyperband_and_median_studies_end_with_consistent_optuna_states(
     counts = _check_states_agree(spec, outcome, epochs=3)
     print(f"{scheduler}: {counts}")
     assert counts.get("COMPLETE", 0) >= 1, counts
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_extend_adds_exactly_n_trials_to_the_same_study(tmp_path, capsys) -> None:
+    """A study of 2 trials ends; ``study extend --trials 2`` runs exactly 2 more in the
+    same Optuna study (which now holds 4, every one told its end), under the same MLflow
+    parent run, and the saved spec and outcome count 4. Then the space file changes:
+    a further extend is refused and changes nothing."""
+    import shutil
+
+    from reports.vocabulary import TAG_ROLE, TAG_STUDY, TAG_TRIAL
+    from study.export import trial_runs
+    from study.runner import load_outcome, run_study
+    from study.tracking import MlflowTracker
+
+    space = tmp_path / "space.yaml"
+    shutil.copy(Path(__file__).parents[1] / "search_spaces" / "smoke.yaml", space)
+    spec = make_spec(
+        tmp_path,
+        "grow",
+        space=str(space),
+        epochs=1,
+        scheduler="none",
+        max_concurrent=1,
+        optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+    )
+    first = run_study(spec)
+    assert len(first.trials) == 2
+    store = ["--storage", spec.storage, "--tracking-uri", spec.tracking_uri]
+    capsys.readouterr()
+
+    assert cli.main(["extend", "grow", "--trials", "2", *store]) == 0
+    assert "extending study grow from 2 to 4 trials" in capsys.readouterr().out
+    states = [t.state.name for t in _optuna_trials(spec)]
+    assert states == ["COMPLETE"] * 4, states
+    tracker = MlflowTracker(spec.tracking_uri, spec.name)
+    runs = trial_runs(tracker, spec.name)
+    ids = [r.data.tags[TAG_TRIAL] for r in runs]
+    assert len(ids) == len(set(ids)) == 4
+    assert {t.trial_id for t in first.trials} < set(ids)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {first.parent_run_id}
+    parents = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: "study"})
+    assert [(p.info.run_id, p.info.status) for p in parents] == [(first.parent_run_id, "FINISHED")]
+    saved = StudySpec.load(spec.storage, spec.name)
+    assert saved.trials == 4
+    ended = load_outcome(saved)
+    assert ended is not None and len(ended.trials) == 4
+
+    space.write_text(space.read_text() + "\n# edited after the study started\n")
+    assert cli.main(["extend", "grow", "--trials", "1", *store]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "changed since study 'grow' started" in err, err
+    assert StudySpec.load(spec.storage, spec.name).trials == 4
+    assert len(_optuna_trials(spec)) == 4
