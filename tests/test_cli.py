@@ -19,6 +19,7 @@ from trainables.errors import ConfigError
 SHARED = {  # sub-command: the shared options it takes
     "run": ["--address", "--set", "--metric", "--mode", "--tracking-uri", "--storage"],
     "resume": ["--address", "--tracking-uri", "--storage"],
+    "extend": ["--address", "--tracking-uri", "--storage"],
     "export": ["--metric", "--mode", "--tracking-uri", "--storage"],
     "list": ["--tracking-uri", "--storage"],
     "show": ["--tracking-uri", "--storage"],
@@ -52,8 +53,10 @@ def test_every_sub_command_lists_its_shared_options_once_and_parses_them() -> No
         text = parsers[command].format_help()
         for option in options:
             assert text.count(f"  {option} ") == 1, (command, option, text)
-        argv = [command, *(["name"] if command in ("resume", "export", "show", "report") else [])]
+        named = ("resume", "extend", "export", "show", "report")
+        argv = [command, *(["name"] if command in named else [])]
         argv += ["--from", "RUN"] if command == "generate" else []
+        argv += ["--trials", "1"] if command == "extend" else []
         for option in options:
             value = GIVEN[option][1]
             argv += [option, value[0] if isinstance(value, list) else value]
