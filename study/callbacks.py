@@ -684,17 +684,18 @@ def repair_experiment_state(tune_dir: Path) -> bool:
 
 class _TuneFolder:
     """The state files of a study's Tune folder (a path or a URI), read and rewritten
-    whole, for the repairs that must happen before ``Tuner.restore`` reads them."""
+    whole (:func:`study.storage.read_bytes`, :func:`study.storage.write_bytes`), for the
+    repairs that must happen before ``Tuner.restore`` reads them."""
 
     def __init__(self, tune_location: str) -> None:
         import pyarrow.fs as pafs
 
         from study.storage import filesystem
 
-        self.fs, where = filesystem(tune_location)
-        self.where = where.rstrip("/")
+        self.location = tune_location
+        fs, where = filesystem(tune_location)
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.where, allow_not_found=True))
+            infos = fs.get_file_info(pafs.FileSelector(where.rstrip("/"), allow_not_found=True))
         except OSError:
             infos = []
         self.names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
@@ -706,21 +707,14 @@ class _TuneFolder:
         return found[-1] if found else None
 
     def read(self, name: str) -> bytes:
-        with self.fs.open_input_stream(f"{self.where}/{name}") as stream:
-            return stream.readall()
+        from study.storage import join, read_bytes
+
+        return read_bytes(join(self.location, name))
 
     def write(self, name: str, data: bytes) -> None:
-        """Replace ``name`` whole: a temporary file and a rename on a local folder, one
-        object on a URI storage."""
-        import pyarrow.fs as pafs
+        from study.storage import join, write_bytes
 
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = Path(self.where) / f".{name}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, Path(self.where) / name)
-            return
-        with self.fs.open_output_stream(f"{self.where}/{name}") as stream:
-            stream.write(data)
+        write_bytes(join(self.location, name), data)
 
 
 def set_saved_save_period(tune_location: str, period: str) -> bool:

@@ -396,13 +396,8 @@ def _continue(storage: str, name: str, args: argparse.Namespace) -> int:
     (its driver stopped before Tune saved anything). ``--address`` and ``--tracking-uri``
     given here win over the saved ones (a cluster or server that moved)."""
     from study.runner import can_resume, load_outcome
-    from study.spec import StudySpec
 
-    spec = StudySpec.load(storage, name)
-    if args.address:
-        spec.address = args.address
-    if args.tracking_uri:
-        spec.tracking_uri = _tracking_uri(args)
+    spec = _saved_spec(storage, name, args)
     ended = load_outcome(spec)
     if ended is not None:
         print(f"study {spec.name} has ended already ({spec.location()}); its outcome:")
@@ -414,6 +409,19 @@ def _continue(storage: str, name: str, args: argparse.Namespace) -> int:
     return _finish(
         _run_or_interrupted(spec, resume=resume, verbose=args.verbose, working_dir=args.working_dir)
     )
+
+
+def _saved_spec(storage: str, name: str, args: argparse.Namespace) -> StudySpec:
+    """The saved spec of study ``name``, with ``--address`` and ``--tracking-uri`` given
+    now winning over the saved ones (a cluster or server that moved)."""
+    from study.spec import StudySpec
+
+    spec = StudySpec.load(storage, name)
+    if args.address:
+        spec.address = args.address
+    if args.tracking_uri:
+        spec.tracking_uri = _tracking_uri(args)
+    return spec
 
 
 def _finish(outcome: StudyOutcome | int) -> int:
@@ -465,15 +473,10 @@ def _cmd_extend(args: argparse.Namespace) -> int:
     from study import storage
     from study.callbacks import add_search_samples
     from study.runner import OUTCOME_FILE, TUNE_DIR, can_resume
-    from study.spec import StudySpec
 
     if args.trials < 1:
         raise UserError(f"--trials {args.trials}: extend by at least 1 trial")
-    spec = StudySpec.load(_storage(args), args.name)
-    if args.address:
-        spec.address = args.address
-    if args.tracking_uri:
-        spec.tracking_uri = _tracking_uri(args)
+    spec = _saved_spec(_storage(args), args.name, args)
     if not can_resume(spec):
         raise UserError(
             f"study {args.name!r} has no Tune state under {spec.location()} to extend "

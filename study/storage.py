@@ -118,39 +118,57 @@ def filesystem(location: str):
 
 def read_text(location: str) -> str:
     """The text of the file at ``location`` (FileNotFoundError when there is none)."""
+    return read_bytes(location).decode()
+
+
+def read_bytes(location: str) -> bytes:
+    """The bytes of the file at ``location`` (FileNotFoundError when there is none)."""
     path = local_path(location)
     if path is not None:
-        return path.read_text()
+        return path.read_bytes()
 
-    return _remote(location, "read", lambda: _read(location))
+    return _remote(location, "read", lambda: _read_bytes(location))
 
 
-def _read(location: str) -> str:
+def _read_bytes(location: str) -> bytes:
     fs, where = filesystem(location)
     if not _is_file(fs, where):
         raise FileNotFoundError(location)
     with fs.open_input_stream(where) as stream:
-        return stream.read().decode()
+        return stream.read()
+
+
+def _read(location: str) -> str:
+    return _read_bytes(location).decode()
 
 
 def write_text(location: str, text: str) -> None:
-    """Write ``text`` to the file at ``location`` (a local file through a temporary file
+    """Write ``text`` to the file at ``location`` (see :func:`write_bytes`)."""
+    write_bytes(location, text.encode())
+
+
+def write_bytes(location: str, data: bytes) -> None:
+    """Write ``data`` to the file at ``location`` (a local file through a temporary file
     and a rename, so that a reader never sees half of it; its folders are made)."""
     path = local_path(location)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
         return
 
-    _remote(location, "written", lambda: _write(location, text))
+    _remote(location, "written", lambda: _write_bytes(location, data))
+
+
+def _write_bytes(location: str, data: bytes) -> None:
+    fs, where = filesystem(location)
+    with fs.open_output_stream(where) as stream:  # one object, written whole
+        stream.write(data)
 
 
 def _write(location: str, text: str) -> None:
-    fs, where = filesystem(location)
-    with fs.open_output_stream(where) as stream:  # one object, written whole
-        stream.write(text.encode())
+    _write_bytes(location, text.encode())
 
 
 def exists(location: str) -> bool:
