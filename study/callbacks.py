@@ -599,6 +599,38 @@ class PlacementGroupSweeper(Callback):
             self.removed += remove_orphaned_placement_groups()
 
 
+class SchedulerState(Callback):
+    """Saves the trial scheduler's state with Tune's experiment state, so that
+    ``study resume`` (and ``study extend``) goes on with the rungs an uninterrupted study
+    would have: Tune saves its searcher on every experiment save but not its scheduler.
+
+    The state is this callback's (Tune's ``callback-states-*.pkl``, written in the same
+    save as the trial list and restored before the restored trials are added). Schedulers
+    that can say their state (:class:`study.search.ResumableASHA`,
+    :class:`study.search.ResumableMedian`) have it; others (HyperBand) start empty on
+    resume, with a warning.
+
+    Args:
+        scheduler: the scheduler Tune runs (after ``Tuner.restore``, :func:`study.runner.
+            study_tuner` points this at the restored one).
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        self.restored = False
+
+    def get_state(self) -> dict[str, Any] | None:
+        state = getattr(self.scheduler, "resume_state", None)
+        return {"scheduler": state()} if callable(state) else None
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        load = getattr(self.scheduler, "load_resume_state", None)
+        saved = state.get("scheduler")
+        if saved and callable(load):
+            load(saved)
+            self.restored = True
+
+
 #: Our last readable copy of Tune's experiment state, beside it in the Tune folder.
 STATE_BACKUP = "experiment_state.backup.json"
 

@@ -784,7 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "retried jobs)")  # fmt: skip
     p.add_argument("--scheduler", help="what stops poor trials early: "
                    f"{'|'.join(SCHEDULERS)} (default: the space's, else "
-                   f"{StudySpec.scheduler}; multi-objective: none)")  # fmt: skip
+                   f"{StudySpec.scheduler}; multi-objective: asha by non-dominated "
+                   "sorting, or none)")  # fmt: skip
     p.add_argument("--asha", dest="asha", action="store_true", default=None,
                    help="= --scheduler asha")  # fmt: skip
     p.add_argument("--no-asha", dest="asha", action="store_false", help="= --scheduler none")

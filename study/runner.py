@@ -410,7 +410,12 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
     MLflow and progress callbacks."""
     from ray import tune
 
-    from study.callbacks import MlflowCallback, PlacementGroupSweeper, ProgressCallback
+    from study.callbacks import (
+        MlflowCallback,
+        PlacementGroupSweeper,
+        ProgressCallback,
+        SchedulerState,
+    )
     from study.search import make_scheduler
     from study.trial import run_trial, trial_resources
 
@@ -419,6 +424,7 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
     callbacks = [
         MlflowCallback(spec, parent_run_id),
         ProgressCallback(spec.metrics, spec.trials),
+        SchedulerState(scheduler),
     ]
     if uses_train_backend(spec):
         callbacks.append(PlacementGroupSweeper())
@@ -430,11 +436,26 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
         resume=resume,
         verbose=verbose,
     )
-    if resume:  # the progress callback comes back from Tune's state: `study extend` grew it
-        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+    if resume:  # the callbacks come back from Tune's state (private fields of Ray's Tuner)
+        local = getattr(tuner, "_local_tuner", None)
+        run_config = getattr(local, "_run_config", None)
+        restored = getattr(getattr(local, "_tune_config", None), "scheduler", None)
+        kept = restored is None
         for callback in getattr(run_config, "callbacks", None) or []:
-            if isinstance(callback, ProgressCallback):
+            if isinstance(callback, ProgressCallback):  # `study extend` grew the study
                 callback.trials = spec.trials
+            if isinstance(callback, SchedulerState) and restored is not None:
+                callback.scheduler = restored  # the one Tune runs, whatever the pickle shared
+                kept = kept or callable(getattr(restored, "resume_state", None))
+        if not kept and spec.early_stopping() != "none":
+            print(
+                f"warning: the {spec.early_stopping()} scheduler of study {spec.name!r} starts "
+                "empty on resume (its state is not saved: HyperBand, or a study started "
+                "before schedulers were saved); trials after the resume are judged only "
+                "against each other",
+                file=sys.stderr,
+                flush=True,
+            )
     return tuner
 
 

@@ -17,6 +17,13 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.schedulers import (
+    ASHAScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+    TrialScheduler,
+)
 from ray.tune.search.optuna import OptunaSearch
 
 from study.spec import SearchSpec, StudySpec
@@ -77,6 +84,9 @@ class StudySearch(OptunaSearch):
         if not error:
             self._report(trial_id, result)
         state, values = self._ending(trial_id, result, error)
+        if isinstance(self.metric, list) and result.get("epoch") is not None:
+            # no intermediate values with several objectives: the epochs it ran, told apart
+            self._ot_trials[trial_id].set_user_attr("epochs_run", int(result["epoch"]))
         try:
             self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
         except Exception as exc:  # e.g. a NaN value: Optuna refuses it; Tune goes on
@@ -143,10 +153,233 @@ def make_sampler(spec: SearchSpec) -> optuna.samplers.TPESampler:
         return optuna.samplers.TPESampler(**tpe_options(spec))
 
 
-def _asha(spec: StudySpec, common: dict[str, Any]) -> Any:
-    from ray.tune.schedulers import ASHAScheduler
+class ResumableASHA(ASHAScheduler):
+    """Ray's ASHA whose rungs survive ``study resume``: :meth:`resume_state` and
+    :meth:`load_resume_state`, through :class:`study.callbacks.SchedulerState` (saved with
+    Tune's experiment state).
 
-    return ASHAScheduler(
+    ASHA keys its rungs by trial id, which Tune keeps on restore, so the recorded values
+    come back as they were; a restored trial that reports an epoch again is not recorded
+    twice (Ray's own rule), and every later trial meets the cut-offs an uninterrupted
+    study would have met.
+    """
+
+    def resume_state(self) -> dict[str, Any]:
+        """The recorded values of every rung, per bracket, and the stop count (picklable)."""
+        return {
+            "kind": "asha",
+            "rungs": [[(m, dict(rec)) for m, rec in b._rungs] for b in self._brackets],
+            "num_stopped": self._num_stopped,
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`resume_state` returned (before the restored trials are added)."""
+        for bracket, rungs in zip(self._brackets, state["rungs"], strict=False):
+            saved = dict(rungs)
+            for milestone, recorded in bracket._rungs:
+                recorded.update(saved.get(milestone, {}))
+        self._num_stopped = state["num_stopped"]
+
+
+class ResumableMedian(MedianStoppingRule):
+    """Ray's median stopping rule whose history survives ``study resume``.
+
+    Ray keys its history by the Trial object, and a restore makes new ones, so
+    :meth:`resume_state` keeps it by trial id (the epoch and the objective of every result) and
+    :meth:`on_trial_add` hands it to the restored Trial of that id. A restored trial
+    that reports an epoch again replaces its older results from that epoch on.
+    """
+
+    def resume_state(self) -> dict[str, Any]:
+        """Each trial's (epoch, objective) history and the stopped trials' ids."""
+        keys = (self._time_attr, self._metric)
+        return {
+            "kind": "median",
+            "results": {
+                _trial_id(t): [{k: r[k] for k in keys if k in r} for r in rs]
+                for t, rs in self._results.items()
+            },
+            "stopped": [_trial_id(t) for t in self._stopped_trials],
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Keep the saved history until the restored trials are added (:meth:`on_trial_add`)."""
+        self._saved = state
+        for trial_id, results in state["results"].items():
+            self._results[_SavedTrial(trial_id)] = list(results)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        saved = getattr(self, "_saved", None)
+        if not saved:
+            return
+        for key in [k for k in self._results if isinstance(k, _SavedTrial)]:
+            if key.trial_id == trial.trial_id:
+                self._results[trial] = self._results.pop(key) + self._results[trial]
+        if trial.trial_id in saved["stopped"]:
+            self._stopped_trials.add(trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        when = result.get(self._time_attr)
+        if when is not None and trial in self._results:  # an epoch reported again
+            self._results[trial] = [
+                r for r in self._results[trial] if r.get(self._time_attr, when) < when
+            ]
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+class MultiObjectiveASHA(FIFOScheduler):
+    """Asynchronous successive halving on several objectives at once (the idea of
+    MO-ASHA, Schmucker et al. 2021): ASHA's rungs, where a trial reaching a rung is
+    ranked against the trials recorded there by non-dominated sorting instead of by one
+    score.
+
+    At a rung at epoch ``m`` (``grace_period × reduction_factor^k`` below ``max_t``), the
+    trial and the ``n − 1`` trials recorded there before it are sorted into Pareto
+    fronts (front 0: dominated by none of them; front 1: by none but front 0's; …). The
+    fronts are taken best first until they hold at least ``ceil(n / reduction_factor)``
+    trials; a trial in a later front is dominated by that many and stops, every trial
+    of the fronts taken goes on (no tie-break inside a front, so the rule depends on
+    nothing but the scores). The first trial at a rung always goes on, and a trial is
+    judged once per rung, when it first reaches it (Ray's ASHA rule). At ``max_t``
+    the trial ends (STOP), as Ray's ASHA ends it. Its state survives ``study resume``
+    (:meth:`resume_state`).
+
+    Args:
+        time_attr: the result field that counts time (``epoch``).
+        metrics: the objectives, each a result field.
+        modes: ``max`` or ``min`` per objective.
+        max_t: the epochs of a full trial.
+        grace_period: epochs every trial runs before it can be stopped (the first rung).
+        reduction_factor: a rung keeps about the best 1/reduction_factor of its trials.
+    """
+
+    def __init__(
+        self,
+        *,
+        time_attr: str,
+        metrics: list[str],
+        modes: list[str],
+        max_t: int,
+        grace_period: int,
+        reduction_factor: float,
+    ) -> None:
+        super().__init__()
+        if len(metrics) != len(modes) or not metrics:
+            raise ValueError(f"one mode per objective: {metrics} / {modes}")
+        self._time_attr = time_attr
+        self._metrics = list(metrics)
+        self._signs = [1.0 if m == "max" else -1.0 for m in modes]
+        self._max_t = max_t
+        self._rf = reduction_factor
+        milestones, m = [], grace_period
+        while m < max_t:
+            milestones.append(m)
+            m = int(m * reduction_factor)
+        self._rungs: list[tuple[int, dict[str, tuple[float, ...]]]] = [(m, {}) for m in milestones]
+        self._num_stopped = 0
+
+    @property
+    def metric(self) -> list[str]:
+        """The objectives (Ray's schedulers expose one ``metric``)."""
+        return self._metrics
+
+    def set_search_properties(self, metric: Any, mode: Any, **spec: Any) -> bool:
+        return True  # the objectives are the scheduler's own, whatever Tune's default
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if self._time_attr not in result or any(m not in result for m in self._metrics):
+            return TrialScheduler.CONTINUE
+        when = result[self._time_attr]
+        if when >= self._max_t:
+            return TrialScheduler.STOP
+        scores = tuple(s * float(result[m]) for s, m in zip(self._signs, self._metrics))
+        action = TrialScheduler.CONTINUE
+        for milestone, recorded in reversed(self._rungs):
+            if when < milestone or trial.trial_id in recorded:
+                continue
+            if recorded and not keeps(scores, list(recorded.values()), self._rf):
+                action = TrialScheduler.STOP
+                self._num_stopped += 1
+            recorded[trial.trial_id] = scores
+            break
+        return action
+
+    def debug_string(self) -> str:
+        rungs = ", ".join(f"epoch {m}: {len(r)}" for m, r in self._rungs)
+        return f"MultiObjectiveASHA: {self._num_stopped} stopped; trials per rung {rungs}"
+
+    def resume_state(self) -> dict[str, Any]:
+        """Every rung's recorded scores by trial id, and the stop count (picklable)."""
+        return {
+            "kind": "mo-asha",
+            "rungs": [(m, dict(r)) for m, r in self._rungs],
+            "num_stopped": self._num_stopped,
+        }
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`resume_state` returned."""
+        saved = dict(state["rungs"])
+        for milestone, recorded in self._rungs:
+            recorded.update(saved.get(milestone, {}))
+        self._num_stopped = state["num_stopped"]
+
+
+def pareto_fronts(points: list[tuple[float, ...]]) -> list[list[int]]:
+    """Non-dominated sorting: the indices of ``points`` (every objective to maximise) by
+    front, best first; a point dominates another when it is at least as good on every
+    objective and better on one."""
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    left, fronts = set(range(len(points))), []
+    while left:
+        front = sorted(i for i in left if not any(dominates(points[j], points[i]) for j in left))
+        fronts.append(front)
+        left -= set(front)
+    return fronts
+
+
+def keeps(scores: tuple[float, ...], others: list[tuple[float, ...]], rf: float) -> bool:
+    """Whether a trial with ``scores`` goes on at a rung where ``others`` were recorded:
+    its front is among the best ones that together hold ``ceil(n / rf)`` of the n
+    trials (:class:`MultiObjectiveASHA`)."""
+    import math
+
+    points = [*others, scores]
+    quota, taken = math.ceil(len(points) / rf), 0
+    for front in pareto_fronts(points):
+        if len(points) - 1 in front:
+            return True
+        taken += len(front)
+        if taken >= quota:
+            return False
+    return True
+
+
+class _SavedTrial:
+    """Stands for a trial of a restored median history until Tune adds its Trial."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def _trial_id(trial: Any) -> str:
+    return str(trial.trial_id)
+
+
+def _asha(spec: StudySpec, common: dict[str, Any]) -> Any:
+    if spec.multi_objective:
+        return MultiObjectiveASHA(
+            time_attr="epoch",
+            metrics=list(spec.metrics),
+            modes=list(spec.modes),
+            max_t=spec.default_epochs,
+            grace_period=spec.grace_period,
+            reduction_factor=spec.reduction_factor,
+        )
+    return ResumableASHA(
         **common,
         max_t=spec.default_epochs,
         grace_period=spec.grace_period,
@@ -155,17 +388,13 @@ def _asha(spec: StudySpec, common: dict[str, Any]) -> Any:
 
 
 def _hyperband(spec: StudySpec, common: dict[str, Any]) -> Any:
-    from ray.tune.schedulers import HyperBandScheduler
-
     return HyperBandScheduler(
         **common, max_t=spec.default_epochs, reduction_factor=spec.reduction_factor
     )
 
 
 def _median(spec: StudySpec, common: dict[str, Any]) -> Any:
-    from ray.tune.schedulers import MedianStoppingRule
-
-    return MedianStoppingRule(**common, grace_period=spec.grace_period)
+    return ResumableMedian(**common, grace_period=spec.grace_period)
 
 
 #: scheduler name (``--scheduler``) -> builder ``(spec, common keywords) -> scheduler``;

@@ -331,9 +331,15 @@ class StudySpec(SearchSpec):
 
     def early_stopping(self) -> str:
         """The scheduler that stops trials early (one of :data:`SCHEDULERS`): ``none``
-        unless asked for (``asha`` and ``scheduler``), with one objective and (ASHA,
-        median) more epochs than the grace period."""
-        if not self.asha or self.multi_objective:
+        unless asked for (``asha`` and ``scheduler``), with (ASHA, median) more epochs
+        than the grace period. Several objectives: ``asha`` only (non-dominated sorting,
+        :class:`study.search.MultiObjectiveASHA`), when every objective is reported each
+        epoch; else ``none``."""
+        if not self.asha:
+            return "none"
+        if self.multi_objective and (
+            self.scheduler != "asha" or not all(is_epoch_metric(m) for m in self.metrics)
+        ):
             return "none"
         if self.scheduler != "hyperband" and self.default_epochs <= self.grace_period:
             return "none"  # HyperBand has no grace period; its brackets start at epoch 1

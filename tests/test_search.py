@@ -78,10 +78,15 @@ def test_the_scheduler_in_effect(tmp_path) -> None:
         assert isinstance(scheduler, kind)
         assert scheduler._time_attr == "epoch" and scheduler.metric == "val/pgd_acc"
     assert make_scheduler(make_spec(tmp_path, "s", scheduler="none")) is None
-    # the old switch still turns it off; several objectives or no epoch past the grace: none
+    # the old switch still turns it off; no epoch past the grace: none
     assert make_spec(tmp_path, "s", asha=False, scheduler="median").early_stopping() == "none"
-    two = make_spec(tmp_path, "s", metrics=["val/pgd_acc", "val/clean_acc"], modes=["max"] * 2)
-    assert two.early_stopping() == "none"
+    # several objectives: ASHA by non-dominated sorting; the others, or an objective
+    # reported only at the end, none
+    two = {"metrics": ["val/pgd_acc", "val/clean_acc"], "modes": ["max"] * 2}
+    assert make_spec(tmp_path, "s", **two).early_stopping() == "asha"
+    assert make_spec(tmp_path, "s", **two, scheduler="median").early_stopping() == "none"
+    late = {"metrics": ["val/pgd_acc", "test/clean_acc"], "modes": ["max"] * 2}
+    assert make_spec(tmp_path, "s", **late).early_stopping() == "none"
     assert make_spec(tmp_path, "s", epochs=1).early_stopping() == "none"
     # HyperBand has no grace period: it runs whatever the epochs
     assert make_spec(tmp_path, "s", epochs=1, scheduler="hyperband").early_stopping() == "hyperband"
