@@ -20,7 +20,9 @@ backend) on one local Ray cluster started once with :func:`study.runner.init_ray
   two modes alternate (S, P, S, P, …) after one dropped warm-up study of each;
   walls are medians over the rounds and the ratio is a ratio of medians.
 * **Scaling** ("scale" rows): 50, 100 and 200 trials (``--quick``: 8 and 16), 8 at
-  once (0.25 CPU each), SQLite, a fresh store per study. Driver CPU seconds per trial
+  once (0.25 CPU each), SQLite, a fresh store and a fresh local Ray cluster per study
+  (as ``study run`` starts one; until 2026-12-03 one cluster served every study, in
+  order of size, after the server figure). Driver CPU seconds per trial
   (``getrusage(RUSAGE_SELF)`` of this process, which is the driver, less the CPU of
   this benchmark's own sampler thread), MLflow writes per second, peak driver
   resident memory (``VmHWM``, reset through ``/proc/self/clear_refs`` before each
@@ -715,6 +717,7 @@ def scale(bench: Bench, sizes: list[int], until: float | None = None) -> dict[st
             skipped.append({"trials": n, "expected_s": round(expected), "left_s": round(left)})
             continue
         uri = _new_sqlite(bench, f"scale-{n}")
+        _fresh_cluster()
         runs.append(bench.study("sqlite", uri, n, SCALE_CONCURRENT, SCALE_CPUS))
     xs = [float(r["trials"]) for r in runs]
     per_trial = _slope(xs, [r["driver_cpu_s_per_trial"] for r in runs])
@@ -725,12 +728,26 @@ def scale(bench: Bench, sizes: list[int], until: float | None = None) -> dict[st
             "concurrent": SCALE_CONCURRENT,
             "cpus_per_trial": SCALE_CPUS,
             "store": "SQLite, a fresh store per study",
+            "cluster": "a fresh local Ray cluster per study (as `study run` starts one)",
         },
         "cpu_s_per_trial_slope": per_trial[0] if per_trial else None,
         "cpu_s_total_fit": {"per_trial": total[0], "fixed": total[1]} if total else None,
         "runs": runs,
         "skipped": skipped,
     }
+
+
+def _fresh_cluster() -> None:
+    """Stop this process's Ray cluster and start a new one, as ``study run`` does for
+    each study: a cluster kept from earlier studies adds its own history (placement
+    groups, dead actors, log files) to the later, larger studies' cost."""
+    import ray
+
+    from study.runner import init_ray
+
+    ray.shutdown()
+    init_ray(None)
+    time.sleep(2.0)  # let the fresh cluster's processes settle
 
 
 def _flat(slope: float | None, runs: list[dict[str, Any]]) -> str:

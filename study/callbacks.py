@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import tempfile
@@ -144,6 +145,10 @@ class MlflowCallback(Callback):
         self._lost_tagged: dict[str, str] = {}  # run → the TAG_METRICS_ERROR value it got
         self._complete: set[str] = set()
         self._process: dict[str, str] = {}
+        # the study's trial runs in the store when this driver first needed one, by
+        # trial id (newest first): one search instead of one per trial, whose cost grew
+        # with the runs already in the store
+        self._stored: dict[str, Any] | None = None
         self.writer = BackgroundWriter(background=self.BACKGROUND)
         self.hook_s = 0.0  #: driver seconds spent in this callback's Tune hooks
         self.results = 0  #: trial results seen
@@ -253,8 +258,7 @@ class MlflowCallback(Callback):
         if trial_id in self._runs:
             return self._runs[trial_id]
         key_tags = {TAG_STUDY: self.spec.name, TAG_TRIAL: trial_id}
-        found = self.tracker.find_runs(**key_tags)
-        stored = found[0] if found else None
+        stored = self._stored_run(trial_id)
         if stored and stored.info.status == "FINISHED" and "test/clean_acc" in stored.data.metrics:
             # complete before the driver was killed; Tune's snapshot missed it:
             # the run stays as it is (the trial only reports its stored result)
@@ -292,6 +296,18 @@ class MlflowCallback(Callback):
         self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
         self._config_logged.add(run_id)
         return run_id
+
+    def _stored_run(self, trial_id: str) -> Any:
+        """The newest run of this study's trial ``trial_id`` that the store held when this
+        driver first asked (a resumed study's), or None. Runs made since are in
+        ``_runs``: this driver is the study's only writer."""
+        if self._stored is None:
+            self._stored = {}
+            for run in self.tracker.find_runs(**{TAG_STUDY: self.spec.name}):  # newest first
+                tid = run.data.tags.get(TAG_TRIAL)
+                if tid is not None and tid not in self._stored:
+                    self._stored[tid] = run
+        return self._stored.get(trial_id)
 
     def _log_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
         metrics = our_metrics(result)
@@ -672,21 +688,48 @@ class StateBackup(Callback):
         self.backup()
 
     def backup(self) -> None:
-        """Copy the newest experiment state if it changed and is whole."""
+        """Copy the newest experiment state if it changed and is whole
+        (:func:`state_is_whole`); a kernel copy, never parsed: the file holds every trial,
+        megabytes in a study of hundreds."""
         states = sorted(self.tune_dir.glob("experiment_state-*.json"))
         if not states:
             return
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError):
             stat = states[-1].stat()
             seen = (states[-1].name, stat.st_mtime_ns, stat.st_size)
-            if seen == self._seen:
-                return
-            text = states[-1].read_text()
-            json.loads(text)  # cut short (a write in progress): keep the last copy
+            if seen == self._seen or not state_is_whole(states[-1]):
+                return  # unchanged, or cut short (a write in progress): keep the last copy
             tmp = self.tune_dir / f".{STATE_BACKUP}.tmp"
-            tmp.write_text(text)
+            shutil.copyfile(states[-1], tmp)
+            if not state_is_whole(tmp):  # rewritten while copied
+                return
             os.replace(tmp, self.tune_dir / STATE_BACKUP)
             self._seen = seen
+
+
+#: How Tune's experiment state ends: ``json.dump`` of ``{"trial_data": …, "runner_data":
+#: …, "stats": {"start_time": <seconds>}}``. The trials are JSON strings inside it (their
+#: quotes escaped), so only the last bytes of a whole file can match.
+_STATE_END = re.compile(rb'"stats": \{"start_time": [-+0-9.eEinfaNI]+\}\}\s*$')
+
+
+def state_is_whole(path: Path) -> bool:
+    """Whether a Tune experiment-state file was written to its end (its last bytes are
+    the end of the document, :data:`_STATE_END`), without parsing the whole of it; a
+    file in another layout falls back on parsing."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 256))
+        tail = f.read()
+    if _STATE_END.search(tail):
+        return True
+    if b'"stats"' in tail:  # Tune's layout, cut short
+        return False
+    try:  # another Ray version's layout
+        json.loads(Path(path).read_bytes())
+        return True
+    except ValueError:
+        return False
 
 
 def repair_experiment_state(tune_dir: Path) -> bool:

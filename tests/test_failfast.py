@@ -261,6 +261,30 @@ def test_a_tune_state_cut_short_by_a_killed_driver_is_put_back_from_the_backup(t
     assert not repair_experiment_state(tmp_path)  # a whole state is left alone
 
 
+def test_a_whole_tune_state_is_told_from_a_cut_one_by_its_end(tmp_path):
+    """Tune's layout (``stats`` last, the trials as escaped JSON strings, even ones that
+    hold the same words): whole only when written to the end, wherever it is cut."""
+    import json
+
+    from study.callbacks import STATE_BACKUP, StateBackup, state_is_whole
+
+    trial = json.dumps({"stats": {"start_time": 1.0}, "results": list(range(300))})
+    text = json.dumps(
+        {"trial_data": [[trial, trial]], "runner_data": {"n": 1}, "stats": {"start_time": 17.5}}
+    )
+    path = tmp_path / "experiment_state-2026-12-03_10-00-00.json"
+    path.write_text(text)
+    assert state_is_whole(path)
+    for cut in (len(text) - 1, len(text) - 2, len(text) - 10, len(text) // 2, len(trial), 5):
+        path.write_text(text[:cut])
+        assert not state_is_whole(path), cut
+        StateBackup(tmp_path).backup()
+        assert not (tmp_path / STATE_BACKUP).exists()
+    path.write_text(text + "\n")
+    StateBackup(tmp_path).backup()
+    assert (tmp_path / STATE_BACKUP).read_text() == text + "\n"
+
+
 def _search_generator(limit: int):
     """Tune's own search wrappers around the study's searcher, as ``Tuner`` builds them."""
     import optuna
