@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reports.vocabulary import BEST_CHECKPOINT, TAG_TRIAL
+from reports.vocabulary import BEST_CHECKPOINT, CONFIG_FILE, TAG_TRIAL
 from study import robustbench_models
 from trainables.errors import ConfigError, UserError
 from trainables.registry import Registry
@@ -463,7 +463,10 @@ def export_robustbench(
                 f"run {run_id} (trial {trial}) has no {BEST_CHECKPOINT} artifact to export"
             ) from None
         weights = load_checkpoint(checkpoint)["model"]
-    cfg = TrainConfig.from_dict(run_config(tracker, run_id))
+    try:
+        cfg = TrainConfig.from_dict(run_config(tracker, run_id))
+    except (MlflowException, OSError):
+        raise UserError(f"run {run_id} (trial {trial}) has no {CONFIG_FILE} artifact") from None
     project, data = trained_model(cfg, weights, device="cpu")  # a missing dataset fails here
     plain = plain_model(cfg.model, cfg.model_kwargs, project.state_dict())
     exported = plain.build()
@@ -527,4 +530,8 @@ def export_robustbench(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    echo(
+        f"clean {info['clean_acc']} %, AutoAttack {info['autoattack_acc']} % on {size} test "
+        f"points; logged to run {run_id} as {NAMESPACE}/* and {INFO_ARTIFACT}"
+    )
     return RobustBenchExport(target, run_id, info, metrics)
