@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -261,7 +262,11 @@ def load_written_model(folder: Path) -> nn.Module:
     spec = importlib.util.spec_from_file_location(name, folder / MODEL_FILE)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    writes, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in DIR
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = writes
     return module.load_model(str(folder / WEIGHTS_FILE))
 
 

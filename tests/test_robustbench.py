@@ -174,7 +174,7 @@ def test_the_export_reloads_with_torch_alone_and_gives_identical_logits(exported
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ours))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(out), str(folder / "batch.pt"),
+        [sys.executable, "-I", "-B", "-c", script, str(out), str(folder / "batch.pt"),
          str(folder / "logits.pt")],
         cwd=folder, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -183,6 +183,7 @@ def test_the_export_reloads_with_torch_alone_and_gives_identical_logits(exported
     with torch.no_grad():
         expected = exported["model"](x)
     assert torch.equal(torch.load(folder / "logits.pt"), expected)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MODEL_FILE, WEIGHTS_FILE, INFO_FILE])
 
 
 @pytest.mark.slow
