@@ -7,7 +7,8 @@ Sub-commands:
   Tune trial; several workers or GPUs train through a Ray Train TorchTrainer
   (``--backend``).
 * ``study resume NAME``: continue an interrupted study.
-* ``study export NAME -o best.yaml``: the best config(s) for final training.
+* ``study export NAME -o best.yaml``: the best config(s) for final training;
+  ``--robustbench DIR``: the best trial's weights as a RobustBench-ready model.
 * ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
 * ``study report NAME``: tables, figures and one HTML report read back from MLflow.
 * ``study ui [NAME]``: the MLflow UI on 127.0.0.1 for the store in use, and the address
@@ -514,6 +515,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         metric = metric or spec.metrics[0]
         if mode is None and metric in spec.metrics:
             mode = spec.modes[spec.metrics.index(metric)]
+    if args.robustbench is not None:  # the best trial's weights, evaluated (study/robustbench.py)
+        from study.robustbench import export_robustbench
+
+        if args.top != 1:
+            raise ConfigError("--robustbench exports the best trial only; drop --top")
+        done = export_robustbench(_tracking_uri(args), args.name, args.robustbench, n=args.n,
+                                  metric=metric or "val/pgd_acc", mode=mode or "max")  # fmt: skip
+        print(f"wrote {done.folder}: " + ", ".join(sorted(p.name for p in done.folder.iterdir())))
+        return 0
     tracker = MlflowTracker(_tracking_uri(args), args.name)
     files = export_best(
         tracker,
@@ -819,6 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--top", type=int, default=1, help="how many configs")
     p.add_argument("-o", "--output", default="best.yaml", help="output YAML file")
+    p.add_argument("--robustbench", metavar="DIR", help="instead: write the best trial's weights, "
+                   "a torch-only model.py and model_info.json (standard AutoAttack on --n test "
+                   "points) into the new or empty folder DIR")  # fmt: skip
+    p.add_argument("--n", type=int, default=10_000, help="--robustbench: the first N test points "
+                   "AutoAttack evaluates (default: %(default)s)")  # fmt: skip
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("list", parents=[store], help="studies in the MLflow store")
