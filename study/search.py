@@ -269,6 +269,8 @@ class MultiObjectiveASHA(FIFOScheduler):
             raise ValueError(f"one mode per objective: {metrics} / {modes}")
         self._time_attr = time_attr
         self._metrics = list(metrics)
+        # Tune checks that every result holds the scheduler's ``metric`` (one name)
+        self._metric, self._mode = metrics[0], modes[0]
         self._signs = [1.0 if m == "max" else -1.0 for m in modes]
         self._max_t = max_t
         self._rf = reduction_factor
@@ -278,11 +280,6 @@ class MultiObjectiveASHA(FIFOScheduler):
             m = int(m * reduction_factor)
         self._rungs: list[tuple[int, dict[str, tuple[float, ...]]]] = [(m, {}) for m in milestones]
         self._num_stopped = 0
-
-    @property
-    def metric(self) -> list[str]:
-        """The objectives (Ray's schedulers expose one ``metric``)."""
-        return self._metrics
 
     def set_search_properties(self, metric: Any, mode: Any, **spec: Any) -> bool:
         return True  # the objectives are the scheduler's own, whatever Tune's default
