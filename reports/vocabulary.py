@@ -39,6 +39,10 @@ TAG_SOURCE = "energy_study.source"  #: the checkpoint a generation study samples
 #: files a trial's run should have and lacks in MLflow: ``<file>: <reason>``, ``; ``-joined
 TAG_ARTIFACT_ERROR = "energy_study.artifact_error"
 TAG_METRICS_ERROR = "energy_study.metrics_error"  #: metric points lost after retries
+#: "true"/"false": whether a trial met every constraint of its study (``--constraint``);
+#: absent when the study has none. A trial tagged "false" is never "best".
+TAG_CONSTRAINT_OK = "energy_study.constraint_ok"
+TAG_CONSTRAINTS = "energy_study.constraints"  #: how a trial fared on each constraint
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI

@@ -75,6 +75,7 @@ class TrialOutcome:
     metrics: dict[str, float]  # its last result's numbers
     error: str | None
     run_id: str | None = None  # its MLflow run (study generate sets it)
+    feasible: bool = True  # it met the study's constraints (reports.ranking.is_feasible)
 
 
 @dataclass
@@ -439,7 +440,9 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
 
 
 def trial_outcomes(
-    grid: Any, finished: Callable[[dict[str, Any], dict[str, float]], bool]
+    grid: Any,
+    finished: Callable[[dict[str, Any], dict[str, float]], bool],
+    feasible: Callable[[dict[str, float]], bool] | None = None,
 ) -> list[TrialOutcome]:
     """Every started trial of a Tune result grid, as the search ended it.
 
@@ -447,6 +450,8 @@ def trial_outcomes(
         grid: what ``Tuner.fit`` returned.
         finished: ``(config, metrics) -> bool``: whether a trial without an error ran
             to its end (FINISHED) rather than being stopped early (STOPPED).
+        feasible: ``metrics -> bool``: whether a trial's last result meets the study's
+            constraints (:meth:`StudySpec.meets_constraints`); None: every trial does.
     """
     outcomes = []
     for result in grid:
@@ -459,7 +464,10 @@ def trial_outcomes(
         else:
             status = "FINISHED" if finished(result.config, metrics) else "STOPPED"
         error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
-        outcomes.append(TrialOutcome(str(trial_id), status, dict(result.config), metrics, error))
+        ok = feasible is None or status == "FAILED" or feasible(metrics)
+        outcomes.append(
+            TrialOutcome(str(trial_id), status, dict(result.config), metrics, error, feasible=ok)
+        )
     return outcomes
 
 
@@ -631,7 +639,8 @@ def _fit_and_finish(
         # the last trials Tune stopped inside TorchTrainer.fit left their workers'
         # placement groups behind; the study is over, so every one of them goes
         remove_orphaned_placement_groups(all_of_this_job=True)
-    outcomes = trial_outcomes(grid, spec.ran_full_budget)  # the rule the searcher uses
+    # the rules the searcher and the MLflow callback use
+    outcomes = trial_outcomes(grid, spec.ran_full_budget, spec.meets_constraints)
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
     if not interrupted and len(grid) < spec.trials:  # never silently short
         print(
@@ -664,15 +673,15 @@ def _fit_and_finish(
 def finalists(outcome: StudyOutcome) -> list[TrialOutcome]:
     """The trials of the second stage, best first: the top ``spec.finalists`` finished
     trials by the objective, or the Pareto set (finished trials) of a multi-objective
-    study (ordered by its first objective)."""
+    study (ordered by its first objective); never a trial that violates a constraint."""
     spec = outcome.spec
     if spec.finalists <= 0:
         return []
-    finished = [t for t in outcome.trials if t.status == "FINISHED"]
+    finished = [t for t in outcome.trials if t.status == "FINISHED" and t.feasible]
     if spec.multi_objective:
         front = {t.trial_id for t in pareto_front(finished, spec.metrics, spec.modes)}
         return [t for t in outcome.ranked() if t.trial_id in front]
-    return [t for t in outcome.ranked() if t.status == "FINISHED"][: spec.finalists]
+    return [t for t in outcome.ranked() if t.status == "FINISHED" and t.feasible][: spec.finalists]
 
 
 def run_finals(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> list[Any]:
