@@ -59,6 +59,8 @@ from reports.vocabulary import (
     TAG_PROCESS,
     TAG_ROLE,
     TAG_STUDY,
+    TAG_WARM_START,
+    TAG_WARM_START_TRIALS,
 )
 
 FORMATS = ("html", "md", "both")
@@ -148,6 +150,14 @@ def _constraint_texts(data: StudyData) -> list[str]:
     return [str(c) for c in value] if isinstance(value, list) else []
 
 
+def _warm_start_text(tags: dict[str, str]) -> str:
+    """``"OTHER (12 trials seeded)"`` from a parent run's warm-start tags, else ``-``."""
+    source = tags.get(TAG_WARM_START)
+    if not source:
+        return "-"
+    return f"{source} ({tags.get(TAG_WARM_START_TRIALS, '?')} trials seeded)"
+
+
 def header_section(ctx: Context) -> Section:
     """Spec, dates, versions, commit, hardware and the commands that reproduce each trial."""
     data = ctx.data
@@ -168,6 +178,7 @@ def header_section(ctx: Context) -> Section:
         ("tracking URI", data.tracking_uri),
         ("objective", ", ".join(f"{m} ({o})" for m, o in zip(data.objective, data.modes))),
         ("constraints", ", ".join(_constraint_texts(data)) or "none"),
+        ("warm start", _warm_start_text(tags)),
         ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
         ("sampling runs", str(len(data.generations))),
         ("started", _date(start)),

@@ -43,6 +43,8 @@ TAG_METRICS_ERROR = "energy_study.metrics_error"  #: metric points lost after re
 #: absent when the study has none. A trial tagged "false" is never "best".
 TAG_CONSTRAINT_OK = "energy_study.constraint_ok"
 TAG_CONSTRAINTS = "energy_study.constraints"  #: how a trial fared on each constraint
+TAG_WARM_START = "energy_study.warm_start"  #: on a parent run: the study it was seeded from
+TAG_WARM_START_TRIALS = "energy_study.warm_start_trials"  #: how many trials were seeded
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI

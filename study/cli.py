@@ -251,6 +251,7 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
         backend=args.backend,
         address=args.address,
         constraints=list(args.constraint or []),
+        warm_start=args.warm_start,
         **{key: value for key, value in values.items() if value is not None},
     )
     if len(spec.modes) == 1 and len(spec.metrics) > 1:
@@ -492,7 +493,8 @@ def _cmd_extend(args: argparse.Namespace) -> int:
         raise UserError(
             f"the search space {spec.load_space().source} changed since study "
             f"{args.name!r} started: its trials would not be comparable; start a new study "
-            f"(`study run --warm-start` is planned) or put the file back"
+            f"(`study run --warm-start {args.name}` seeds it with this one's trials) or put "
+            "the file back"
         )
     total = add_search_samples(spec.location(TUNE_DIR), args.trials)
     before, spec.trials = spec.trials, total
@@ -794,6 +796,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asha", dest="asha", action="store_true", default=None,
                    help="= --scheduler asha")  # fmt: skip
     p.add_argument("--no-asha", dest="asha", action="store_false", help="= --scheduler none")
+    p.add_argument("--warm-start", metavar="OTHER",
+                   help="seed the search with the finished trials of study OTHER, read "
+                   "from the MLflow store (--tracking-uri); trials outside this space are "
+                   "skipped")  # fmt: skip
     p.add_argument("--constraint", action="append", metavar="'METRIC>=BOUND'",
                    help="a bound a trial must meet to count as best, e.g. "
                    "'val/clean_acc>=0.80' (operators >=, <=, >, <; repeatable); Optuna's "

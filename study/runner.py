@@ -334,6 +334,7 @@ def build_tuner(
     scheduler: Any = None,
     resume: bool = False,
     verbose: bool = False,
+    seeds: Sequence[Any] = (),
 ) -> Any:
     """A Tuner searching ``spec``'s space with Optuna (TPE), new or restored from its folder.
 
@@ -351,6 +352,9 @@ def build_tuner(
         resume: restore the Tuner saved in the folder (callbacks and searcher come back
             with it; ``callbacks`` and ``scheduler`` are then unused).
         verbose: Tune's own console output.
+        seeds: finished trials (``optuna.trial.FrozenTrial``) added to a new search's
+            Optuna study before its first trial (a warm start, :mod:`study.warmstart`);
+            unused on ``resume``.
     """
     import optuna
     from ray import tune
@@ -383,6 +387,10 @@ def build_tuner(
     searcher = make_searcher(spec, compile_space(spec.load_space()), storage)
     if storage is not None:  # optuna-dashboard: objective and parameter names
         name_optuna_study(searcher._ot_study, spec)
+    if seeds:
+        from study.warmstart import add_seeds
+
+        add_seeds(searcher._ot_study, seeds)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -405,10 +413,17 @@ def build_tuner(
     )
 
 
-def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: bool = False):
+def study_tuner(
+    spec: StudySpec,
+    parent_run_id: str,
+    *,
+    resume: bool,
+    verbose: bool = False,
+    seeds: Sequence[Any] = (),
+):
     """The Tuner of a study: trials get the spec and its :attr:`~StudySpec.template`
     (resolved here, once); the spec's scheduler (:meth:`StudySpec.early_stopping`);
-    MLflow and progress callbacks."""
+    MLflow and progress callbacks; ``seeds``: a warm start's trials (:func:`build_tuner`)."""
     from ray import tune
 
     from study.callbacks import MlflowCallback, PlacementGroupSweeper, ProgressCallback
@@ -430,6 +445,7 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
         scheduler=scheduler,
         resume=resume,
         verbose=verbose,
+        seeds=seeds,
     )
     if resume:  # the progress callback comes back from Tune's state: `study extend` grew it
         run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
@@ -576,8 +592,9 @@ def run_study(
 ) -> StudyOutcome:
     """Run (or resume) a study to the end and return its trials.
 
-    The spec, space and base config are validated, and the storage, the tracking
-    store, the Optuna storage and the Ray address checked, before anything is created.
+    The spec, space and base config are validated, a warm start's trials read
+    (:func:`study.warmstart.load_warm_start`), and the storage, the tracking store,
+    the Optuna storage and the Ray address checked, before anything is created.
 
     Args:
         spec: the study.
@@ -586,8 +603,13 @@ def run_study(
         working_dir: a folder shipped to every Ray node (:func:`runtime_env`).
     """
     from study import preflight
+    from study.warmstart import load_warm_start
 
     spec.validate()
+    # a new study's warm start is read before anything is created: a bad name stops here
+    warm = load_warm_start(spec) if spec.warm_start and not resume else None
+    if warm is not None:
+        print(warm.summary(), flush=True)
     # nothing is created before these pass: storage, tracking store, Ray, resources
     # a URI: a probe object at the storage root (pyarrow leaves an empty "folder"
     # marker where it deletes one, which the study's own prefix must not get)
@@ -600,7 +622,10 @@ def run_study(
     check_nodes(spec)
     spec.save()
     tracker, parent = open_parent_run(spec)
-    tuner = study_tuner(spec, parent, resume=resume, verbose=verbose)
+    if warm is not None:
+        tracker.set_tags(parent, warm.tags())
+    seeds = warm.trials if warm is not None else ()
+    tuner = study_tuner(spec, parent, resume=resume, verbose=verbose, seeds=seeds)
     with _Interrupts(spec) as sigint:
         return _fit_and_finish(spec, tuner, tracker, parent, sigint)
 

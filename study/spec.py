@@ -232,6 +232,9 @@ class StudySpec(SearchSpec):
         constraints: bounds on metrics a trial must meet to count as feasible, each
             ``METRIC OP BOUND`` with OP one of ``>= <= > <`` (``val/clean_acc>=0.80``;
             :mod:`reports.constraints`); a violating trial is never "best".
+        warm_start: the name of another study, recorded in the same MLflow store, whose
+            finished trials seed this study's Optuna search before its first trial
+            (:mod:`study.warmstart`); None: a cold start.
     """
 
     config_keys: ClassVar[tuple[str, ...]] = tuple(TrainConfig.field_names())
@@ -253,6 +256,7 @@ class StudySpec(SearchSpec):
     connect_timeout: float = 15.0
     start_from: str | None = None
     constraints: list[str] = field(default_factory=list)
+    warm_start: str | None = None
 
     @property
     def constraint_list(self) -> list[Constraint]:
@@ -311,6 +315,14 @@ class StudySpec(SearchSpec):
         if self.grace_period < 1:
             raise ConfigError(f"grace_period = {self.grace_period}; must be >= 1")
         self._check_constraints()
+        name = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+        if self.warm_start is not None and (
+            self.warm_start == self.name or not re.fullmatch(name, self.warm_start)
+        ):
+            raise ConfigError(
+                f"warm_start = {self.warm_start!r}: name another study (letters, digits, "
+                f"'-', '_' or '.'), not this one ({self.name!r})"
+            )
         space = self.load_space()
         for metric in self.metrics:
             if not is_metric(metric) or metric.startswith("final/"):
