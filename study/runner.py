@@ -592,9 +592,9 @@ def run_study(
 ) -> StudyOutcome:
     """Run (or resume) a study to the end and return its trials.
 
-    The spec, space and base config are validated, a warm start's trials read
-    (:func:`study.warmstart.load_warm_start`), and the storage, the tracking store,
-    the Optuna storage and the Ray address checked, before anything is created.
+    The spec, space and base config are validated, the storage, the tracking store,
+    the Optuna storage and the Ray address checked, and a warm start's trials read
+    (:func:`study.warmstart.load_warm_start`), before anything is created.
 
     Args:
         spec: the study.
@@ -606,10 +606,6 @@ def run_study(
     from study.warmstart import load_warm_start
 
     spec.validate()
-    # a new study's warm start is read before anything is created: a bad name stops here
-    warm = load_warm_start(spec) if spec.warm_start and not resume else None
-    if warm is not None:
-        print(warm.summary(), flush=True)
     # nothing is created before these pass: storage, tracking store, Ray, resources
     # a URI: a probe object at the storage root (pyarrow leaves an empty "folder"
     # marker where it deletes one, which the study's own prefix must not get)
@@ -617,6 +613,11 @@ def run_study(
     preflight.check_tracking(spec.tracking_uri, spec.connect_timeout)
     preflight.check_database(spec.optuna_storage, spec.connect_timeout, "the Optuna storage")
     preflight.check_ray_address(spec.address, spec.connect_timeout)
+    # a new study's warm start is read from the (reachable) store before Ray starts or
+    # anything is created: an unknown name or other objectives stop here
+    warm = load_warm_start(spec) if spec.warm_start and not resume else None
+    if warm is not None:
+        print(warm.summary(), flush=True)
     init_ray(spec.address, verbose, working_dir)
     preflight.check_resources(spec)
     check_nodes(spec)
