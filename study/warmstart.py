@@ -287,9 +287,8 @@ def _check_recorded(spec: StudySpec, source: str) -> None:
         known = sorted(e.name for e in all_experiments(client) if e.name != "Default")
     if not found:
         raise UserError(
-            f"--warm-start {source}: the MLflow store {redact(uri)} has no trials of a study "
-            f"{source!r} (studies there: {', '.join(known) or 'none'}); a warm start reads "
-            "them from the store given by --tracking-uri"
+            f"--warm-start {source}: no study {source!r} with trials in the MLflow store "
+            f"{redact(uri)} (--tracking-uri); studies there: {', '.join(known) or 'none'}"
         )
 
 
