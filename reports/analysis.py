@@ -15,8 +15,8 @@ import pandas as pd
 
 from reports.data import RunData
 from reports.intervals import group_interval, measured, sample_size
-from reports.ranking import rank_key, rank_runs, ranking_rules, trial_order
-from reports.vocabulary import TAG_FINALIST
+from reports.ranking import is_feasible, rank_key, rank_runs, ranking_rules, trial_order
+from reports.vocabulary import TAG_CONSTRAINT_OK, TAG_FINALIST
 
 #: Final test metrics of the leaderboard: (metric, column title).
 TEST_METRICS = (
@@ -99,11 +99,15 @@ def leaderboard(
     95 % Wilson interval of the mean on those points (see
     :func:`reports.intervals.group_interval`).
 
-    Rows are in the order of :mod:`reports.ranking` applied to the groups: the
-    group mean of each objective (in ``modes``), then of ``val/clean_acc``
-    (max), then the group's first trial id (:func:`reports.ranking.trial_order`).
-    So the first row holds the trial ``study export`` writes when its group has
-    one trial.
+    When the study has constraints (its trials carry
+    :data:`~reports.vocabulary.TAG_CONSTRAINT_OK`), a ``constraints`` column says
+    ``met`` or ``violated: <trial ids>``; a group is feasible when every trial of it is.
+
+    Rows are in the order of :mod:`reports.ranking` applied to the groups: feasible
+    groups first, then the group mean of each objective (in ``modes``), then of
+    ``val/clean_acc`` (max), then the group's first trial id
+    (:func:`reports.ranking.trial_order`). So the first row holds the trial
+    ``study export`` writes when its group has one trial.
 
     Args:
         trials: the study's trial runs.
@@ -116,6 +120,7 @@ def leaderboard(
             continue
         groups.setdefault(group_key(run), []).append(run)
     present = [m for m, _ in TEST_METRICS if any(r.metric(m) is not None for r in trials)]
+    constrained = any(TAG_CONSTRAINT_OK in r.tags for r in trials)
     rules = ranking_rules(objective, modes)
     rows = []
     order = []
@@ -133,6 +138,9 @@ def leaderboard(
                 )
             ),
         }
+        violating = [r.trial_id for r in runs if not is_feasible(r)]
+        if constrained:
+            row["constraints"] = f"violated: {' '.join(violating)}" if violating else "met"
         for metric in present:
             scored = [(r, v) for r in runs if (v := r.metric(metric)) is not None]
             values = [v for _, v in scored]
@@ -150,9 +158,10 @@ def leaderboard(
             if (vs := [v for r in runs if (v := r.metric(m)) is not None])
         }
         first = min(runs, key=lambda r: trial_order(r.trial_id, r.run_id))
-        order.append(rank_key(means, first.trial_id, rules, first.run_id))
+        order.append(rank_key(means, first.trial_id, rules, first.run_id, not violating))
         rows.append(row)
     columns = ["group", "method", "n", "trials", "finalists"]
+    columns += ["constraints"] if constrained else []
     columns += [f"{m} {s}" for m in present for s in ("mean", "std", "n", "ci_low", "ci_high")]
     ranked = [row for _, row in sorted(zip(order, rows), key=lambda pair: pair[0])]
     return pd.DataFrame(ranked, columns=columns)
@@ -199,7 +208,11 @@ def finalist_table(trials: Sequence[RunData]) -> pd.DataFrame:
 
 
 def best_rows(frame: pd.DataFrame, metrics: Sequence[str]) -> dict[str, int]:
-    """For each metric column ``<m> mean`` of ``frame``: the index of its best (largest) row."""
+    """For each metric column ``<m> mean`` of ``frame``: the index of its best (largest)
+    row, among the rows whose ``constraints`` are ``met`` when the frame has that column
+    (a group that violates a constraint is never the best)."""
+    if "constraints" in frame:
+        frame = frame[frame["constraints"] == "met"]
     out = {}
     for metric in metrics:
         col = f"{metric} mean"

@@ -42,7 +42,7 @@ from reports.data import (
     tags_filter,
 )
 from reports.intervals import Measured, measured, sample_size
-from reports.ranking import rank_runs, ranking_rules
+from reports.ranking import is_feasible, rank_runs, ranking_rules
 from reports.render import Cell, Image, Pre, Section, Table, num, render_html, render_markdown
 from reports.vocabulary import (
     CONFIG_FILE,
@@ -53,11 +53,14 @@ from reports.vocabulary import (
     REPORT_MARKDOWN,
     ROLE_STUDY,
     ROLE_TRIAL,
+    TAG_CONSTRAINTS,
     TAG_EARLY,
     TAG_FAILURE,
     TAG_PROCESS,
     TAG_ROLE,
     TAG_STUDY,
+    TAG_WARM_START,
+    TAG_WARM_START_TRIALS,
 )
 
 FORMATS = ("html", "md", "both")
@@ -135,6 +138,26 @@ def _flat(value: Any, prefix: str = "") -> dict[str, str]:
 
 
 # --- sections ------------------------------------------------------------------------------
+def _constraint_texts(data: StudyData) -> list[str]:
+    """The study's constraints as written (``val/clean_acc>=0.8``): a list in its
+    ``study.yaml``, or the text of one logged as the parent run's param."""
+    value = data.spec.get("constraints")
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return [value]
+    return [str(c) for c in value] if isinstance(value, list) else []
+
+
+def _warm_start_text(tags: dict[str, str]) -> str:
+    """``"OTHER (12 trials seeded)"`` from a parent run's warm-start tags, else ``-``."""
+    source = tags.get(TAG_WARM_START)
+    if not source:
+        return "-"
+    return f"{source} ({tags.get(TAG_WARM_START_TRIALS, '?')} trials seeded)"
+
+
 def header_section(ctx: Context) -> Section:
     """Spec, dates, versions, commit, hardware and the commands that reproduce each trial."""
     data = ctx.data
@@ -154,6 +177,8 @@ def header_section(ctx: Context) -> Section:
         ("study", data.name),
         ("tracking URI", data.tracking_uri),
         ("objective", ", ".join(f"{m} ({o})" for m, o in zip(data.objective, data.modes))),
+        ("constraints", ", ".join(_constraint_texts(data)) or "none"),
+        ("warm start", _warm_start_text(tags)),
         ("trials", ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"),
         ("sampling runs", str(len(data.generations))),
         ("started", _date(start)),
@@ -263,6 +288,9 @@ def trials_blocks(ctx: Context) -> list[object]:
         note = run.tags.get(TAG_FAILURE, "")
         if not note and run.tags.get(TAG_EARLY) == "true":
             note = "stopped early"
+        if not is_feasible(run):
+            why = run.tags.get(TAG_CONSTRAINTS, "")
+            note = "; ".join(filter(None, [note, f"violates a constraint ({why})"]))
         rank = analysis.finalist_rank(run)
         if rank is not None:
             note = "; ".join(filter(None, [f"finalist #{rank}", note]))
@@ -362,9 +390,12 @@ def leaderboard_section(ctx: Context) -> Section:
     metrics = [m for m, _ in analysis.TEST_METRICS if f"{m} mean" in frame]
     best = analysis.best_rows(frame, metrics)
     has_final = frame["finalists"].astype(bool).any()
+    constrained = "constraints" in frame
     rows = []
     for i, row in frame.iterrows():
         cells = [Cell(str(row["group"])), Cell(str(int(row["n"])), float(row["n"]))]
+        if constrained:
+            cells.append(Cell(str(row["constraints"])))
         for m in metrics:
             mean, std = float(row[f"{m} mean"]), float(row[f"{m} std"])
             low, high = float(row[f"{m} ci_low"]), float(row[f"{m} ci_high"])
@@ -377,17 +408,26 @@ def leaderboard_section(ctx: Context) -> Section:
         if has_final:
             cells.append(Cell(str(row["finalists"])))
         rows.append(cells)
-    cols = ["configuration", "trials (n)", *(f"{titles[m]} ({m})" for m in metrics),
+    cols = ["configuration", "trials (n)", *(["constraints"] if constrained else []),
+            *(f"{titles[m]} ({m})" for m in metrics),
             "test points (n)", "trials"] + (["finalists"] if has_final else [])  # fmt: skip
     rules = ", then ".join(f"{m} ({o})" for m, o in ranking_rules(data.objective, data.modes))
+    texts = _constraint_texts(data)
+    first = "groups whose trials meet every constraint, then " if constrained else ""
     sec.blocks += [
         "Test accuracy per configuration (method and its searched parameters), mean ± std "
         "over the trials (seeds) of each group, then [low, high]: the 95 % Wilson interval of "
         "that accuracy on the group's n test points (the seeds share the points, so averaging "
         "them does not narrow it); ★ marks the best mean of each column. Rows are ordered by "
-        f"the group means of {rules}, then the first trial id (as study export ranks).",
-        Table(cols, rows, "leaderboard-table", ctx.csv(frame, "leaderboard")),
+        f"{first}the group means of {rules}, then the first trial id (as study export ranks).",
     ]
+    if constrained:
+        sec.blocks.append(
+            f"Constraints of the study: {', '.join(texts) or '(not recorded)'}. A trial that "
+            "violates one (its last value of the metric misses the bound; the constraints "
+            "column names it) is never the best: study export and study show pass it over."
+        )
+    sec.blocks.append(Table(cols, rows, "leaderboard-table", ctx.csv(frame, "leaderboard")))
     if "test/aa_acc mean" not in frame:
         sec.blocks.append(
             "No trial ran AutoAttack in its own test evaluation: that column is left out"

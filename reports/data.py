@@ -304,7 +304,7 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
         data.command = (
             read_text_artifact(client, parent.run_id, COMMAND_ARTIFACT, tmp / SPEC_DIR) or ""
         ).strip()
-        space = _space_params(client, parent.run_id, tmp / SPEC_DIR)
+        space = space_params(client, parent.run_id, tmp / SPEC_DIR)
         _narrow_searched(trials, space)
         data.objective = _parse_list(data.spec.get("metrics"), data.objective)
         data.modes = _parse_list(data.spec.get("modes"), ["max"] * len(data.objective))
@@ -320,7 +320,7 @@ def metric_history(client: Any, run_id: str, key: str) -> list[tuple[int, float]
     return [(s, v) for s, (_, v) in sorted(by_step.items())]
 
 
-def _space_params(client: Any, run_id: str, tmp: Path) -> set[str] | None:
+def space_params(client: Any, run_id: str, tmp: Path) -> set[str] | None:
     """Names under ``params:`` of the search-space file the parent run logged under ``spec/``."""
     try:
         items = client.list_artifacts(run_id, SPEC_DIR)

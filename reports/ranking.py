@@ -5,6 +5,11 @@ and the report (leaderboard order, best trial per method) all rank trials with
 :func:`rank_runs`. The rules, each deciding only among trials tied on every rule
 before it:
 
+0. trials that meet the study's constraints (``--constraint``; see
+   :mod:`reports.constraints`) before those that violate one: a trial whose
+   :data:`~reports.vocabulary.TAG_CONSTRAINT_OK` tag is ``"false"`` (or, for a
+   trial outcome, whose ``feasible`` is False) is never "best", and ``study
+   export`` leaves it out altogether (:func:`is_feasible`);
 1. the study's objectives, in the order the study lists them, each in its
    mode (``max``: larger first; ``min``: smaller first);
 2. ``val/clean_acc``, larger first (skipped when it already is an objective);
@@ -39,7 +44,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from reports.vocabulary import TAG_TRIAL
+from reports.vocabulary import TAG_CONSTRAINT_OK, TAG_TRIAL
 
 #: The tie-break metric after the objectives (maximised).
 TIE_METRIC = "val/clean_acc"
@@ -106,6 +111,7 @@ def rank_key(
     trial_id: str,
     rules: Sequence[tuple[str, str]],
     run_id: str = "",
+    feasible: bool = True,
 ) -> tuple:
     """The sort key of one trial (ascending order = best first).
 
@@ -114,8 +120,13 @@ def rank_key(
         trial_id: its Tune trial id (``abc12_00003``), or any id.
         rules: ``(metric, mode)`` pairs from :func:`ranking_rules`.
         run_id: its MLflow run id (the very last tie-break), if known.
+        feasible: whether it meets the study's constraints (rule 0: False sorts after True).
     """
-    return (*(_value_key(metrics.get(m), mode) for m, mode in rules), trial_order(trial_id, run_id))
+    return (
+        0 if feasible else 1,
+        *(_value_key(metrics.get(m), mode) for m, mode in rules),
+        trial_order(trial_id, run_id),
+    )
 
 
 def run_metrics(run: Any) -> Mapping[str, Any]:
@@ -132,6 +143,17 @@ def run_tags(run: Any) -> Mapping[str, str]:
     if data is not None and hasattr(data, "tags"):
         return data.tags
     return getattr(run, "tags", None) or {}
+
+
+def is_feasible(run: Any) -> bool:
+    """Whether a trial meets its study's constraints: False only when its MLflow run is
+    tagged :data:`~reports.vocabulary.TAG_CONSTRAINT_OK` ``"false"`` or the object's
+    ``feasible`` attribute (``study.runner.TrialOutcome``) is False; a study without
+    constraints has no such tag, and every trial of it is feasible."""
+    tag = run_tags(run).get(TAG_CONSTRAINT_OK)
+    if tag is not None:
+        return str(tag).lower() != "false"
+    return bool(getattr(run, "feasible", True))
 
 
 def run_ids(run: Any) -> tuple[str, str]:
@@ -163,6 +185,6 @@ def rank_runs(runs: Iterable[R], metrics: Sequence[str], modes: Sequence[str]) -
 
     def key(run: R) -> tuple:
         trial_id, run_id = run_ids(run)
-        return rank_key(run_metrics(run), trial_id, rules, run_id)
+        return rank_key(run_metrics(run), trial_id, rules, run_id, is_feasible(run))
 
     return sorted(runs, key=key)

@@ -39,6 +39,12 @@ TAG_SOURCE = "energy_study.source"  #: the checkpoint a generation study samples
 #: files a trial's run should have and lacks in MLflow: ``<file>: <reason>``, ``; ``-joined
 TAG_ARTIFACT_ERROR = "energy_study.artifact_error"
 TAG_METRICS_ERROR = "energy_study.metrics_error"  #: metric points lost after retries
+#: "true"/"false": whether a trial met every constraint of its study (``--constraint``);
+#: absent when the study has none. A trial tagged "false" is never "best".
+TAG_CONSTRAINT_OK = "energy_study.constraint_ok"
+TAG_CONSTRAINTS = "energy_study.constraints"  #: how a trial fared on each constraint
+TAG_WARM_START = "energy_study.warm_start"  #: on a parent run: the study it was seeded from
+TAG_WARM_START_TRIALS = "energy_study.warm_start_trials"  #: how many trials were seeded
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI

@@ -113,6 +113,24 @@ class ParamSpec:
             return self.value
         return int(self.low) if self.type == "int" else self.low
 
+    def distribution(self) -> optuna.distributions.BaseDistribution | None:
+        """The Optuna distribution :meth:`suggest` samples from (None for ``fixed``): what a
+        trial added to a study by hand (a warm start) must carry for this parameter."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.type == "float":
+            return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            step = int(self.step) if self.step else 1
+            return IntDistribution(int(self.low), int(self.high), log=self.log, step=step)
+        if self.type == "categorical":
+            return CategoricalDistribution(list(self.choices))
+        return None
+
     def suggest(self, trial: optuna.Trial) -> Any:
         """Sample this parameter from an Optuna trial (define-by-run)."""
         if self.type == "float":

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import yaml
 from ray.tune import Callback
 
+from reports.constraints import verdict
 from reports.vocabulary import (
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
@@ -34,6 +35,8 @@ from reports.vocabulary import (
     PARENT_TAG,
     ROLE_TRIAL,
     TAG_ARTIFACT_ERROR,
+    TAG_CONSTRAINT_OK,
+    TAG_CONSTRAINTS,
     TAG_EARLY,
     TAG_FAILURE,
     TAG_METHOD,
@@ -85,6 +88,23 @@ def our_metrics(result: dict[str, Any]) -> dict[str, float]:
         and isinstance(v, int | float)
         and not isinstance(v, bool)
     }
+
+
+def constraint_tags(spec: StudySpec, last: dict[str, Any]) -> dict[str, str]:
+    """The tags of an ended trial's run saying whether it met the study's constraints
+    (:data:`TAG_CONSTRAINT_OK` ``true``/``false``) and how it fared on each
+    (:data:`TAG_CONSTRAINTS`); none for a study without constraints.
+
+    Args:
+        spec: the study.
+        last: the trial's last result (the values the constraints are judged on, the same
+            that Optuna is given: :class:`study.search.StudySearch`).
+    """
+    constraints = spec.constraint_list
+    if not constraints:
+        return {}
+    ok, text = verdict(constraints, last)
+    return {TAG_CONSTRAINT_OK: str(ok).lower(), TAG_CONSTRAINTS: text}
 
 
 def trial_error_text(trial: Any) -> str:
@@ -345,7 +365,7 @@ class MlflowCallback(Callback):
             return
         done = self.spec.ran_full_budget(config, last)
         missing = self._upload_files(run_id, trial_id, checkpoint, last, done)
-        tags = {TAG_EARLY: str(not done).lower()}
+        tags = {TAG_EARLY: str(not done).lower(), **constraint_tags(self.spec, last)}
         if missing:
             tags[TAG_ARTIFACT_ERROR] = "; ".join(f"{k}: {v}" for k, v in missing.items())
             print(

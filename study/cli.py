@@ -251,6 +251,8 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
         max_concurrent=args.max_concurrent,
         backend=args.backend,
         address=args.address,
+        constraints=list(args.constraint or []),
+        warm_start=args.warm_start,
         **{key: value for key, value in values.items() if value is not None},
     )
     if len(spec.modes) == 1 and len(spec.metrics) > 1:
@@ -299,8 +301,13 @@ def _print_outcome(outcome) -> None:
         objectives = " & ".join(f"{m} {o}" for m, o in zip(spec.metrics, spec.modes))
         title = f"Pareto-optimal trials ({objectives})"
     else:
-        rows = [t for t in outcome.ranked() if t.status == "FINISHED"][:5]
+        rows = [t for t in outcome.ranked() if t.status == "FINISHED" and t.feasible][:5]
         title = f"best trials by {spec.metrics[0]} ({spec.modes[0]})"
+    if spec.constraints:
+        violating = [t.trial_id for t in outcome.trials if not t.feasible]
+        title += f" meeting {', '.join(spec.constraints)}"
+        if violating:
+            title += f" (not listed, violating: {' '.join(violating)})"
     searched = {p.name for p in spec.load_space().params}
     print(title + ":")
     header = ["trial", *columns, "config"]
@@ -487,7 +494,8 @@ def _cmd_extend(args: argparse.Namespace) -> int:
         raise UserError(
             f"the search space {spec.load_space().source} changed since study "
             f"{args.name!r} started: its trials would not be comparable; start a new study "
-            f"(`study run --warm-start` is planned) or put the file back"
+            f"(`study run --warm-start {args.name}` seeds it with this one's trials) or put "
+            "the file back"
         )
     total = add_search_samples(spec.location(TUNE_DIR), args.trials)
     before, spec.trials = spec.trials, total
@@ -799,6 +807,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asha", dest="asha", action="store_true", default=None,
                    help="= --scheduler asha")  # fmt: skip
     p.add_argument("--no-asha", dest="asha", action="store_false", help="= --scheduler none")
+    p.add_argument("--warm-start", metavar="OTHER",
+                   help="seed the search with the finished trials of study OTHER, read "
+                   "from the MLflow store (--tracking-uri); trials outside this space are "
+                   "skipped")  # fmt: skip
+    p.add_argument("--constraint", action="append", metavar="'METRIC>=BOUND'",
+                   help="a bound a trial must meet to count as best, e.g. "
+                   "'val/clean_acc>=0.80' (operators >=, <=, >, <; repeatable); Optuna's "
+                   "TPE learns it, export/show/report pass violating trials over")  # fmt: skip
     p.add_argument("--backend", choices=BACKENDS, default=StudySpec.backend,
                    help="train: TorchTrainer per trial; direct: loop in the trial; auto: "
                    "direct for one CPU worker, else train (default: %(default)s)")  # fmt: skip

@@ -1,9 +1,11 @@
 """Reading finished studies back out of MLflow: best configs, study lists and trial tables.
 
 "Best" is one order everywhere (``study export``, ``study show``, the report):
-:func:`reports.ranking.rank_runs`, the study's objectives first, ties broken by
-its next objective, then ``val/clean_acc`` (max), then the trial id (its number
-where it ends with Tune's ``_00003`` index).
+:func:`reports.ranking.rank_runs`, trials that meet the study's constraints
+(``--constraint``) first, then the study's objectives, ties broken by its next
+objective, then ``val/clean_acc`` (max), then the trial id (its number where it
+ends with Tune's ``_00003`` index). ``study export`` never writes a trial that
+violates a constraint; ``study show`` lists it after the feasible ones, marked.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 import yaml
 
 from reports.intervals import Measured, accuracies, sample_size
-from reports.ranking import rank_runs, ranking_rules
+from reports.ranking import is_feasible, rank_runs, ranking_rules
 from reports.vocabulary import (
     CONFIG_FILE,
     ROLE_STUDY,
     ROLE_TRIAL,
     TAG_ARTIFACT_ERROR,
+    TAG_CONSTRAINTS,
     TAG_EARLY,
     TAG_FAILURE,
     TAG_FINALIST,
@@ -98,8 +101,8 @@ def best_runs(
     objectives: Sequence[str] | None = None,
     modes: Sequence[str] | None = None,
 ) -> list[Any]:
-    """The ``top`` finished, fully trained trial runs, best first: ranked as this module's
-    docstring says, ``metric`` deciding first.
+    """The ``top`` finished, fully trained trial runs that meet the study's constraints,
+    best first: ranked as this module's docstring says, ``metric`` deciding first.
 
     Args:
         tracker: the study's tracker.
@@ -112,11 +115,13 @@ def best_runs(
     """
     finished = [r for r in trial_runs(tracker, study) if r.info.status == "FINISHED"]
     trained = [r for r in finished if r.data.tags.get(TAG_EARLY, "false") != "true"]
-    runs = [r for r in trained if math.isfinite(r.data.metrics.get(metric, math.nan))]
+    scored = [r for r in trained if math.isfinite(r.data.metrics.get(metric, math.nan))]
+    runs = [r for r in scored if is_feasible(r)]
     if not runs:
+        violating = f" that meets the study's constraints ({len(scored)} violate one)"
         raise ConfigError(
-            f"study {study!r} has no finished trial with metric {metric!r} in "
-            f"{tracker.tracking_uri}"
+            f"study {study!r} has no finished trial with metric {metric!r}"
+            f"{violating if scored else ''} in {tracker.tracking_uri}"
         )
     if objectives is None or modes is None:
         objectives, modes = study_objectives(tracker, study)
@@ -232,8 +237,13 @@ def show_lines(
     columns = list(dict.fromkeys([*objectives, *extra]))
     widths = [max(len(c), 10) for c in columns]
     rules = ", then ".join(f"{m} ({o})" for m, o in ranking_rules(objectives, modes))
+    first = (
+        "(those that meet the study's constraints before those that violate one, rank -) "
+        if not all(is_feasible(r) for r in ranked)
+        else ""
+    )
     lines = [
-        f"{len(ranked)} trial(s), best first by {rules}, then trial id",
+        f"{len(ranked)} trial(s), best first {first}by {rules}, then trial id",
         f"{'rank':>4s} {'fin':<3s} {'trial':<12s} {'status':<9s} {'method':<12s} "
         + " ".join(f"{c:>{w}s}" for c, w in zip(columns, widths)),
     ]
@@ -242,7 +252,7 @@ def show_lines(
     for run in ranked:
         m, tags = run.data.metrics, run.data.tags
         scored = objectives[0] in m and math.isfinite(m[objectives[0]])
-        place += scored
+        place += scored and is_feasible(run)
         finalist = finalist_rank(tags)
         fin = f"#{finalist}" if finalist else ""
         any_final = any_final or finalist is not None or any(k.startswith("final/") for k in m)
@@ -250,13 +260,16 @@ def show_lines(
             f"{m[c]:>{w}.4f}" if c in m else f"{'-':>{w}s}" for c, w in zip(columns, widths)
         )
         method = run.data.params.get("method", "?")
-        rank = str(place) if scored else "-"
+        feasible = is_feasible(run)
+        rank = str(place) if scored and feasible else "-"
         lines.append(
             f"{rank:>4s} {fin:<3s} {tags.get(TAG_TRIAL, '?'):<12s} {run.info.status:<9s} "
             f"{method:<12s} {cells}"
         )
         for namespace in SHOW_NAMESPACES:
             lines += _namespace_lines(m, namespace, finalist, 6, width)
+        if not feasible:
+            lines.append(f"    violates a constraint: {tags.get(TAG_CONSTRAINTS, '?')}")
         reason = tags.get(TAG_FAILURE)
         if reason:
             lines.append(f"    failure: {reason}")

@@ -75,6 +75,7 @@ class TrialOutcome:
     metrics: dict[str, float]  # its last result's numbers
     error: str | None
     run_id: str | None = None  # its MLflow run (study generate sets it)
+    feasible: bool = True  # it met the study's constraints (reports.ranking.is_feasible)
 
 
 @dataclass
@@ -333,6 +334,7 @@ def build_tuner(
     scheduler: Any = None,
     resume: bool = False,
     verbose: bool = False,
+    seeds: Sequence[Any] = (),
 ) -> Any:
     """A Tuner searching ``spec``'s space with Optuna (TPE), new or restored from its folder.
 
@@ -350,6 +352,9 @@ def build_tuner(
         resume: restore the Tuner saved in the folder (callbacks and searcher come back
             with it; ``callbacks`` and ``scheduler`` are then unused).
         verbose: Tune's own console output.
+        seeds: finished trials (``optuna.trial.FrozenTrial``) added to a new search's
+            Optuna study before its first trial (a warm start, :mod:`study.warmstart`);
+            unused on ``resume``.
     """
     import optuna
     from ray import tune
@@ -382,6 +387,10 @@ def build_tuner(
     searcher = make_searcher(spec, compile_space(spec.load_space()), storage)
     if storage is not None:  # optuna-dashboard: objective and parameter names
         name_optuna_study(searcher._ot_study, spec)
+    if seeds:
+        from study.warmstart import add_seeds
+
+        add_seeds(searcher._ot_study, seeds)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -404,10 +413,17 @@ def build_tuner(
     )
 
 
-def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: bool = False):
+def study_tuner(
+    spec: StudySpec,
+    parent_run_id: str,
+    *,
+    resume: bool,
+    verbose: bool = False,
+    seeds: Sequence[Any] = (),
+):
     """The Tuner of a study: trials get the spec and its :attr:`~StudySpec.template`
     (resolved here, once); the spec's scheduler (:meth:`StudySpec.early_stopping`);
-    MLflow and progress callbacks."""
+    MLflow and progress callbacks; ``seeds``: a warm start's trials (:func:`build_tuner`)."""
     from ray import tune
 
     from study.callbacks import (
@@ -435,6 +451,7 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
         scheduler=scheduler,
         resume=resume,
         verbose=verbose,
+        seeds=seeds,
     )
     if resume:  # the callbacks come back from Tune's state (private fields of Ray's Tuner)
         local = getattr(tuner, "_local_tuner", None)
@@ -460,7 +477,9 @@ def study_tuner(spec: StudySpec, parent_run_id: str, *, resume: bool, verbose: b
 
 
 def trial_outcomes(
-    grid: Any, finished: Callable[[dict[str, Any], dict[str, float]], bool]
+    grid: Any,
+    finished: Callable[[dict[str, Any], dict[str, float]], bool],
+    feasible: Callable[[dict[str, float]], bool] | None = None,
 ) -> list[TrialOutcome]:
     """Every started trial of a Tune result grid, as the search ended it.
 
@@ -468,6 +487,8 @@ def trial_outcomes(
         grid: what ``Tuner.fit`` returned.
         finished: ``(config, metrics) -> bool``: whether a trial without an error ran
             to its end (FINISHED) rather than being stopped early (STOPPED).
+        feasible: ``metrics -> bool``: whether a trial's last result meets the study's
+            constraints (:meth:`StudySpec.meets_constraints`); None: every trial does.
     """
     outcomes = []
     for result in grid:
@@ -480,7 +501,10 @@ def trial_outcomes(
         else:
             status = "FINISHED" if finished(result.config, metrics) else "STOPPED"
         error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
-        outcomes.append(TrialOutcome(str(trial_id), status, dict(result.config), metrics, error))
+        ok = feasible is None or status == "FAILED" or feasible(metrics)
+        outcomes.append(
+            TrialOutcome(str(trial_id), status, dict(result.config), metrics, error, feasible=ok)
+        )
     return outcomes
 
 
@@ -589,8 +613,9 @@ def run_study(
 ) -> StudyOutcome:
     """Run (or resume) a study to the end and return its trials.
 
-    The spec, space and base config are validated, and the storage, the tracking
-    store, the Optuna storage and the Ray address checked, before anything is created.
+    The spec, space and base config are validated, the storage, the tracking store,
+    the Optuna storage and the Ray address checked, and a warm start's trials read
+    (:func:`study.warmstart.load_warm_start`), before anything is created.
 
     Args:
         spec: the study.
@@ -599,6 +624,7 @@ def run_study(
         working_dir: a folder shipped to every Ray node (:func:`runtime_env`).
     """
     from study import preflight
+    from study.warmstart import load_warm_start
 
     spec.validate()
     # nothing is created before these pass: storage, tracking store, Ray, resources
@@ -608,12 +634,20 @@ def run_study(
     preflight.check_tracking(spec.tracking_uri, spec.connect_timeout)
     preflight.check_database(spec.optuna_storage, spec.connect_timeout, "the Optuna storage")
     preflight.check_ray_address(spec.address, spec.connect_timeout)
+    # a new study's warm start is read from the (reachable) store before Ray starts or
+    # anything is created: an unknown name or other objectives stop here
+    warm = load_warm_start(spec) if spec.warm_start and not resume else None
+    if warm is not None:
+        print(warm.summary(), flush=True)
     init_ray(spec.address, verbose, working_dir)
     preflight.check_resources(spec)
     check_nodes(spec)
     spec.save()
     tracker, parent = open_parent_run(spec)
-    tuner = study_tuner(spec, parent, resume=resume, verbose=verbose)
+    if warm is not None:
+        tracker.set_tags(parent, warm.tags())
+    seeds = warm.trials if warm is not None else ()
+    tuner = study_tuner(spec, parent, resume=resume, verbose=verbose, seeds=seeds)
     with _Interrupts(spec) as sigint:
         return _fit_and_finish(spec, tuner, tracker, parent, sigint)
 
@@ -652,7 +686,8 @@ def _fit_and_finish(
         # the last trials Tune stopped inside TorchTrainer.fit left their workers'
         # placement groups behind; the study is over, so every one of them goes
         remove_orphaned_placement_groups(all_of_this_job=True)
-    outcomes = trial_outcomes(grid, spec.ran_full_budget)  # the rule the searcher uses
+    # the rules the searcher and the MLflow callback use
+    outcomes = trial_outcomes(grid, spec.ran_full_budget, spec.meets_constraints)
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
     if not interrupted and len(grid) < spec.trials:  # never silently short
         print(
@@ -685,15 +720,15 @@ def _fit_and_finish(
 def finalists(outcome: StudyOutcome) -> list[TrialOutcome]:
     """The trials of the second stage, best first: the top ``spec.finalists`` finished
     trials by the objective, or the Pareto set (finished trials) of a multi-objective
-    study (ordered by its first objective)."""
+    study (ordered by its first objective); never a trial that violates a constraint."""
     spec = outcome.spec
     if spec.finalists <= 0:
         return []
-    finished = [t for t in outcome.trials if t.status == "FINISHED"]
+    finished = [t for t in outcome.trials if t.status == "FINISHED" and t.feasible]
     if spec.multi_objective:
         front = {t.trial_id for t in pareto_front(finished, spec.metrics, spec.modes)}
         return [t for t in outcome.ranked() if t.trial_id in front]
-    return [t for t in outcome.ranked() if t.status == "FINISHED"][: spec.finalists]
+    return [t for t in outcome.ranked() if t.status == "FINISHED" and t.feasible][: spec.finalists]
 
 
 def run_finals(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> list[Any]:

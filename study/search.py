@@ -5,14 +5,18 @@ scheduler stopped early is COMPLETE, with the value of the epoch it reached, so 
 takes an epoch-3 score for a final one. :class:`StudySearch` tells Optuna what
 happened instead: every epoch is an intermediate value at step = ``epoch``, a trial
 stopped before its full budget is PRUNED, a failed one FAIL, and only a trial that
-ran its full budget is COMPLETE, with its final value(s).
+ran its full budget is COMPLETE, with its final value(s). A study with constraints
+(``--constraint``) gives every COMPLETE or PRUNED trial one value per constraint
+(:meth:`optuna.trial.Trial.set_constraint`, the API of Optuna 5 that replaces the
+sampler's deprecated ``constraints_func``), computed from the trial's last result;
+TPE then keeps violating trials apart from the feasible ones.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -26,6 +30,7 @@ from ray.tune.schedulers import (
 )
 from ray.tune.search.optuna import OptunaSearch
 
+from reports.constraints import Constraint
 from study.spec import SearchSpec, StudySpec
 
 logger = logging.getLogger(__name__)
@@ -44,12 +49,22 @@ class StudySearch(OptunaSearch):
             trial without an error did (a search without a scheduler). It is saved
             with the searcher (``study resume``), so it must pickle: a bound method
             of a spec, not a lambda.
+        constraints: the study's constraints (:mod:`reports.constraints`): each ended
+            trial but a failed one gets their values from its last result, under the
+            constraint's text (``val/clean_acc>=0.8``) as Optuna's key.
         **kwargs: the arguments of :class:`~ray.tune.search.optuna.OptunaSearch`.
     """
 
-    def __init__(self, *, finished: Finished | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        finished: Finished | None = None,
+        constraints: Sequence[Constraint] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self._finished = finished
+        self._constraints = tuple(constraints)
         self._configs: dict[str, dict[str, Any]] = {}  # Tune trial id -> its config
         self._last_step: dict[str, int] = {}  # Tune trial id -> last epoch told to Optuna
         self._last: dict[str, dict[str, Any]] = {}  # running trial -> its last result's numbers
@@ -87,6 +102,8 @@ class StudySearch(OptunaSearch):
         if isinstance(self.metric, list) and result.get("epoch") is not None:
             # no intermediate values with several objectives: the epochs it ran, told apart
             self._ot_trials[trial_id].set_user_attr("epochs_run", int(result["epoch"]))
+        if state != TrialState.FAIL:
+            self._tell_constraints(trial_id, result)
         try:
             self._ot_study.tell(self._ot_trials[trial_id], values, state=state)
         except Exception as exc:  # e.g. a NaN value: Optuna refuses it; Tune goes on
@@ -94,6 +111,17 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         self._last.pop(trial_id, None)
         self._last_step.pop(trial_id, None)
+
+    def _tell_constraints(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Give the trial each constraint's value (:meth:`Constraint.violation` of its last
+        result: ``<= 0`` feasible, ``inf`` when the metric is missing), before its end is
+        told: Optuna keeps them in the trial's system attributes (``constraints:<text>``)."""
+        for constraint in getattr(self, "_constraints", ()):  # a searcher pickled before them
+            try:
+                value = constraint.violation(result)
+                self._ot_trials[trial_id].set_constraint(constraint.text, value)
+            except Exception as exc:  # noqa: BLE001 - Tune goes on; the trial is told its end
+                logger.warning("Optuna refused trial %s's constraint value: %s", trial_id, exc)
 
     def _report(self, trial_id: str, result: dict[str, Any]) -> None:
         """The objective as an intermediate value at step ``epoch``, once per epoch (a
@@ -427,8 +455,10 @@ def make_searcher(spec: SearchSpec, space: Any, storage: Any = None) -> StudySea
     """
     multi = spec.multi_objective
     finished = spec.ran_full_budget if isinstance(spec, StudySpec) else None
+    constraints = spec.constraint_list if isinstance(spec, StudySpec) else []
     return StudySearch(
         finished=finished,
+        constraints=constraints,
         space=space,
         metric=spec.metrics if multi else spec.metrics[0],
         mode=spec.modes if multi else spec.modes[0],

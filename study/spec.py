@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from reports.constraints import Constraint, parse_constraints
 from search_spaces import SearchSpace, load_space
 from search_spaces.space import SpaceError, nest
 from trainables.config import PATH_FIELDS, TrainConfig, load_config_file
@@ -228,6 +229,12 @@ class StudySpec(SearchSpec):
             theirs (``study train --workers N --resume CKPT``); None: start afresh.
         space_sha256: SHA-256 of the space file when the study started (set by
             :meth:`save`); ``study extend`` refuses a space that changed since.
+        constraints: bounds on metrics a trial must meet to count as feasible, each
+            ``METRIC OP BOUND`` with OP one of ``>= <= > <`` (``val/clean_acc>=0.80``;
+            :mod:`reports.constraints`); a violating trial is never "best".
+        warm_start: the name of another study, recorded in the same MLflow store, whose
+            finished trials seed this study's Optuna search before its first trial
+            (:mod:`study.warmstart`); None: a cold start.
     """
 
     config_keys: ClassVar[tuple[str, ...]] = tuple(TrainConfig.field_names())
@@ -248,6 +255,17 @@ class StudySpec(SearchSpec):
     final_n: int | None = None
     connect_timeout: float = 15.0
     start_from: str | None = None
+    constraints: list[str] = field(default_factory=list)
+    warm_start: str | None = None
+
+    @property
+    def constraint_list(self) -> list[Constraint]:
+        """:attr:`constraints` parsed (a bad one is a ConfigError naming it)."""
+        return parse_constraints(self.constraints)
+
+    def meets_constraints(self, metrics: Mapping[str, Any]) -> bool:
+        """Whether a trial whose last result is ``metrics`` meets every constraint."""
+        return all(c.satisfied(metrics) for c in self.constraint_list)
 
     @cached_property
     def template(self) -> TrialTemplate:
@@ -296,6 +314,15 @@ class StudySpec(SearchSpec):
             raise ConfigError(f"final_n = {self.final_n}; must be >= 1 (or unset: all)")
         if self.grace_period < 1:
             raise ConfigError(f"grace_period = {self.grace_period}; must be >= 1")
+        self._check_constraints()
+        name = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+        if self.warm_start is not None and (
+            self.warm_start == self.name or not re.fullmatch(name, self.warm_start)
+        ):
+            raise ConfigError(
+                f"warm_start = {self.warm_start!r}: name another study (letters, digits, "
+                f"'-', '_' or '.'), not this one ({self.name!r})"
+            )
         space = self.load_space()
         for metric in self.metrics:
             if not is_metric(metric) or metric.startswith("final/"):
@@ -323,6 +350,19 @@ class StudySpec(SearchSpec):
                     f"{space.source}:{param.line}: {param.name} = {value!r} does not give a "
                     f"valid training config: {exc}"
                 ) from None
+
+    def _check_constraints(self) -> None:
+        """Each constraint parses and bounds a metric the trials report (not ``final/*``,
+        which only the finalists get)."""
+        for constraint in self.constraint_list:
+            metric = constraint.metric
+            if not is_metric(metric) or metric.startswith("final/"):
+                close = difflib.get_close_matches(metric, objective_names(), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"constraint {constraint.text!r}: {metric!r} is not a metric the trials "
+                    f"report{hint}"
+                )
 
     @property
     def default_epochs(self) -> int:
