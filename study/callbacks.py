@@ -279,6 +279,8 @@ class MlflowCallback(Callback):
             return self._runs[trial_id]
         key_tags = {TAG_STUDY: self.spec.name, TAG_TRIAL: trial_id}
         stored = self._stored_run(trial_id)
+        if stored is not None:  # as it is now (the ended-trials pass reopens runs)
+            stored = self.tracker.get_run(stored.info.run_id)
         if stored and stored.info.status == "FINISHED" and "test/clean_acc" in stored.data.metrics:
             # complete before the driver was killed; Tune's snapshot missed it:
             # the run stays as it is (the trial only reports its stored result)
@@ -319,8 +321,9 @@ class MlflowCallback(Callback):
 
     def _stored_run(self, trial_id: str) -> Any:
         """The newest run of this study's trial ``trial_id`` that the store held when this
-        driver first asked (a resumed study's), or None. Runs made since are in
-        ``_runs``: this driver is the study's only writer."""
+        driver first asked (a resumed study's), or None; its id is what counts (the
+        snapshot's status and data may be older: :meth:`run_id` reads the run again).
+        Runs made since are in ``_runs``: this driver is the study's only writer."""
         if self._stored is None:
             self._stored = {}
             for run in self.tracker.find_runs(**{TAG_STUDY: self.spec.name}):  # newest first
@@ -721,7 +724,12 @@ class StateBackup(Callback):
                 return  # unchanged, or cut short (a write in progress): keep the last copy
             tmp = self.tune_dir / f".{STATE_BACKUP}.tmp"
             shutil.copyfile(states[-1], tmp)
-            if not state_is_whole(tmp):  # rewritten while copied
+            after = states[-1].stat()
+            if (
+                (after.st_mtime_ns, after.st_size) != (stat.st_mtime_ns, stat.st_size)
+                or tmp.stat().st_size != stat.st_size
+                or not state_is_whole(tmp)
+            ):  # rewritten while copied (Tune's syncer truncates, then writes)
                 return
             os.replace(tmp, self.tune_dir / STATE_BACKUP)
             self._seen = seen

@@ -526,8 +526,6 @@ def export_robustbench(
         _same_logits(
             project, load_written_model(staging), x[:CHECK_POINTS], f"the written {MODEL_FILE}"
         )
-        tracker.log_metrics(run_id, metrics, step=0)
-        tracker.log_text(run_id, info_text, INFO_ARTIFACT)
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; DIR is not
@@ -535,6 +533,9 @@ def export_robustbench(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # logged once DIR holds the files: a failed rename leaves the run as it was
+    tracker.log_metrics(run_id, metrics, step=0)
+    tracker.log_text(run_id, info_text, INFO_ARTIFACT)
     echo(
         f"clean {info['clean_acc']} %, AutoAttack {info['autoattack_acc']} % on {size} test "
         f"points; logged to run {run_id} as {NAMESPACE}/* and {INFO_ARTIFACT}"

@@ -464,7 +464,16 @@ def study_tuner(
             if isinstance(callback, SchedulerState) and restored is not None:
                 callback.scheduler = restored  # the one Tune runs, whatever the pickle shared
                 kept = kept or callable(getattr(restored, "resume_state", None))
-        if not kept and spec.early_stopping() != "none":
+        if kept or spec.early_stopping() == "none":
+            pass
+        elif type(restored).__name__ == "FIFOScheduler":
+            print(
+                f"warning: study {spec.name!r} started before its early stopping existed "
+                f"(the {spec.early_stopping()} scheduler): it goes on without early stopping",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
             print(
                 f"warning: the {spec.early_stopping()} scheduler of study {spec.name!r} starts "
                 "empty on resume (its state is not saved: HyperBand, or a study started "

@@ -249,10 +249,12 @@ class ResumableMedian(MedianStoppingRule):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         when = result.get(self._time_attr)
-        if when is not None and trial in self._results:  # an epoch reported again
-            self._results[trial] = [
-                r for r in self._results[trial] if r.get(self._time_attr, when) < when
-            ]
+        if when is not None and self._metric in result and trial in self._results:
+            kept = [r for r in self._results[trial] if r.get(self._time_attr, when) < when]
+            if kept:  # an epoch reported again: its older results go
+                self._results[trial] = kept
+            else:
+                del self._results[trial]
         return super().on_trial_result(tune_controller, trial, result)
 
 
@@ -351,27 +353,49 @@ class MultiObjectiveASHA(FIFOScheduler):
 
 
 def pareto_fronts(points: list[tuple[float, ...]]) -> list[list[int]]:
-    """Non-dominated sorting: the indices of ``points`` (every objective to maximise) by
-    front, best first; a point dominates another when it is at least as good on every
-    objective and better on one."""
-
-    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
-
-    left, fronts = set(range(len(points))), []
-    while left:
-        front = sorted(i for i in left if not any(dominates(points[j], points[i]) for j in left))
-        fronts.append(front)
-        left -= set(front)
+    """Non-dominated sorting (Deb et al.'s fast sort, O(objectives × n²)): the indices of
+    ``points`` (every objective to maximise) by front, best first; a point dominates
+    another when it is at least as good on every objective and better on one."""
+    n = len(points)
+    beaten_by = [0] * n  # how many points dominate i
+    beats: list[list[int]] = [[] for _ in range(n)]  # the points i dominates
+    for i in range(n):
+        a = points[i]
+        for j in range(i + 1, n):
+            b = points[j]
+            ge = all(x >= y for x, y in zip(a, b))
+            le = all(x <= y for x, y in zip(a, b))
+            if ge and not le:
+                beats[i].append(j)
+                beaten_by[j] += 1
+            elif le and not ge:
+                beats[j].append(i)
+                beaten_by[i] += 1
+    fronts, front = [], [i for i in range(n) if beaten_by[i] == 0]
+    while front:
+        fronts.append(sorted(front))
+        following = []
+        for i in front:
+            for j in beats[i]:
+                beaten_by[j] -= 1
+                if beaten_by[j] == 0:
+                    following.append(j)
+        front = following
     return fronts
 
 
 def keeps(scores: tuple[float, ...], others: list[tuple[float, ...]], rf: float) -> bool:
     """Whether a trial with ``scores`` goes on at a rung where ``others`` were recorded:
     its front is among the best ones that together hold ``ceil(n / rf)`` of the n
-    trials (:class:`MultiObjectiveASHA`)."""
+    trials (:class:`MultiObjectiveASHA`). One pass when no other point dominates it
+    (front 0 always goes on), else one non-dominated sort."""
     import math
 
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    if not any(dominates(other, scores) for other in others):
+        return True
     points = [*others, scores]
     quota, taken = math.ceil(len(points) / rf), 0
     for front in pareto_fronts(points):

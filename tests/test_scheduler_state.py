@@ -207,6 +207,32 @@ def test_multi_objective_asha_stops_the_dominated_at_a_rung(tmp_path) -> None:
     assert got["t7"] == [(1, TrialScheduler.CONTINUE), (2, TrialScheduler.STOP)]
 
 
+def test_the_fast_sort_gives_the_fronts_of_peeling_the_non_dominated() -> None:
+    """Deb's fast sort against the definition: peel the points no remaining point
+    dominates, again and again (seeded points, ties on a coarse grid included)."""
+    import random
+
+    from study.search import pareto_fronts
+
+    def dominates(a, b) -> bool:
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    def peeled(points) -> list[list[int]]:
+        left, fronts = set(range(len(points))), []
+        while left:
+            front = sorted(
+                i for i in left if not any(dominates(points[j], points[i]) for j in left)
+            )
+            fronts.append(front)
+            left -= set(front)
+        return fronts
+
+    rng = random.Random(7)
+    for n, m in [(1, 2), (5, 2), (40, 2), (40, 3), (60, 2)]:
+        points = [tuple(rng.randint(0, 6) / 6 for _ in range(m)) for _ in range(n)]
+        assert pareto_fronts(points) == peeled(points)
+
+
 def test_hyperband_has_no_saved_state_and_says_so_on_resume(tmp_path) -> None:
     scheduler = make_scheduler(make_spec(tmp_path, "hyperband"))
     assert SchedulerState(scheduler).get_state() is None
