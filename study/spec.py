@@ -37,6 +37,17 @@ SCHEDULERS = ("asha", "hyperband", "median", "none")
 SPEC_FILE = "study.yaml"
 
 
+def _trial_metric(metric: str) -> bool:
+    """Whether every trial reports ``metric`` (not ``final/*``: the finalists' only)."""
+    return is_metric(metric) and not metric.startswith("final/")
+
+
+def _did_you_mean(metric: str) -> str:
+    """`` (did you mean 'x'?)`` with the closest objective name, or nothing."""
+    close = difflib.get_close_matches(metric, objective_names(), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 @dataclass(frozen=True)
 class TrialTemplate:
     """The config every trial of a study shares, resolved once on the driver.
@@ -325,11 +336,10 @@ class StudySpec(SearchSpec):
             )
         space = self.load_space()
         for metric in self.metrics:
-            if not is_metric(metric) or metric.startswith("final/"):
-                close = difflib.get_close_matches(metric, objective_names(), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if not _trial_metric(metric):
                 raise ConfigError(
-                    f"metric {metric!r} is not one the trials report{hint}; objectives: "
+                    f"metric {metric!r} is not one the trials report{_did_you_mean(metric)}; "
+                    "objectives: "
                     f"{', '.join(objective_names())}"
                 )
             if self.early_stopping() != "none" and not is_epoch_metric(metric):
@@ -356,12 +366,10 @@ class StudySpec(SearchSpec):
         which only the finalists get)."""
         for constraint in self.constraint_list:
             metric = constraint.metric
-            if not is_metric(metric) or metric.startswith("final/"):
-                close = difflib.get_close_matches(metric, objective_names(), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if not _trial_metric(metric):
                 raise ConfigError(
                     f"constraint {constraint.text!r}: {metric!r} is not a metric the trials "
-                    f"report{hint}"
+                    f"report{_did_you_mean(metric)}"
                 )
 
     @property
