@@ -16,7 +16,7 @@ import pandas as pd
 from reports.data import RunData
 from reports.intervals import group_interval, measured, sample_size
 from reports.ranking import is_feasible, rank_key, rank_runs, ranking_rules, trial_order
-from reports.vocabulary import TAG_CONSTRAINT_OK, TAG_FINALIST
+from reports.vocabulary import TAG_CONSTRAINT_OK, TAG_FINALIST, TAG_REPLICATE_OF
 
 #: Final test metrics of the leaderboard: (metric, column title).
 TEST_METRICS = (
@@ -88,6 +88,7 @@ def leaderboard(
     trials: Sequence[RunData],
     objective: Sequence[str] = ("val/pgd_acc",),
     modes: Sequence[str] = ("max",),
+    replicates: Sequence[RunData] = (),
 ) -> pd.DataFrame:
     """One row per configuration group of the finished trials with test metrics.
 
@@ -98,6 +99,13 @@ def leaderboard(
     group's; NaN when not logged) and ``<metric> ci_low`` / ``ci_high``, the
     95 % Wilson interval of the mean on those points (see
     :func:`reports.intervals.group_interval`).
+
+    A configuration with replicates (``study replicate``: finished replicate runs of
+    one of its trials) is scored over its replicates alone: their seeds were not
+    selected for their score, while the search kept its trial because it scored best.
+    Its ``n`` is the number of replicates, ``trials`` lists them, and the
+    ``replicates of`` column (present when any group has replicates) names the trials
+    they re-train.
 
     When the study has constraints (its trials carry
     :data:`~reports.vocabulary.TAG_CONSTRAINT_OK`), a ``constraints`` column says
@@ -113,19 +121,26 @@ def leaderboard(
         trials: the study's trial runs.
         objective: the study's objective metrics, most important first.
         modes: ``max``/``min`` for each objective.
+        replicates: the study's replicate runs (:attr:`StudyData.replicates`).
     """
     groups: dict[tuple, list[RunData]] = {}
     for run in trials:
         if run.status != "FINISHED" or run.metric("test/clean_acc") is None:
             continue
         groups.setdefault(group_key(run), []).append(run)
-    present = [m for m, _ in TEST_METRICS if any(r.metric(m) is not None for r in trials)]
+    replicated: dict[tuple, list[RunData]] = {}
+    for run in replicates:
+        if run.status == "FINISHED" and run.metric("test/clean_acc") is not None:
+            replicated.setdefault(group_key(run), []).append(run)
+    scored_runs = [*trials, *(r for rs in replicated.values() for r in rs)]
+    present = [m for m, _ in TEST_METRICS if any(r.metric(m) is not None for r in scored_runs)]
     constrained = any(TAG_CONSTRAINT_OK in r.tags for r in trials)
     rules = ranking_rules(objective, modes)
     rows = []
     order = []
-    for key, runs in groups.items():
-        runs = rank_runs(runs, objective, modes)
+    for key in [*groups, *(k for k in replicated if k not in groups)]:
+        searched = groups.get(key, [])
+        runs = rank_runs(replicated.get(key) or searched, objective, modes)
         row: dict[str, object] = {
             "group": group_label(key),
             "method": key[0],
@@ -134,11 +149,16 @@ def leaderboard(
             "finalists": " ".join(
                 f"#{rank} {r.trial_id}"
                 for rank, r in sorted(
-                    (finalist_rank(r), r) for r in runs if finalist_rank(r) is not None
+                    (finalist_rank(r), r) for r in searched if finalist_rank(r) is not None
                 )
             ),
         }
-        violating = [r.trial_id for r in runs if not is_feasible(r)]
+        if replicated:
+            sources = sorted({r.tags.get(TAG_REPLICATE_OF, "?") for r in replicated.get(key, [])})
+            row["replicates of"] = " ".join(sources)
+        violating = list(
+            dict.fromkeys(r.trial_id for r in [*searched, *runs] if not is_feasible(r))
+        )
         if constrained:
             row["constraints"] = f"violated: {' '.join(violating)}" if violating else "met"
         for metric in present:
@@ -161,6 +181,7 @@ def leaderboard(
         order.append(rank_key(means, first.trial_id, rules, first.run_id, not violating))
         rows.append(row)
     columns = ["group", "method", "n", "trials", "finalists"]
+    columns += ["replicates of"] if replicated else []
     columns += ["constraints"] if constrained else []
     columns += [f"{m} {s}" for m in present for s in ("mean", "std", "n", "ci_low", "ci_high")]
     ranked = [row for _, row in sorted(zip(order, rows), key=lambda pair: pair[0])]

@@ -376,7 +376,7 @@ def leaderboard_section(ctx: Context) -> Section:
     """Mean ± std and 95 % interval of clean / PGD / AutoAttack accuracy per configuration group."""
     sec = Section("leaderboard", "Leaderboard")
     data = ctx.data
-    frame = analysis.leaderboard(data.trials, data.objective, data.modes)
+    frame = analysis.leaderboard(data.trials, data.objective, data.modes, data.replicates)
     final = finalists_blocks(ctx)
     if frame.empty:
         if final:
@@ -391,6 +391,7 @@ def leaderboard_section(ctx: Context) -> Section:
     best = analysis.best_rows(frame, metrics)
     has_final = frame["finalists"].astype(bool).any()
     constrained = "constraints" in frame
+    replicated = "replicates of" in frame
     rows = []
     for i, row in frame.iterrows():
         cells = [Cell(str(row["group"])), Cell(str(int(row["n"])), float(row["n"]))]
@@ -405,12 +406,15 @@ def leaderboard_section(ctx: Context) -> Section:
             cells.append(Cell(text, mean, best=best.get(m) == i))
         cells.append(Cell(_leaderboard_n(row, metrics, titles)))
         cells.append(Cell(str(row["trials"])))
+        if replicated:
+            cells.append(Cell(str(row["replicates of"]) or "-"))
         if has_final:
             cells.append(Cell(str(row["finalists"])))
         rows.append(cells)
     cols = ["configuration", "trials (n)", *(["constraints"] if constrained else []),
             *(f"{titles[m]} ({m})" for m in metrics),
-            "test points (n)", "trials"] + (["finalists"] if has_final else [])  # fmt: skip
+            "test points (n)", "trials"] + (["replicates of"] if replicated else []) + (
+            ["finalists"] if has_final else [])  # fmt: skip
     rules = ", then ".join(f"{m} ({o})" for m, o in ranking_rules(data.objective, data.modes))
     texts = _constraint_texts(data)
     first = "groups whose trials meet every constraint, then " if constrained else ""
@@ -421,6 +425,13 @@ def leaderboard_section(ctx: Context) -> Section:
         "them does not narrow it); ★ marks the best mean of each column. Rows are ordered by "
         f"{first}the group means of {rules}, then the first trial id (as study export ranks).",
     ]
+    if replicated:
+        sec.blocks.append(
+            "A configuration with replicates (study replicate: its trial trained again with "
+            "new seeds) is scored over its replicates only, n = their number: the search "
+            "kept its own trial because that seed scored best, so counting it would flatter "
+            "the configuration. The replicates-of column names the trial they re-train."
+        )
     if constrained:
         sec.blocks.append(
             f"Constraints of the study: {', '.join(texts) or '(not recorded)'}. A trial that "

@@ -26,6 +26,7 @@ from reports.vocabulary import (
     PARENT_TAG,
     ROLE_GENERATION,
     ROLE_GENERATION_STUDY,
+    ROLE_REPLICATE,
     ROLE_STUDY,
     ROLE_TRIAL,
     SPEC_ARTIFACT,
@@ -111,6 +112,8 @@ class StudyData:
         spec: the study spec (``spec/study.yaml`` artifact, else the parent's params).
         command: the command that started the study (``spec/command.txt``), if logged.
         objective: objective metric names; modes: ``max``/``min`` for each.
+        replicates: replicate runs (``study replicate``: a trial's configuration trained
+            again with another seed), ordered by start time.
     """
 
     name: str
@@ -122,6 +125,7 @@ class StudyData:
     command: str = ""
     objective: list[str] = field(default_factory=lambda: ["val/pgd_acc"])
     modes: list[str] = field(default_factory=lambda: ["max"])
+    replicates: list[RunData] = field(default_factory=list)
 
 
 def _to_run(run: Any) -> RunData:
@@ -265,6 +269,7 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
     all_ids = [e.experiment_id for e in all_experiments(client)]
     parent: RunData | None = None
     trials: list[RunData] = []
+    replicates: list[RunData] = []
     if experiment is not None:
         in_exp = [_to_run(r) for r in search_runs(client, [experiment.experiment_id], "")]
         parents = [
@@ -274,6 +279,7 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
         ]
         parent = min(parents, key=lambda r: r.start_ms or 0) if parents else None
         trials = [r for r in in_exp if r.tags.get(TAG_ROLE) == ROLE_TRIAL]
+        replicates = [r for r in in_exp if r.tags.get(TAG_ROLE) == ROLE_REPLICATE]
     trial_ids = {t.run_id for t in trials}
     generations = []
     gen_parents = set()
@@ -295,8 +301,9 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
     if parent is None:
         _narrow_searched(trials, None)
     trials.sort(key=lambda r: (r.start_ms or 0, r.trial_id))
+    replicates.sort(key=lambda r: (r.start_ms or 0, r.trial_id))
     generations.sort(key=lambda r: (r.start_ms or 0, r.run_id))
-    data = StudyData(name, tracking_uri, parent, trials, generations)
+    data = StudyData(name, tracking_uri, parent, trials, generations, replicates=replicates)
     if parent is not None:
         text = read_text_artifact(client, parent.run_id, SPEC_ARTIFACT, tmp / SPEC_DIR)
         spec = yaml.safe_load(text) if text else None
@@ -308,6 +315,8 @@ def load_study(name: str, tracking_uri: str, tmp: Path) -> StudyData:
         _narrow_searched(trials, space)
         data.objective = _parse_list(data.spec.get("metrics"), data.objective)
         data.modes = _parse_list(data.spec.get("modes"), ["max"] * len(data.objective))
+    # a replicate is grouped by the names its study's trials were narrowed to
+    _narrow_searched(replicates, {n for t in trials for n in t.searched})
     return data
 
 

@@ -8,7 +8,8 @@ loop's own.
 Layout of a study in MLflow: one experiment per study; a parent run (role
 :data:`ROLE_STUDY`), one child run per trial (:data:`ROLE_TRIAL`, nested by
 :data:`PARENT_TAG`) and sampling runs (:data:`ROLE_GENERATION`) nested under a
-training run or under a generation-study run (:data:`ROLE_GENERATION_STUDY`).
+training run or under a generation-study run (:data:`ROLE_GENERATION_STUDY`), and replicate
+runs (:data:`ROLE_REPLICATE`, ``study replicate``) nested under the trial they re-train.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ TAG_CONSTRAINT_OK = "energy_study.constraint_ok"
 TAG_CONSTRAINTS = "energy_study.constraints"  #: how a trial fared on each constraint
 TAG_WARM_START = "energy_study.warm_start"  #: on a parent run: the study it was seeded from
 TAG_WARM_START_TRIALS = "energy_study.warm_start_trials"  #: how many trials were seeded
+TAG_REPLICATE_OF = "energy_study.replicate_of"  #: on a replicate run: the trial it re-trains
+TAG_REPLICATE_SEED = "energy_study.replicate_seed"  #: on a replicate run: its training seed
+TAG_REPLICATES = "energy_study.replicates"  #: on a parent run: replicate runs finished so far
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI
@@ -62,7 +66,8 @@ ROLE_STUDY = "study"
 ROLE_TRIAL = "trial"
 ROLE_GENERATION = "generation"
 ROLE_GENERATION_STUDY = "generation_study"
-ROLES = (ROLE_STUDY, ROLE_TRIAL, ROLE_GENERATION, ROLE_GENERATION_STUDY)
+ROLE_REPLICATE = "replicate"  #: a top trial's configuration re-trained with another seed
+ROLES = (ROLE_STUDY, ROLE_TRIAL, ROLE_GENERATION, ROLE_GENERATION_STUDY, ROLE_REPLICATE)
 PARENT_STUDY = "true"
 PARENT_GENERATION = "generation"
 TRAIN_TRIAL = "train"

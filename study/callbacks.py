@@ -304,8 +304,7 @@ class MlflowCallback(Callback):
         # what the trial tried; its id stays in the TAG_TRIAL tag
         name = trial_run_name(cfg.method, searched_values(self.spec.load_space(), config))
         tags = {
-            PARENT_TAG: self.parent_run_id,
-            TAG_ROLE: ROLE_TRIAL,
+            **self.run_tags(trial_id, config),
             **key_tags,
             TAG_SEARCHED: ",".join(sorted(config)),
             TAG_METHOD: cfg.method,
@@ -318,6 +317,16 @@ class MlflowCallback(Callback):
         self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
         self._config_logged.add(run_id)
         return run_id
+
+    def run_tags(self, trial_id: str, config: dict[str, Any]) -> dict[str, str]:
+        """The role and nesting of a new trial run: a child of the study's parent run with
+        role :data:`ROLE_TRIAL` (``study replicate`` nests its runs elsewhere).
+
+        Args:
+            trial_id: Tune's trial id.
+            config: the trial's Tune config.
+        """
+        return {PARENT_TAG: self.parent_run_id, TAG_ROLE: ROLE_TRIAL}
 
     def _stored_run(self, trial_id: str) -> Any:
         """The newest run of this study's trial ``trial_id`` that the store held when this

@@ -507,6 +507,22 @@ def _cmd_extend(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_replicate(args: argparse.Namespace) -> int:
+    """``study replicate NAME --top K --seeds S``: the K best trials' configurations
+    trained S more times with new seeds (:mod:`study.replicate`), then the replicated
+    trials ranked by the replicates' mean."""
+    from study.replicate import print_summaries, replicate_study
+
+    spec = _saved_spec(_storage(args), args.name, args)
+    summaries = replicate_study(
+        spec, args.top, args.seeds, args.first_seed, verbose=args.verbose,
+        working_dir=args.working_dir,
+    )  # fmt: skip
+    print_summaries(summaries, spec.metrics[0], spec.modes[0])
+    complete = [s for s in summaries if len(s.values) >= args.seeds]
+    return 0 if complete else 1
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from study.export import export_best
     from study.spec import StudySpec
@@ -838,6 +854,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, required=True, help="how many trials to add")
     p.add_argument("-v", "--verbose", **verbose)
     p.set_defaults(func=_cmd_extend)
+
+    p = sub.add_parser(
+        "replicate",
+        parents=[cluster, ship, store],
+        help="train the best trials' configurations again with new seeds",
+    )
+    p.add_argument("name")
+    p.add_argument("--top", type=int, default=3, help="how many of the best trials "
+                   "(K, the order of study export; default: %(default)s)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=3, help="new seeds per trial "
+                   "(S; default: %(default)s)")  # fmt: skip
+    p.add_argument("--first-seed", type=int, help="the first seed (default: each trial's "
+                   "own seed + 1)")  # fmt: skip
+    p.add_argument("-v", "--verbose", **verbose)
+    p.set_defaults(func=_cmd_replicate)
 
     p = sub.add_parser(
         "export", parents=[objective, store], help="write the best config(s) of a study as YAML"
