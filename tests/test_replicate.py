@@ -83,12 +83,13 @@ def test_replicate_trains_k_times_s_runs_tagged_with_their_source(tmp_path, caps
     under their source trials, with their configurations and seeds; the study still
     has 3 trials; the report's leaderboard scores those two configurations over n = 2
     replicates and ranks them by the replicates' mean. Run again, it trains nothing."""
+    from test_search import make_spec
+
     from reports.data import load_study
     from study import cli
     from study.export import best_runs, trial_runs
     from study.runner import run_study
     from study.tracking import MlflowTracker
-    from test_search import make_spec
 
     spec = make_spec(tmp_path, "rep", trials=3, epochs=1, scheduler="none", max_concurrent=1)
     run_study(spec)
