@@ -296,10 +296,14 @@ def _print_outcome(outcome) -> None:
     for extra in ("val/clean_acc", "test/clean_acc", "test/pgd_acc"):  # AutoAttack: finalists
         if extra not in columns:
             columns.append(extra)
-    if spec.multi_objective:
-        rows = outcome.pareto()
+    if spec.multi_objective:  # the front of the trials that count: the finalists' rule
+        from study.runner import pareto_front
+
+        kept = [t for t in outcome.trials if t.status == "FINISHED" and t.feasible]
+        front = {t.trial_id for t in pareto_front(kept, spec.metrics, spec.modes)}
+        rows = [t for t in outcome.ranked() if t.trial_id in front]
         objectives = " & ".join(f"{m} {o}" for m, o in zip(spec.metrics, spec.modes))
-        title = f"Pareto-optimal trials ({objectives})"
+        title = f"Pareto-optimal finished trials ({objectives})"
     else:
         rows = [t for t in outcome.ranked() if t.status == "FINISHED" and t.feasible][:5]
         title = f"best trials by {spec.metrics[0]} ({spec.modes[0]})"

@@ -180,3 +180,32 @@ def test_a_constraint_excludes_the_trial_that_would_be_best(tmp_path, capsys) ->
     board = leaderboard(data.trials, data.objective, data.modes)
     assert list(board["constraints"]) == ["met", f"violated: {big.trial_id}"]
     assert "val_subset=32" in board["group"].iloc[0]
+
+
+def test_the_printed_pareto_set_holds_only_finished_trials_that_meet_the_constraints(
+    tmp_path, capsys
+) -> None:
+    """Trial a dominates nothing it may be listed beside: it violates the constraint; c
+    stopped early with good early scores; b and d are the front of what counts (the
+    finalists' rule), so only they are printed, by the first objective."""
+    from study.runner import StudyOutcome, TrialOutcome
+
+    spec = make_spec(tmp_path, "mo", metrics=["val/clean_acc", "val/pgd_acc"],
+                     modes=["max", "max"], constraints=["val/clean_acc>=0.5"])  # fmt: skip
+
+    def trial(tid: str, status: str, clean: float, pgd: float, ok: bool = True) -> TrialOutcome:
+        metrics = {"val/clean_acc": clean, "val/pgd_acc": pgd}
+        return TrialOutcome(tid, status, {"beta": 1.0}, metrics, None, feasible=ok)
+
+    trials = [
+        trial("t_a", "FINISHED", 0.40, 0.90, ok=False),
+        trial("t_b", "FINISHED", 0.70, 0.50),
+        trial("t_c", "STOPPED", 0.95, 0.95),
+        trial("t_d", "FINISHED", 0.90, 0.30),
+        trial("t_e", "FINISHED", 0.60, 0.20),
+    ]
+    cli._print_outcome(StudyOutcome(spec, trials, "parent"))
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("t_")]
+    assert listed == ["t_d", "t_b"], out
+    assert "violating: t_a" in out
