@@ -40,9 +40,14 @@ from typing import Any
 from reports.vocabulary import (
     DESCRIPTION_TAG,
     EXPERIMENT_KIND_TAG,
+    PARENT_TAG,
+    ROLE_REPLICATE,
     ROLE_STUDY,
     SHARED_VIEW_PREFIX,
+    TAG_CONSTRAINT_OK,
     TAG_FINALIST,
+    TAG_REPLICATE_OF,
+    TAG_REPLICATE_SEED,
     TAG_ROLE,
     TAG_SEARCHED,
     TAG_STUDY,
@@ -197,6 +202,7 @@ def view_state(
     *,
     metrics: Sequence[str] = (),
     expanded: Sequence[str] = (),
+    tags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The saved view of a study's runs table: sorted by the first objective (best
     first), the objectives, ``metrics`` and the searched parameters as columns.
@@ -207,12 +213,14 @@ def view_state(
         searched: the searched parameter names (dotted keys).
         metrics: further metric columns, after the objectives.
         expanded: run ids whose child runs are shown (the parent runs).
+        tags: further tag columns, after :data:`TAG_COLUMNS` (a constrained study's
+            verdict, a replicate's source trial and seed).
     """
     # column keys as MLflow's UI writes them: metrics.`val/pgd_acc`
     goals = [f"metrics.`{m}`" for m in objectives]
     params = [f"params.`{p}`" for p in searched]
     others = [f"metrics.`{m}`" for m in metrics if m not in objectives]
-    tags = [f"tags.`{t}`" for t in TAG_COLUMNS]
+    tags = [f"tags.`{t}`" for t in dict.fromkeys([*TAG_COLUMNS, *tags])]
     # the table's order (the UI's column ids): the objectives and searched parameters
     # right after the run's name, where they are seen without scrolling
     order = [RUN_NAME_COLUMN, "runDateAndNestInfo", *goals, *params, *others, *tags, "duration"]
@@ -272,7 +280,14 @@ def publish_view(
         searched = _searched_names(parents, runs)
     extra = [m for m in EXTRA_COLUMNS if m in logged]
     expanded = [r.info.run_id for r in parents]
-    state = view_state(objectives, modes, searched, metrics=extra, expanded=expanded)
+    tags = [TAG_CONSTRAINT_OK] if any(TAG_CONSTRAINT_OK in r.data.tags for r in runs) else []
+    if replicates := tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: ROLE_REPLICATE}):
+        # the replicated trials open, their replicates nested under them
+        expanded += list(dict.fromkeys(r.data.tags.get(PARENT_TAG, "") for r in replicates))
+        tags += [TAG_REPLICATE_OF, TAG_REPLICATE_SEED]
+    state = view_state(
+        objectives, modes, searched, metrics=extra, expanded=[e for e in expanded if e], tags=tags
+    )
     tracker.set_experiment_tags({SHARED_VIEW_PREFIX + key: json.dumps(state), **EXPERIMENT_TAGS})
     return str(tracker.experiment_id)
 

@@ -7,6 +7,7 @@ are the best follows from the seeded sampler and the seeded training alone.
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -15,11 +16,13 @@ from reports.analysis import leaderboard
 from reports.data import RunData
 from reports.vocabulary import (
     ROLE_REPLICATE,
+    SHARED_VIEW_PREFIX,
     TAG_REPLICATE_OF,
     TAG_REPLICATE_SEED,
     TAG_ROLE,
     TAG_SEARCHED,
     TAG_TRIAL,
+    VIEW_KEY,
 )
 from study.replicate import seeds_for
 from trainables.errors import ConfigError
@@ -90,6 +93,7 @@ def test_replicate_trains_k_times_s_runs_tagged_with_their_source(tmp_path, caps
     from study.export import best_runs, trial_runs
     from study.runner import run_study
     from study.tracking import MlflowTracker
+    from study.ui import publish_view
 
     spec = make_spec(tmp_path, "rep", trials=3, epochs=1, scheduler="none", max_concurrent=1)
     run_study(spec)
@@ -128,6 +132,12 @@ def test_replicate_trains_k_times_s_runs_tagged_with_their_source(tmp_path, caps
     }
     ranked = [means[t] for t in replicated["replicates of"]]
     assert ranked == sorted(ranked, reverse=True)  # by the replicates' mean (ties: any order)
+
+    # the MLflow UI's saved view opens the replicated trials and shows source and seed
+    state = json.loads(tracker.client.get_experiment(publish_view(tracker, "rep")).tags[
+        f"{SHARED_VIEW_PREFIX}{VIEW_KEY}"])  # fmt: skip
+    assert {r.info.run_id for r in best} <= set(state["runsExpanded"])
+    assert f"tags.`{TAG_REPLICATE_OF}`" in state["selectedColumns"]
 
     assert cli.main(["replicate", "rep", "--top", "2", "--seeds", "2", *store]) == 0
     assert "0 training(s) to run, 4 already done" in capsys.readouterr().out

@@ -172,6 +172,9 @@ def test_the_saved_view_sorts_by_the_objective_and_shows_it_first() -> None:
     assert set(state["selectedColumns"]) <= set(order)
     assert state["runsExpanded"] == {"p1": True}
     assert view_state(["gen/fid"], ["min"], [])["orderByAsc"] is True
+    tagged = view_state(["val/pgd_acc"], ["max"], [], tags=["energy_study.constraint_ok"])
+    assert tagged["selectedColumns"][-1] == "tags.`energy_study.constraint_ok`"
+    assert "tags.`energy_study.constraint_ok`" in tagged["columnOrder"]
 
 
 def test_the_parent_description_says_space_objective_command_and_best_trials() -> None:
