@@ -16,7 +16,12 @@ import pandas as pd
 from reports.data import RunData
 from reports.intervals import group_interval, measured, sample_size
 from reports.ranking import is_feasible, rank_key, rank_runs, ranking_rules, trial_order
-from reports.vocabulary import TAG_CONSTRAINT_OK, TAG_FINALIST, TAG_REPLICATE_OF
+from reports.vocabulary import (
+    TAG_CONSTRAINT_OK,
+    TAG_FINALIST,
+    TAG_REPLICATE_OF,
+    TAG_REPLICATE_SEED,
+)
 
 #: Final test metrics of the leaderboard: (metric, column title).
 TEST_METRICS = (
@@ -101,9 +106,9 @@ def leaderboard(
     :func:`reports.intervals.group_interval`).
 
     A configuration with replicates (``study replicate``: finished replicate runs of
-    one of its trials) is scored over its replicates alone: their seeds were not
-    selected for their score, while the search kept its trial because it scored best.
-    Its ``n`` is the number of replicates, ``trials`` lists them, and the
+    one of its trials) is scored over its replicates alone, one per seed: their seeds
+    were not selected for their score, while the search kept its trial because it
+    scored best. Its ``n`` is the number of replicates, ``trials`` lists them, and the
     ``replicates of`` column (present when any group has replicates) names the trials
     they re-train.
 
@@ -128,10 +133,14 @@ def leaderboard(
         if run.status != "FINISHED" or run.metric("test/clean_acc") is None:
             continue
         groups.setdefault(group_key(run), []).append(run)
-    replicated: dict[tuple, list[RunData]] = {}
-    for run in replicates:
+    # one training per configuration and seed (the newest: a seed replicated twice, by
+    # two commands at once or for two trials of one configuration, is the same training)
+    by_seed: dict[tuple, dict[str, RunData]] = {}
+    for run in sorted(replicates, key=lambda r: r.start_ms or 0):
         if run.status == "FINISHED" and run.metric("test/clean_acc") is not None:
-            replicated.setdefault(group_key(run), []).append(run)
+            seed = run.tags.get(TAG_REPLICATE_SEED) or run.run_id
+            by_seed.setdefault(group_key(run), {})[seed] = run
+    replicated = {key: list(runs.values()) for key, runs in by_seed.items()}
     scored_runs = [*trials, *(r for rs in replicated.values() for r in rs)]
     present = [m for m, _ in TEST_METRICS if any(r.metric(m) is not None for r in scored_runs)]
     constrained = any(TAG_CONSTRAINT_OK in r.tags for r in trials)

@@ -302,7 +302,7 @@ class MlflowCallback(Callback):
         cfg = self.spec.trial_config(config)
         full = cfg.to_dict()
         # what the trial tried; its id stays in the TAG_TRIAL tag
-        name = trial_run_name(cfg.method, searched_values(self.spec.load_space(), config))
+        name = self.run_name(cfg.method, config)
         tags = {
             **self.run_tags(trial_id, config),
             **key_tags,
@@ -317,6 +317,15 @@ class MlflowCallback(Callback):
         self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
         self._config_logged.add(run_id)
         return run_id
+
+    def run_name(self, method: str, config: dict[str, Any]) -> str:
+        """A new trial run's name: its method and searched values (:func:`trial_run_name`).
+
+        Args:
+            method: the trial's training method.
+            config: the trial's Tune config.
+        """
+        return trial_run_name(method, searched_values(self.spec.load_space(), config))
 
     def run_tags(self, trial_id: str, config: dict[str, Any]) -> dict[str, str]:
         """The role and nesting of a new trial run: a child of the study's parent run with

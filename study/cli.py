@@ -515,16 +515,31 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     """``study replicate NAME --top K --seeds S``: the K best trials' configurations
     trained S more times with new seeds (:mod:`study.replicate`), then the replicated
     trials ranked by the replicates' mean."""
-    from study.replicate import print_summaries, replicate_study
+    from study.replicate import check_counts, print_summaries, replicate_study
+    from study.runner import signal_text
 
+    check_counts(args.top, args.seeds, args.first_seed)
     spec = _saved_spec(_storage(args), args.name, args)
-    summaries = replicate_study(
+    again = f"study replicate {spec.name} --top {args.top} --seeds {args.seeds}"
+    again += "" if args.first_seed is None else f" --first-seed {args.first_seed}"
+    again += f" --storage {spec.storage} --tracking-uri {spec.tracking_uri}"
+    again += f" --address {spec.address}" if spec.address else ""
+    done = replicate_study(
         spec, args.top, args.seeds, args.first_seed, verbose=args.verbose,
-        working_dir=args.working_dir,
+        working_dir=args.working_dir, again=again,
     )  # fmt: skip
-    print_summaries(summaries, spec.metrics[0], spec.modes[0])
-    complete = [s for s in summaries if len(s.values) >= args.seeds]
-    return 0 if complete else 1
+    print_summaries(done.summaries, spec.metrics[0], spec.modes[0])
+    if done.signum is not None:
+        print(f"\nstudy replicate {spec.name} interrupted ({signal_text(done.signum)}): "
+              f"{len(done.missing)} training(s) left; continue with:\n  {again}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 128 + done.signum
+    if done.missing:
+        print(f"{len(done.missing)} of the {len(done.asked)} trainings asked for did not "
+              f"finish; run the command again to train them:\n  {again}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return 1
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

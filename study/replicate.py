@@ -57,7 +57,7 @@ from reports.vocabulary import (
 )
 from study.callbacks import MlflowCallback
 from study.spec import StudySpec
-from study.tracking import MlflowTracker
+from study.tracking import MlflowTracker, flatten
 from trainables.errors import ConfigError, UserError
 
 #: The folder (under the study's storage folder) of each replication's Tune run.
@@ -102,12 +102,15 @@ def lookup(nested: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
-def source_config(tracker: MlflowTracker, run: Any, tmp: Path) -> tuple[dict[str, Any], int]:
+def source_config(
+    tracker: MlflowTracker, run: Any, tmp: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trial run's Tune config (typed values from its ``config.yaml`` artifact, for the
-    keys its :data:`TAG_SEARCHED` tag lists) and its training seed.
+    keys its :data:`TAG_SEARCHED` tag lists) and its whole training config.
 
     Raises:
-        UserError: the run lacks its ``config.yaml`` or a key of its Tune config.
+        UserError: the run lacks its ``config.yaml``, its searched keys, or a key of its
+            Tune config.
     """
     from reports.data import read_text_artifact
 
@@ -117,11 +120,48 @@ def source_config(tracker: MlflowTracker, run: Any, tmp: Path) -> tuple[dict[str
     if not isinstance(full, dict):
         raise UserError(f"trial {trial} (run {run_id}) has no {CONFIG_FILE} artifact to re-train")
     keys = [k for k in run.data.tags.get(TAG_SEARCHED, "").split(",") if k and k != "seed"]
+    if not keys:
+        raise UserError(f"trial {trial} (run {run_id}) has no {TAG_SEARCHED} tag to re-train")
     try:
         config = {k: lookup(full, k) for k in keys}
     except KeyError as missing:
         raise UserError(f"trial {trial}'s {CONFIG_FILE} lacks {missing.args[0]!r}") from None
-    return config, int(full.get("seed", 0))
+    return config, full
+
+
+def config_drift(spec: StudySpec, config: Mapping[str, Any], full: Mapping[str, Any]) -> list[str]:
+    """The training-config keys (dotted) whose value the study would give ``config`` now
+    and the source trial's ``config.yaml`` differ on, ``seed`` and the data paths apart
+    (a study may be replicated from another folder): a changed space, base config or
+    preset; empty when a replicate trains what its trial trained.
+
+    Raises:
+        ConfigError: the study cannot build the config now (its space file moved).
+    """
+    from trainables.config import PATH_FIELDS
+
+    now = flatten(spec.trial_config(config).to_dict())
+    then = flatten(dict(full))
+    skip = {"seed", *PATH_FIELDS}
+    return sorted(k for k in set(now) | set(then) if k not in skip and now.get(k) != then.get(k))
+
+
+def check_counts(top: int, seeds: int, first_seed: int | None) -> None:
+    """Refuse ``--top``/``--seeds`` below 1 and a negative ``--first-seed``."""
+    if top < 1 or seeds < 1:
+        raise ConfigError(f"--top {top} --seeds {seeds}: both must be at least 1")
+    if first_seed is not None and first_seed < 0:
+        raise ConfigError(f"--first-seed {first_seed}: a training seed is >= 0")
+
+
+def finished_replicas(tracker: MlflowTracker, study: str) -> set[tuple[str, str]]:
+    """``(source trial, seed)`` of every finished replicate run of ``study`` (one that
+    reached its test evaluation)."""
+    return {
+        (r.data.tags.get(TAG_REPLICATE_OF, ""), r.data.tags.get(TAG_REPLICATE_SEED, ""))
+        for r in tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: ROLE_REPLICATE})
+        if r.info.status == "FINISHED" and "test/clean_acc" in r.data.metrics
+    }
 
 
 def seeds_for(source_seed: int, seeds: int, first_seed: int | None) -> list[int]:
@@ -164,31 +204,31 @@ def plan(
     """
     from study.export import best_runs, study_objectives
 
-    if top < 1 or seeds < 1:
-        raise ConfigError(f"--top {top} --seeds {seeds}: both must be at least 1")
+    check_counts(top, seeds, first_seed)
     objectives, modes = study_objectives(tracker, spec.name)
     sources = best_runs(
         tracker, spec.name, objectives[0], modes[0], top, objectives=objectives, modes=modes
     )
-    if not sources:
-        raise UserError(
-            f"study {spec.name!r} has no finished, fully trained trial to replicate "
-            f"(see `study show {spec.name}`)"
+    if len(sources) < top:  # (best_runs refuses a study with none)
+        echo(
+            f"only {len(sources)} trial(s) trained to the end with the objective (and meet "
+            "the constraints): replicating those"
         )
-    if len(sources) < top:
-        echo(f"only {len(sources)} trial(s) trained to the end: replicating those")
-    done = {
-        (r.data.tags.get(TAG_REPLICATE_OF), r.data.tags.get(TAG_REPLICATE_SEED))
-        for r in tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: ROLE_REPLICATE})
-        if r.info.status == "FINISHED" and "test/clean_acc" in r.data.metrics
-    }
+    done = finished_replicas(tracker, spec.name)
     todo: list[Replica] = []
     finished: list[Replica] = []
     seen: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for run in sources:
             trial = run.data.tags.get(TAG_TRIAL, run.info.run_id)
-            config, source_seed = source_config(tracker, run, Path(tmp))
+            config, full = source_config(tracker, run, Path(tmp))
+            if drift := config_drift(spec, config, full):
+                raise UserError(
+                    f"study {spec.name!r} would not train trial {trial}'s configuration again: "
+                    f"{', '.join(drift[:6])} differ from the trial's {CONFIG_FILE} (the space, "
+                    "base config or preset changed since it ran); put them back to replicate"
+                )
+            source_seed = int(full.get("seed", 0))
             if (same := seen.get(config_key(config))) is not None:
                 echo(f"trial {trial} has the configuration of trial {same}: not replicated twice")
                 continue
@@ -199,14 +239,16 @@ def plan(
     return todo, finished
 
 
-def replicate_tuner(spec: StudySpec, parent_run_id: str, replicas: Sequence[Replica]) -> Any:
+def replicate_tuner(
+    spec: StudySpec, parent_run_id: str, replicas: Sequence[Replica], verbose: bool = False
+) -> Any:
     """A Tuner that trains exactly ``replicas`` (in order) with the study's trainable and
     resources, no searcher and no scheduler; its state goes to
-    ``<study folder>/replicate/<time>``."""
+    ``<study folder>/replicate/<time>``; ``verbose``: Tune's own console output."""
     from ray import tune
 
-    from study.callbacks import ProgressCallback
-    from study.trial import run_trial, trial_resources
+    from study.callbacks import PlacementGroupSweeper, ProgressCallback
+    from study.trial import run_trial, trial_resources, uses_train_backend
 
     trainable = tune.with_parameters(run_trial, spec=spec, template=spec.template)
     points = [dict(r.config) for r in replicas]
@@ -225,8 +267,9 @@ def replicate_tuner(spec: StudySpec, parent_run_id: str, replicas: Sequence[Repl
             callbacks=[
                 ReplicateCallback(spec, parent_run_id, replicas),
                 ProgressCallback(spec.metrics, len(points)),
+                *([PlacementGroupSweeper()] if uses_train_backend(spec) else []),
             ],
-            verbose=0,
+            verbose=2 if verbose else 0,
         ),
     )
 
@@ -276,7 +319,9 @@ class ReplicateCallback(MlflowCallback):
         replicas: what the Tune run trains; a trial is matched to its replica by its config.
     """
 
-    def __init__(self, spec: StudySpec, parent_run_id: str, replicas: Sequence[Replica]) -> None:
+    def __init__(
+        self, spec: StudySpec, parent_run_id: str, replicas: Sequence[Replica] = ()
+    ) -> None:
         super().__init__(spec, parent_run_id)
         self.replicas = {r.key: r for r in replicas}
 
@@ -284,11 +329,23 @@ class ReplicateCallback(MlflowCallback):
         return {**super().__getstate__(), "replicas": list(self.replicas.values())}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # runs __init__ without the replicas
         self.replicas = {r.key: r for r in state.get("replicas", [])}
 
+    def _replica(self, config: dict[str, Any]) -> Replica:
+        try:
+            return self.replicas[config_key(config)]
+        except KeyError:
+            raise RuntimeError(
+                f"Tune ran a config that is none of the replicas asked for: {config}"
+            ) from None
+
+    def run_name(self, method: str, config: dict[str, Any]) -> str:
+        """The source trial's run name with the replicate's seed."""
+        return f"{super().run_name(method, config)} seed={self._replica(config).seed}"
+
     def run_tags(self, trial_id: str, config: dict[str, Any]) -> dict[str, str]:
-        replica = self.replicas[config_key(config)]
+        replica = self._replica(config)
         return {
             PARENT_TAG: replica.source_run,
             TAG_ROLE: ROLE_REPLICATE,
@@ -341,6 +398,25 @@ def summarise(tracker: MlflowTracker, study: str, metric: str) -> list[Replicate
     ]
 
 
+@dataclass
+class Replication:
+    """What one ``study replicate`` did.
+
+    Attributes:
+        summaries: every replicated trial of the study, scored over its finished
+            replicates (:func:`summarise`).
+        asked: the (trial, seed) trainings this command was asked for.
+        missing: those of them without a finished replicate when it ended (failed or
+            interrupted trainings; the command run again trains them).
+        signum: the signal (SIGINT, SIGTERM) that stopped it, else None.
+    """
+
+    summaries: list[ReplicateSummary]
+    asked: list[Replica]
+    missing: list[Replica]
+    signum: int | None = None
+
+
 def replicate_study(
     spec: StudySpec,
     top: int,
@@ -349,11 +425,16 @@ def replicate_study(
     *,
     verbose: bool = False,
     working_dir: str | None = None,
+    again: str | None = None,
     echo: Callable[[str], None] = print,
-) -> list[ReplicateSummary]:
+) -> Replication:
     """Train the study's ``top`` best configurations with ``seeds`` new seeds each (see
-    the module docstring) and return every replicated trial's summary on the study's
+    the module docstring); every replicated trial is then summarised on the study's
     first objective.
+
+    A Ctrl-C or SIGTERM stops the trainings as it stops a study (Tune ends them and
+    the MLflow writer drains its queue); their replicate runs end KILLED, and the
+    same command trains them again from their first epoch.
 
     Args:
         spec: the study (its saved spec; ``--address``/``--tracking-uri`` given now win).
@@ -362,20 +443,33 @@ def replicate_study(
         first_seed: the first replicate seed (None: each source's seed + 1).
         verbose: Ray's and Tune's own console output.
         working_dir: a folder shipped to every Ray node.
+        again: the command that continues after an interrupt (printed by a second one).
         echo: where progress lines go.
 
     Raises:
-        ConfigError, UserError: bad arguments or nothing to replicate; raised before Ray
+        ConfigError, UserError: bad arguments, a study the store lacks, a configuration
+            the study would not train again, or nothing to replicate; raised before Ray
             starts or anything is written.
     """
     from study import preflight
-    from study.runner import init_ray
+    from study.credentials import redact
+    from study.runner import _Interrupts, check_nodes, init_ray
+    from study.tracking import recorded_study
 
+    check_counts(top, seeds, first_seed)
+    spec.validate()  # the space and base config as they are now
     preflight.check_tracking(spec.tracking_uri, spec.connect_timeout)
+    found, known = recorded_study(spec.tracking_uri, spec.name)
+    if not found:
+        raise UserError(
+            f"no study {spec.name!r} with trials in the MLflow store "
+            f"{redact(spec.tracking_uri)} (--tracking-uri); studies there: "
+            f"{', '.join(known) or 'none'}"
+        )
     tracker = MlflowTracker(spec.tracking_uri, spec.name)
     parents = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_ROLE: ROLE_STUDY})
     if not parents:
-        raise UserError(f"study {spec.name!r} has no parent run in {spec.tracking_uri}")
+        raise UserError(f"study {spec.name!r} has no parent run in {redact(spec.tracking_uri)}")
     parent = min(parents, key=lambda r: r.info.start_time or 0).info.run_id
     todo, done = plan(tracker, spec, top, seeds, first_seed, echo=echo)
     sources = sorted({r.source_trial for r in [*todo, *done]})
@@ -383,6 +477,7 @@ def replicate_study(
         f"replicating {len(sources)} trial(s) of study {spec.name} with {seeds} seed(s) each: "
         f"{len(todo)} training(s) to run, {len(done)} already done"
     )
+    signum = None
     if todo:
         preflight.check_storage(
             spec.storage if spec.remote else spec.location(), spec.connect_timeout
@@ -390,15 +485,41 @@ def replicate_study(
         preflight.check_ray_address(spec.address, spec.connect_timeout)
         init_ray(spec.address, verbose, working_dir)
         preflight.check_resources(spec)
-        grid = replicate_tuner(spec, parent, todo).fit()
-        failed = [r for r in grid if r.error is not None]
-        if failed:
+        check_nodes(spec)
+        with _Interrupts(spec, again) as sigint:
+            grid = replicate_tuner(spec, parent, todo, verbose).fit()
+            if sigint.caught():
+                signum = sigint.signum
+        _sweep_placement_groups(spec)
+        if signum is not None:
+            _end_unfinished(tracker, spec.name)
+        elif failed := [r for r in grid if r.error is not None]:
             echo(f"warning: {len(failed)} replicate training(s) failed; run the command again")
-    metric = spec.metrics[0]
-    summaries = summarise(tracker, spec.name, metric)
-    total = sum(len(s.values) for s in summaries)
-    tracker.set_tags(parent, {TAG_REPLICATES: str(total)})
-    return summaries
+    finished = finished_replicas(tracker, spec.name)
+    missing = [r for r in todo if (r.source_trial, str(r.seed)) not in finished]
+    summaries = summarise(tracker, spec.name, spec.metrics[0])
+    tracker.set_tags(parent, {TAG_REPLICATES: str(sum(len(s.values) for s in summaries))})
+    return Replication(summaries, [*done, *todo], missing, signum)
+
+
+def _sweep_placement_groups(spec: StudySpec) -> None:
+    """The placement groups that trials Tune stopped inside ``TorchTrainer.fit`` left
+    (the ``train`` backend), as a study removes them when it ends."""
+    from study.trial import uses_train_backend
+
+    if uses_train_backend(spec):
+        from study.callbacks import remove_orphaned_placement_groups
+
+        remove_orphaned_placement_groups(all_of_this_job=True)
+
+
+def _end_unfinished(tracker: MlflowTracker, study: str) -> None:
+    """End the study's replicate runs still RUNNING as KILLED: Tune ends interrupted
+    trials without telling the callbacks, and no later command reopens a replicate run
+    (the same command trains the replica again, in a new run)."""
+    for run in tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: ROLE_REPLICATE}):
+        if run.info.status == "RUNNING":
+            tracker.end_run(run.info.run_id, "KILLED")
 
 
 def print_summaries(summaries: Sequence[ReplicateSummary], metric: str, mode: str) -> None:

@@ -809,8 +809,9 @@ class _Interrupts:
     would end the driver with no state saved) until the study returns.
     """
 
-    def __init__(self, spec: StudySpec) -> None:
+    def __init__(self, spec: StudySpec, again: str | None = None) -> None:
         self.spec = spec
+        self.again = again or resume_command(spec)  #: the command that continues the work
         self.main = threading.current_thread() is threading.main_thread()
         self.tune_catches = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") in ("", "0")
         self.previous: Any = None
@@ -825,8 +826,7 @@ class _Interrupts:
 
     def _now(self, signum: int, frame: Any) -> None:
         print(
-            f"\nstopped at once ({signal_text(signum)}); continue with: "
-            f"{resume_command(self.spec)}",
+            f"\nstopped at once ({signal_text(signum)}); continue with: {self.again}",
             file=sys.stderr,
             flush=True,
         )

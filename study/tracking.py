@@ -60,6 +60,30 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LEN = 6000
 
 
+def recorded_study(tracking_uri: str, name: str) -> tuple[bool, list[str]]:
+    """Whether the MLflow store at ``tracking_uri`` holds trial runs of study ``name``,
+    and the studies (experiments) it holds; creates nothing (a SQLite file that is not
+    there holds no study and is not made).
+
+    Args:
+        tracking_uri: an MLflow tracking URI.
+        name: the study's name (its experiment).
+    """
+    from reports.data import all_experiments, client_for
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[10:]).is_file():
+        return False, []
+    with store_lock(tracking_uri):
+        client = client_for(tracking_uri)
+    found = False
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        wanted = tags_filter({TAG_STUDY: name, TAG_ROLE: ROLE_TRIAL})
+        found = bool(search_runs(client, [experiment.experiment_id], wanted))
+    known = sorted(e.name for e in all_experiments(client) if e.name != "Default")
+    return found, known
+
+
 @contextlib.contextmanager
 def store_lock(tracking_uri: str) -> Iterator[None]:
     """Hold an exclusive lock beside a SQLite store (``<db>.lock``) while it is opened.

@@ -35,7 +35,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from reports.vocabulary import (
-    ROLE_TRIAL,
     TAG_EARLY,
     TAG_ROLE,
     TAG_SEARCHED,
@@ -269,26 +268,15 @@ def add_seeds(study: optuna.Study, seeds: Sequence[FrozenTrial]) -> int:
 
 def _check_recorded(spec: StudySpec, source: str) -> None:
     """Fail, creating nothing, unless the MLflow store holds trial runs of ``source``."""
-    from reports.data import all_experiments, client_for, search_runs, tags_filter
     from study.credentials import redact
-    from study.tracking import store_lock
+    from study.tracking import recorded_study
 
-    uri = spec.tracking_uri
-    known: list[str] = []
-    found = False
-    local = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file()
-    if not local:  # a SQLite file that is not there holds no study (and is not made)
-        with store_lock(uri):
-            client = client_for(uri)
-        experiment = client.get_experiment_by_name(source)
-        if experiment is not None:
-            wanted = tags_filter({TAG_STUDY: source, TAG_ROLE: ROLE_TRIAL})
-            found = bool(search_runs(client, [experiment.experiment_id], wanted))
-        known = sorted(e.name for e in all_experiments(client) if e.name != "Default")
+    found, known = recorded_study(spec.tracking_uri, source)
     if not found:
         raise UserError(
             f"--warm-start {source}: no study {source!r} with trials in the MLflow store "
-            f"{redact(uri)} (--tracking-uri); studies there: {', '.join(known) or 'none'}"
+            f"{redact(spec.tracking_uri)} (--tracking-uri); studies there: "
+            f"{', '.join(known) or 'none'}"
         )
 
 

@@ -30,13 +30,16 @@ from trainables.errors import ConfigError
 PGD, CLEAN = "val/pgd_acc", "test/clean_acc"
 
 
-def _run(trial: str, beta: str, pgd: float, *, role: str = "trial", of: str = "") -> RunData:
+def _run(
+    trial: str, beta: str, pgd: float, *, role: str = "trial", of: str = "", start: int = 0
+) -> RunData:
     tags = {TAG_TRIAL: trial, TAG_ROLE: role, TAG_SEARCHED: "beta,seed"}
     if of:
         tags |= {TAG_REPLICATE_OF: of, TAG_REPLICATE_SEED: trial[-1]}
     metrics = {PGD: pgd, CLEAN: 0.9, "test/pgd_acc": pgd}
-    return RunData(f"run-{trial}", trial, "FINISHED", 0, 0, {"beta": beta, "method": "weat_adv"},
-                   metrics, tags, searched_names=["beta", "seed"])  # fmt: skip
+    return RunData(f"run-{trial}", trial, "FINISHED", start, 0,
+                   {"beta": beta, "method": "weat_adv"}, metrics, tags,
+                   searched_names=["beta", "seed"])  # fmt: skip
 
 
 def test_seeds_are_new_and_never_the_source_trials_own() -> None:
@@ -50,18 +53,20 @@ def test_seeds_are_new_and_never_the_source_trials_own() -> None:
 def test_a_replicated_configuration_is_scored_over_its_replicates_and_ranked_by_their_mean():
     """Trial a won the search (0.80) but its replicates average 0.50; trial b (0.70)
     averages 0.65 over its replicates; trial c (0.60) was not replicated. The
-    leaderboard ranks b's configuration first, a's last, with n = 2 replicates each."""
+    leaderboard ranks b's configuration first, a's last, with n = 2 replicates each: an
+    older training of b's seed 2 (replicated twice) counts once, the newest."""
     trials = [_run("a", "1.0", 0.80), _run("b", "2.0", 0.70), _run("c", "3.0", 0.60)]
     replicates = [
+        _run("rb2", "2.0", 0.64, role=ROLE_REPLICATE, of="b", start=9),
         _run("ra1", "1.0", 0.55, role=ROLE_REPLICATE, of="a"),
         _run("ra2", "1.0", 0.45, role=ROLE_REPLICATE, of="a"),
         _run("rb1", "2.0", 0.66, role=ROLE_REPLICATE, of="b"),
-        _run("rb2", "2.0", 0.64, role=ROLE_REPLICATE, of="b"),
+        _run("ob2", "2.0", 0.10, role=ROLE_REPLICATE, of="b", start=1),
     ]
     frame = leaderboard(trials, [PGD], ["max"], replicates)
     assert list(frame["replicates of"]) == ["b", "", "a"]
     assert list(frame["n"]) == [2, 1, 2]
-    assert list(frame["trials"]) == ["rb1 rb2", "c", "ra1 ra2"]
+    assert list(frame["trials"]) == ["rb1 rb2", "c", "ra1 ra2"]  # ranked within: pgd first
     assert frame["test/pgd_acc mean"].tolist() == pytest.approx([0.65, 0.60, 0.50])
     assert frame["test/pgd_acc std"][0] == pytest.approx(statistics.stdev([0.66, 0.64]))
     # without replicates the search's own scores decide, as before
@@ -69,15 +74,52 @@ def test_a_replicated_configuration_is_scored_over_its_replicates_and_ranked_by_
     assert list(plain["trials"]) == ["a", "b", "c"] and "replicates of" not in plain
 
 
-def test_bad_counts_are_refused_before_anything_runs(tmp_path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--top", "0"], "--top 0"), (["--seeds", "0"], "--seeds 0"),
+     (["--first-seed", "-1"], "--first-seed -1")],
+)  # fmt: skip
+def test_bad_counts_are_refused_before_anything_is_read(tmp_path, capsys, args, says) -> None:
     from study import cli
 
-    spec_dir = tmp_path / "studies"
-    code = cli.main(["replicate", "nope", "--top", "0", "--storage", str(spec_dir),
+    code = cli.main(["replicate", "nope", *args, "--storage", str(tmp_path / "studies"),
                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])  # fmt: skip
     assert code == 2
-    assert "nope" in capsys.readouterr().err
+    assert says in capsys.readouterr().err
     assert not (tmp_path / "m.db").exists()
+
+
+def test_a_configuration_the_study_would_not_train_again_is_named(tmp_path) -> None:
+    """The trial's config.yaml against what the study builds now from its Tune config:
+    equal but for the seed and the data paths, no drift; a changed value is named."""
+    from test_search import make_spec
+
+    from study.replicate import config_drift
+
+    spec = make_spec(tmp_path, "d")
+    config = spec.load_space().sample_defaults()
+    full = spec.trial_config(config).to_dict()
+    moved = {**full, "seed": 7, "data_root": "/elsewhere"}
+    assert config_drift(spec, config, moved) == []
+    assert config_drift(spec, config, {**full, "eps": 0.3, "attack_steps": 9}) == [
+        "attack_steps",
+        "eps",
+    ]
+
+
+def test_the_replicate_callback_survives_pickling(tmp_path) -> None:
+    """Tune pickles its callbacks with the experiment; the replicas come back."""
+    import pickle
+
+    from test_search import make_spec
+
+    from study.replicate import Replica, ReplicateCallback
+
+    spec = make_spec(tmp_path, "p")
+    replica = Replica("t_00001", "run1", 3, {"beta": 2.0, "seed": 3})
+    again = pickle.loads(pickle.dumps(ReplicateCallback(spec, "parent", [replica])))
+    assert again.replicas == {replica.key: replica}
+    assert again.run_tags("x", {"seed": 3, "beta": 2.0})[TAG_REPLICATE_OF] == "t_00001"
 
 
 def test_replicate_trains_k_times_s_runs_tagged_with_their_source(tmp_path, capsys, ray_cluster):
@@ -119,6 +161,7 @@ def test_replicate_trains_k_times_s_runs_tagged_with_their_source(tmp_path, caps
         for key in ("method", "beta", "weight_fn"):
             assert run.data.params[key] == source.data.params[key], key
         assert CLEAN in run.data.metrics and PGD in run.data.metrics
+        assert run.info.run_name.endswith(f" seed={run.data.tags[TAG_REPLICATE_SEED]}")
     assert len(trial_runs(tracker, spec.name)) == 3  # replicates are not trials
 
     data = load_study("rep", spec.tracking_uri, tmp_path / "report")
