@@ -104,6 +104,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(args.config, args.set, preset=args.preset)
         start_epoch = int(load_checkpoint(args.resume)["epoch"]) if args.resume else 0
     out = Path(args.output or cfg.output_dir)
+    from study.export import read_source
+    from study.registry import check_model_name, source_tags
+
+    source = read_source(args.config) if args.config else None  # study export's header
+    if args.register is not None:  # refused before any training
+        check_model_name(args.register)
+        if args.no_mlflow or args.workers > 1 or args.gpus > 0:
+            raise UserError("--register registers a training recorded in MLflow in this "
+                            "process: drop --no-mlflow, --workers and --gpus")  # fmt: skip
     if args.workers > 1 or args.gpus > 0:
         return _train_on_ray(args, cfg)
     print(
@@ -122,6 +131,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tracker = MlflowTracker(_tracking_uri(args), args.experiment)
         mlflow_reporter = MlflowRunReporter(tracker, cfg.to_dict(), out.name)
         reporters.append(mlflow_reporter)
+        if source:  # the lineage: this final training's study, trial and run
+            for run_id in (mlflow_reporter.parent_id, mlflow_reporter.run_id):
+                tracker.set_tags(run_id, source_tags(source))
+            print(f"config from trial {source['trial']} of study {source['study']!r} "
+                  f"(run {source['run']})", flush=True)  # fmt: skip
     try:
         result = train(
             cfg,
@@ -145,6 +159,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"best epoch {result.best_epoch}; outputs in {result.output_dir}")
     if mlflow_reporter is not None:
         print(f"MLflow: experiment {args.experiment!r}, run {mlflow_reporter.run_id}")
+    if args.register is not None and mlflow_reporter is not None:
+        from study.registry import register_final
+
+        register_final(tracker, mlflow_reporter.run_id, args.register, source=source)
     return 0
 
 
@@ -528,10 +546,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         if args.top != 1:
             raise ConfigError("--robustbench exports the best trial only; drop --top")
+        if args.register is not None:
+            raise ConfigError("--robustbench and --register: one at a time")
         done = export_robustbench(_tracking_uri(args), args.name, args.robustbench, n=args.n,
                                   metric=metric or "val/pgd_acc", mode=mode or "max")  # fmt: skip
         print(f"wrote {done.folder}: " + ", ".join(sorted(p.name for p in done.folder.iterdir())))
         return 0
+    candidate = None
+    if args.register is not None:  # checked before anything is written (study/registry.py)
+        from study.registry import prepare_candidate
+
+        if args.top != 1:
+            raise ConfigError("--register registers the best trial only; drop --top")
+        candidate = prepare_candidate(
+            _tracking_uri(args), args.name, args.register,
+            metric=metric or "val/pgd_acc", mode=mode or "max",
+        )  # fmt: skip
     tracker = MlflowTracker(_tracking_uri(args), args.name)
     files = export_best(
         tracker,
@@ -543,6 +573,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     for f in files:
         print(f"wrote {f}")
+    if candidate is not None:
+        from study.registry import register_candidate
+
+        done = register_candidate(candidate)
+        print(f"registered {done.name} version {done.version} as {done.alias} "
+              f"({done.model_uri}, logged to run {done.run_id}): {done.reason}")  # fmt: skip
     if len(files) < args.top:
         print(
             f"only {len(files)} trial(s) trained to the end (early-stopped and failed "
@@ -850,6 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "points) into the new or empty folder DIR")  # fmt: skip
     p.add_argument("--n", type=int, default=10_000, help="--robustbench: the first N test points "
                    "AutoAttack evaluates (default: %(default)s)")  # fmt: skip
+    p.add_argument("--register", metavar="MODEL", help="also log the best trial's model to "
+                   "its run, registered as a new version of MODEL, alias 'candidate'")  # fmt: skip
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("list", parents=[store], help="studies in the MLflow store")
@@ -919,6 +957,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not record in MLflow")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP if > 1)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs for the Ray Train run")
+    p.add_argument("--register", metavar="MODEL", help="log the model to the run, register it "
+                   "as a new version of MODEL, alias 'champion' when it beats the current "
+                   "champion on the source study's objective (test score)")  # fmt: skip
     p.set_defaults(func=_cmd_train)
     from study.doctor import add_parser as add_doctor_parser
     from study.server import add_parser as add_server_parser
