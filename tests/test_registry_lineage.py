@@ -147,7 +147,8 @@ def test_export_registers_the_best_trials_model_as_candidate(lineage) -> None:
     assert str(version.version) == "1" and version.run_id == run_id
     assert version.tags[TAG_SOURCE_STUDY] == STUDY and version.tags[TAG_SOURCE_RUN] == run_id
     assert version.tags[TAG_SOURCE_TRIAL] == TRAIN_TRIAL and version.tags[TAG_MODEL_RUN] == run_id
-    assert version.tags[TAG_OBJECTIVE] == "val/pgd_acc" and version.tags[TAG_OBJECTIVE_MODE] == "max"
+    assert version.tags[TAG_OBJECTIVE] == "val/pgd_acc"
+    assert version.tags[TAG_OBJECTIVE_MODE] == "max"
     # the version's source is a logged model of the trial's run, in the study's experiment
     model_id = version.source.removeprefix("models:/")
     logged = client.get_logged_model(model_id)
@@ -194,9 +195,8 @@ def test_final_trainings_record_their_source_and_only_a_better_one_is_champion(l
         assert tags[TAG_OBJECTIVE] == "test/pgd_acc"
     assert str(client.get_model_version_by_alias(MODEL, ALIAS_CHAMPION).version) == "2"
     assert str(client.get_model_version_by_alias(MODEL, ALIAS_CANDIDATE).version) == "1"
-    assert "version 2 (" in lineage["finals"][0] and "as champion: no earlier champion" in (
-        lineage["finals"][0]
-    )
+    assert "version 2 (" in lineage["finals"][0]
+    assert "as champion: no earlier champion" in lineage["finals"][0]
     assert (
         f"test/pgd_acc {weak:.4f} does not beat champion version 2's {strong:.4f} (max)"
         in lineage["finals"][1]
