@@ -8,7 +8,9 @@ Sub-commands:
   (``--backend``).
 * ``study resume NAME``: continue an interrupted study.
 * ``study export NAME -o best.yaml``: the best config(s) for final training;
-  ``--robustbench DIR``: the best trial's weights as a RobustBench-ready model.
+  ``--robustbench DIR``: the best trial's weights as a RobustBench-ready model;
+  ``--register MODEL``: its model registered in MLflow, alias ``candidate``
+  (``study train --register MODEL``: alias ``champion`` when it beats the champion).
 * ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
 * ``study report NAME``: tables, figures and one HTML report read back from MLflow.
 * ``study ui [NAME]``: the MLflow UI on 127.0.0.1 for the store in use, and the address

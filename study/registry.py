@@ -386,8 +386,6 @@ def register_final(
         source: the study, trial and run its config came from (``None``: none known).
         echo: where the outcome is told.
     """
-    from mlflow.exceptions import MlflowException
-
     name = check_model_name(name)
     run = tracker.get_run(run_id)
     objective, mode = _objective(tracker.tracking_uri, (source or {}).get("study"))
@@ -403,12 +401,11 @@ def register_final(
     }
     version = _register(tracker, name, info, run_id, tags)
     client = tracker.client
-    try:
-        champion = retry(lambda: client.get_model_version_by_alias(name, ALIAS_CHAMPION), "alias")
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        champion = None
+    aliases = retry(lambda: client.get_registered_model(name), "get registered model").aliases
+    champion = None
+    if ALIAS_CHAMPION in aliases:
+        held = str(aliases[ALIAS_CHAMPION])
+        champion = retry(lambda: client.get_model_version(name, held), "get model version")
     if champion is None:
         wins, reason = math.isfinite(value), f"no earlier {ALIAS_CHAMPION}"
         if not wins:
