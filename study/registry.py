@@ -44,7 +44,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reports.data import retry
 from reports.vocabulary import (
@@ -64,6 +64,12 @@ from reports.vocabulary import (
 from study.export import DEFAULT_OBJECTIVES, study_objectives, trial_checkpoint
 from study.tracking import MlflowTracker, flatten
 from trainables.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from trainables.config import TrainConfig
 
 #: Test images saved with each logged model as its input example.
 EXAMPLE_POINTS = 2
@@ -192,31 +198,32 @@ def _link_metrics(client: Any, run_id: str, model_id: str) -> None:
         retry(lambda c=chunk: client.log_batch(run_id, metrics=c), "link metrics")
 
 
-def log_model(
-    tracker: MlflowTracker,
-    run: Any,
-    *,
-    model_name: str,
-    source: Mapping[str, str] | None,
-) -> Any:
-    """Log a finished run's best weights as an MLflow model of that run.
+@dataclass
+class RunModel:
+    """A finished run's model, built and checked, ready to log (:func:`run_model`).
 
-    Args:
-        tracker: the tracker of the run's experiment.
-        run: the MLflow run (it holds ``config.yaml`` and ``checkpoints/best.pt``).
-        model_name: the logged model's name (:data:`TRIAL_MODEL`, :data:`FINAL_MODEL`).
-        source: the study, trial and run the weights or their config came from.
+    Attributes:
+        run: the MLflow run.
+        cfg: its training config.
+        model: the project's model with the run's best weights (eval mode, CPU).
+        example: the input example: the first :data:`EXAMPLE_POINTS` test images,
+            float32 ``[N, C, H, W]`` in [0, 1] (numpy).
+    """
 
-    Returns:
-        MLflow's ``ModelInfo`` (``model_uri``: ``models:/<model id>``).
+    run: Any
+    cfg: TrainConfig
+    model: nn.Module
+    example: np.ndarray
+
+
+def run_model(tracker: MlflowTracker, run: Any) -> RunModel:
+    """Build a finished run's model from its ``config.yaml`` and ``checkpoints/best.pt``
+    artifacts (:func:`study.export.trial_checkpoint`) and the dataset on disk.
 
     Raises:
-        UserError: the run lacks its weights or config (nothing is logged then).
+        UserError: the run lacks its weights or config, or the dataset is not on disk.
     """
-    import mlflow.pytorch
     import torch
-    from mlflow.entities import LoggedModelOutput
-    from mlflow.models import infer_signature
 
     from trainables.data import to_float
     from trainables.loop import trained_model
@@ -224,6 +231,34 @@ def log_model(
     cfg, weights = trial_checkpoint(tracker, run)
     model, data = trained_model(cfg, weights, device="cpu")  # a missing dataset fails here
     example = to_float(data.test.take(torch.arange(EXAMPLE_POINTS)).x).numpy()
+    return RunModel(run, cfg, model, example)
+
+
+def log_model(
+    tracker: MlflowTracker,
+    built: RunModel,
+    *,
+    model_name: str,
+    source: Mapping[str, str] | None,
+) -> Any:
+    """Log a run's model (:func:`run_model`) with MLflow's model API as a logged model of
+    that run, its metrics linked (see the module's docstring for what it holds).
+
+    Args:
+        tracker: the tracker of the run's experiment.
+        built: the run's model.
+        model_name: the logged model's name (:data:`TRIAL_MODEL`, :data:`FINAL_MODEL`).
+        source: the study, trial and run the weights or their config came from.
+
+    Returns:
+        MLflow's ``ModelInfo`` (``model_uri``: ``models:/<model id>``).
+    """
+    import mlflow.pytorch
+    import torch
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import infer_signature
+
+    run, cfg, model, example = built.run, built.cfg, built.model, built.example
     with torch.no_grad():
         logits = model(torch.from_numpy(example)).numpy()
     run_id = run.info.run_id
@@ -299,6 +334,7 @@ class Candidate:
         study: the study; ``name``: the registered model.
         run: the best trial's MLflow run.
         metric, mode: the metric that ranked it first and its mode.
+        built: its model.
     """
 
     tracker: MlflowTracker
@@ -307,6 +343,7 @@ class Candidate:
     run: Any
     metric: str
     mode: str
+    built: RunModel
 
 
 def prepare_candidate(
@@ -322,7 +359,7 @@ def prepare_candidate(
 
     Raises:
         UserError: an invalid ``name``, an unknown study, a study without a finished
-            trial, a best run without its weights or config.
+            trial, a best run without its weights or config, a dataset not on disk.
     """
     from mlflow.tracking import MlflowClient
 
@@ -338,8 +375,8 @@ def prepare_candidate(
         )
     tracker = MlflowTracker(tracking_uri, study)
     (run,) = best_runs(tracker, study, metric, mode, 1)
-    trial_checkpoint(tracker, run)  # its weights and config are there
-    return Candidate(tracker, study, name, run, metric, mode)
+    built = run_model(tracker, run)  # its weights, config and data are there
+    return Candidate(tracker, study, name, run, metric, mode, built)
 
 
 def register_candidate(candidate: Candidate) -> Registered:
@@ -348,7 +385,7 @@ def register_candidate(candidate: Candidate) -> Registered:
     run = candidate.run
     run_id, trial = run.info.run_id, run.data.tags.get(TAG_TRIAL, "?")
     source = {"study": candidate.study, "trial": trial, "run": run_id}
-    info = log_model(candidate.tracker, run, model_name=TRIAL_MODEL, source=source)
+    info = log_model(candidate.tracker, candidate.built, model_name=TRIAL_MODEL, source=source)
     value = float(run.data.metrics.get(candidate.metric, math.nan))
     tags = {
         **source_tags(source),
@@ -391,7 +428,7 @@ def register_final(
     objective, mode = _objective(tracker.tracking_uri, (source or {}).get("study"))
     metric = judged_metric(objective, run.data.metrics)
     value = float(run.data.metrics.get(metric, math.nan))
-    info = log_model(tracker, run, model_name=FINAL_MODEL, source=source)
+    info = log_model(tracker, run_model(tracker, run), model_name=FINAL_MODEL, source=source)
     tags = {
         **source_tags(source),
         TAG_MODEL_RUN: run_id,
