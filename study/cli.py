@@ -112,11 +112,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     source = read_source(args.config) if args.config else None  # study export's header
     if args.register is not None:  # refused before any training
         check_model_name(args.register)
-        if args.no_mlflow or args.workers > 1 or args.gpus > 0:
-            raise UserError("--register registers a training recorded in MLflow in this "
-                            "process: drop --no-mlflow, --workers and --gpus")  # fmt: skip
+        if args.no_mlflow:
+            raise UserError("--register registers a training recorded in MLflow: drop "
+                            "--no-mlflow")  # fmt: skip
     if args.workers > 1 or args.gpus > 0:
-        return _train_on_ray(args, cfg)
+        return _train_on_ray(args, cfg, source)
     print(
         f"training {cfg.method} on {cfg.dataset} with {cfg.model} for {cfg.epochs} epochs "
         f"(eps={cfg.eps:.4g}, {cfg.norm}); writing to {out}",
@@ -168,11 +168,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
+def _train_on_ray(
+    args: argparse.Namespace, cfg: TrainConfig, source: dict[str, str] | None = None
+) -> int:
     """``study train --workers N``: a study of one through Ray Train (DDP when N > 1).
 
     ``--resume`` travels through the study's folder (:data:`study.trial.START_FOLDER`);
-    ``-o`` gets a copy of the trial's folder.
+    ``-o`` gets a copy of the trial's folder. ``source``: the study, trial and run the
+    config came from (tagged on its runs; :func:`study.registry.record_final`).
     """
     import shutil
 
@@ -226,6 +229,11 @@ def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
                 ignore = shutil.ignore_patterns(".resume*")
                 shutil.copytree(folder, args.output, dirs_exist_ok=True, ignore=ignore)
                 print(f"outputs in {args.output}")
+    if trial.status == "FINISHED" and (source or args.register is not None):
+        from study.registry import record_final
+
+        record_final(spec.tracking_uri, name, outcome.parent_run_id, trial.trial_id,
+                     source=source, register=args.register)  # fmt: skip
     return 0 if trial.status == "FINISHED" else 1
 
 

@@ -51,13 +51,16 @@ from reports.vocabulary import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
     FINAL_MODEL,
+    ROLE_TRIAL,
     TAG_MODEL_RUN,
     TAG_OBJECTIVE,
     TAG_OBJECTIVE_MODE,
     TAG_OBJECTIVE_VALUE,
+    TAG_ROLE,
     TAG_SOURCE_RUN,
     TAG_SOURCE_STUDY,
     TAG_SOURCE_TRIAL,
+    TAG_STUDY,
     TAG_TRIAL,
     TRIAL_MODEL,
 )
@@ -467,3 +470,41 @@ def register_final(
     told = f"registered {name} version {version} ({info.model_uri})"
     echo(told + (f" as {ALIAS_CHAMPION}: {reason}" if wins else f"; {reason}: alias unchanged"))
     return Registered(name, version, info.model_uri, run_id, alias, metric, value, reason)
+
+
+def record_final(
+    tracking_uri: str,
+    study: str,
+    parent_run_id: str,
+    trial_id: str,
+    *,
+    source: Mapping[str, str] | None,
+    register: str | None,
+    echo: Callable[[str], Any] = print,
+) -> Registered | None:
+    """The lineage of a final training run through Ray Train (``study train --workers N``
+    or ``--gpus G``, a study of one): its parent and trial run tagged with ``source``
+    (after the training), and with ``register`` its model registered as
+    :func:`register_final` does.
+
+    Args:
+        tracking_uri: the MLflow store.
+        study: the study of one (its experiment).
+        parent_run_id: its parent run.
+        trial_id: the Tune trial id of its one trial.
+        source: the study, trial and run the config came from (``None``: none known).
+        register: the registered model, or ``None``.
+        echo: where the outcome is told.
+    """
+    tracker = MlflowTracker(tracking_uri, study)
+    key = {TAG_STUDY: study, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: trial_id}
+    runs = tracker.find_runs(**key)
+    if not runs:
+        raise UserError(f"no MLflow run of trial {trial_id} in study {study!r} to register")
+    run_id = runs[0].info.run_id
+    if source:
+        for tagged in (parent_run_id, run_id):
+            tracker.set_tags(tagged, source_tags(source))
+    if register is None:
+        return None
+    return register_final(tracker, run_id, register, source=source, echo=echo)

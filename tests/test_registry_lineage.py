@@ -230,3 +230,39 @@ def test_bad_input_is_refused_with_nothing_written_or_registered(lineage, capsys
     assert sorted(p.name for p in folder.iterdir()) == before
     versions = MlflowClient(db).search_model_versions(f"name='{MODEL}'")
     assert sorted(str(v.version) for v in versions) == ["1", "2", "3"]
+
+
+#: A digits run of a few seconds for Ray Train (as tests/test_cli.py's).
+RAY_TINY = {"dataset": "digits", "model": "small_cnn", "eps": 0.1, "step_size": 0.025,
+            "attack_steps": 2, "val_attack_steps": 2, "eval_steps": 2, "eval_step_size": 0.025,
+            "batch_size": 64, "train_subset": 256, "val_subset": 64, "test_subset": 64,
+            "probe_n": 0, "autoattack": False, "epochs": 1}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_final_training_on_ray_train_records_its_source_and_registers(tmp_path) -> None:
+    """``study train --workers 2 --config best.yaml --register MODEL``: the study of one's
+    parent and trial run carry the source; the trial's model is the first champion (its
+    source study is not in this store: judged on test/pgd_acc, max)."""
+    from mlflow import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    best = tmp_path / "best.yaml"
+    best.write_text(source_line("elsewhere", "abc_00002", "0123abcd") + yaml.safe_dump(RAY_TINY))
+    code, printed = _main(["train", "--workers", "2", "--config", str(best), "--register", MODEL,
+                           "--experiment", "ray-final", "--no-progress", "--tracking-uri", db,
+                           "--storage", str(tmp_path / "studies")])  # fmt: skip
+    assert code == 0, printed
+    runs = MlflowTracker(db, "ray-final").find_runs(**{TAG_STUDY: "ray-final"})
+    assert sorted(r.data.tags[TAG_ROLE] for r in runs) == ["study", "trial"]
+    for run in runs:
+        assert run.data.tags[TAG_SOURCE_STUDY] == "elsewhere"
+        assert run.data.tags[TAG_SOURCE_TRIAL] == "abc_00002"
+        assert run.data.tags[TAG_SOURCE_RUN] == "0123abcd"
+    (trial,) = [r for r in runs if r.data.tags[TAG_ROLE] == "trial"]
+    champion = MlflowClient(db).get_model_version_by_alias(MODEL, ALIAS_CHAMPION)
+    assert str(champion.version) == "1" and champion.run_id == trial.info.run_id
+    assert champion.tags[TAG_OBJECTIVE] == "test/pgd_acc"
+    assert champion.tags[TAG_SOURCE_STUDY] == "elsewhere"
+    assert "as champion: no earlier champion" in printed
