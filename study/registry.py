@@ -22,7 +22,11 @@
     * it must be strictly better in the objective's mode (``max``/``min``): a tie, or
       a champion whose run lacks the metric, leaves the alias where it is (the command
       says why);
-    * a config without a source (written by hand) is judged on ``test/pgd_acc`` (max).
+    * a config without a source (written by hand), or whose source study is not in
+      this store, is judged on ``test/pgd_acc`` (max).
+
+    With ``--workers``/``--gpus`` (Ray Train, a study of one) the same happens to its
+    trial's run once the training ended (:func:`record_final`).
 
 Every logged model holds its training config (the logged model's params, and the
 ``training_config`` entry of its ``MLmodel`` metadata), a signature (float32 images
