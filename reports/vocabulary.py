@@ -49,6 +49,17 @@ TAG_WARM_START_TRIALS = "energy_study.warm_start_trials"  #: how many trials wer
 TAG_REPLICATE_OF = "energy_study.replicate_of"  #: on a replicate run: the trial it re-trains
 TAG_REPLICATE_SEED = "energy_study.replicate_seed"  #: on a replicate run: its training seed
 TAG_REPLICATES = "energy_study.replicates"  #: on a parent run: replicate runs finished so far
+#: On a final training's runs (``study train --config best.yaml``) and on registered model
+#: versions: the study, the trial and the trial's MLflow run the config or weights came from.
+TAG_SOURCE_STUDY = "energy_study.source_study"
+TAG_SOURCE_TRIAL = "energy_study.source_trial"
+TAG_SOURCE_RUN = "energy_study.source_run"
+#: On a registered model version: the run whose weights it holds (its logged model's run).
+TAG_MODEL_RUN = "energy_study.model_run"
+#: On a registered model version: the metric it is judged by, its mode and its value.
+TAG_OBJECTIVE = "energy_study.objective"
+TAG_OBJECTIVE_MODE = "energy_study.objective_mode"
+TAG_OBJECTIVE_VALUE = "energy_study.objective_value"
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI
@@ -71,6 +82,12 @@ ROLES = (ROLE_STUDY, ROLE_TRIAL, ROLE_GENERATION, ROLE_GENERATION_STUDY, ROLE_RE
 PARENT_STUDY = "true"
 PARENT_GENERATION = "generation"
 TRAIN_TRIAL = "train"
+
+# --- the model registry (``study export --register``, ``study train --register``) --------
+ALIAS_CANDIDATE = "candidate"  #: the version of a study's best trial
+ALIAS_CHAMPION = "champion"  #: the final model that beat every earlier one on its objective
+TRIAL_MODEL = "trial_model"  #: the name of a trial's logged model
+FINAL_MODEL = "final_model"  #: the name of a final training's logged model
 
 # --- artifacts (paths inside a run; a trial's files keep the same paths on disk) -------
 ENERGY_HIST = "energy_hist.png"  #: the histogram of a trial's test energies

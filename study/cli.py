@@ -8,7 +8,9 @@ Sub-commands:
   (``--backend``).
 * ``study resume NAME``: continue an interrupted study.
 * ``study export NAME -o best.yaml``: the best config(s) for final training;
-  ``--robustbench DIR``: the best trial's weights as a RobustBench-ready model.
+  ``--robustbench DIR``: the best trial's weights as a RobustBench-ready model;
+  ``--register MODEL``: its model registered in MLflow, alias ``candidate``
+  (``study train --register MODEL``: alias ``champion`` when it beats the champion).
 * ``study list`` / ``study show NAME``: studies in the MLflow store and their trials.
 * ``study report NAME``: tables, figures and one HTML report read back from MLflow.
 * ``study ui [NAME]``: the MLflow UI on 127.0.0.1 for the store in use, and the address
@@ -104,8 +106,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = build_config(args.config, args.set, preset=args.preset)
         start_epoch = int(load_checkpoint(args.resume)["epoch"]) if args.resume else 0
     out = Path(args.output or cfg.output_dir)
+    from study.export import read_source
+    from study.registry import check_model_name, source_tags
+
+    source = read_source(args.config) if args.config else None  # study export's header
+    if args.register is not None:  # refused before any training
+        check_model_name(args.register)
+        if args.no_mlflow:
+            raise UserError("--register registers a training recorded in MLflow: drop "
+                            "--no-mlflow")  # fmt: skip
     if args.workers > 1 or args.gpus > 0:
-        return _train_on_ray(args, cfg)
+        return _train_on_ray(args, cfg, source)
     print(
         f"training {cfg.method} on {cfg.dataset} with {cfg.model} for {cfg.epochs} epochs "
         f"(eps={cfg.eps:.4g}, {cfg.norm}); writing to {out}",
@@ -122,6 +133,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tracker = MlflowTracker(_tracking_uri(args), args.experiment)
         mlflow_reporter = MlflowRunReporter(tracker, cfg.to_dict(), out.name)
         reporters.append(mlflow_reporter)
+        if source:  # the lineage: this final training's study, trial and run
+            for run_id in (mlflow_reporter.parent_id, mlflow_reporter.run_id):
+                tracker.set_tags(run_id, source_tags(source))
+            print(f"config from trial {source['trial']} of study {source['study']!r} "
+                  f"(run {source['run']})", flush=True)  # fmt: skip
     try:
         result = train(
             cfg,
@@ -145,14 +161,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"best epoch {result.best_epoch}; outputs in {result.output_dir}")
     if mlflow_reporter is not None:
         print(f"MLflow: experiment {args.experiment!r}, run {mlflow_reporter.run_id}")
+    if args.register is not None and mlflow_reporter is not None:
+        from study.registry import register_final
+
+        register_final(tracker, mlflow_reporter.run_id, args.register, source=source)
     return 0
 
 
-def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
+def _train_on_ray(
+    args: argparse.Namespace, cfg: TrainConfig, source: dict[str, str] | None = None
+) -> int:
     """``study train --workers N``: a study of one through Ray Train (DDP when N > 1).
 
     ``--resume`` travels through the study's folder (:data:`study.trial.START_FOLDER`);
-    ``-o`` gets a copy of the trial's folder.
+    ``-o`` gets a copy of the trial's folder. ``source``: the study, trial and run the
+    config came from (tagged on its runs; :func:`study.registry.record_final`).
     """
     import shutil
 
@@ -206,6 +229,11 @@ def _train_on_ray(args: argparse.Namespace, cfg: TrainConfig) -> int:
                 ignore = shutil.ignore_patterns(".resume*")
                 shutil.copytree(folder, args.output, dirs_exist_ok=True, ignore=ignore)
                 print(f"outputs in {args.output}")
+    if trial.status == "FINISHED" and (source or args.register is not None):
+        from study.registry import record_final
+
+        record_final(spec.tracking_uri, name, outcome.parent_run_id, trial.trial_id,
+                     source=source, register=args.register)  # fmt: skip
     return 0 if trial.status == "FINISHED" else 1
 
 
@@ -563,10 +591,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         if args.top != 1:
             raise ConfigError("--robustbench exports the best trial only; drop --top")
+        if args.register is not None:
+            raise ConfigError("--robustbench and --register: one at a time")
         done = export_robustbench(_tracking_uri(args), args.name, args.robustbench, n=args.n,
                                   metric=metric or "val/pgd_acc", mode=mode or "max")  # fmt: skip
         print(f"wrote {done.folder}: " + ", ".join(sorted(p.name for p in done.folder.iterdir())))
         return 0
+    candidate = None
+    if args.register is not None:  # checked before anything is written (study/registry.py)
+        from study.registry import prepare_candidate
+
+        if args.top != 1:
+            raise ConfigError("--register registers the best trial only; drop --top")
+        candidate = prepare_candidate(
+            _tracking_uri(args), args.name, args.register,
+            metric=metric or "val/pgd_acc", mode=mode or "max",
+        )  # fmt: skip
     tracker = MlflowTracker(_tracking_uri(args), args.name)
     files = export_best(
         tracker,
@@ -578,6 +618,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     )
     for f in files:
         print(f"wrote {f}")
+    if candidate is not None:
+        from study.registry import register_candidate
+
+        done = register_candidate(candidate)
+        print(f"registered {done.name} version {done.version} as {done.alias} "
+              f"({done.model_uri}, logged to run {done.run_id}): {done.reason}")  # fmt: skip
     if len(files) < args.top:
         print(
             f"only {len(files)} trial(s) trained to the end (early-stopped and failed "
@@ -900,6 +946,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "points) into the new or empty folder DIR")  # fmt: skip
     p.add_argument("--n", type=int, default=10_000, help="--robustbench: the first N test points "
                    "AutoAttack evaluates (default: %(default)s)")  # fmt: skip
+    p.add_argument("--register", metavar="MODEL", help="also log the best trial's model to "
+                   "its run, registered as a new version of MODEL, alias 'candidate'")  # fmt: skip
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("list", parents=[store], help="studies in the MLflow store")
@@ -969,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not record in MLflow")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP if > 1)")
     p.add_argument("--gpus", type=float, default=0.0, help="GPUs for the Ray Train run")
+    p.add_argument("--register", metavar="MODEL", help="log the model to the run, register it "
+                   "as a new version of MODEL, alias 'champion' when it beats the current "
+                   "champion on the source study's objective (test score)")  # fmt: skip
     p.set_defaults(func=_cmd_train)
     from study.doctor import add_parser as add_doctor_parser
     from study.server import add_parser as add_server_parser

@@ -10,17 +10,20 @@ violates a constraint; ``study show`` lists it after the feasible ones, marked.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from reports.intervals import Measured, accuracies, sample_size
 from reports.ranking import is_feasible, rank_runs, ranking_rules
 from reports.vocabulary import (
+    BEST_CHECKPOINT,
     CONFIG_FILE,
     ROLE_STUDY,
     ROLE_TRIAL,
@@ -35,7 +38,12 @@ from reports.vocabulary import (
     TAG_TRIAL,
 )
 from study.tracking import MlflowTracker
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from trainables.config import TrainConfig
 
 #: The objective of a study whose parent run does not name one.
 DEFAULT_OBJECTIVES = (["val/pgd_acc"], ["max"])
@@ -45,6 +53,9 @@ SHOW_COLUMNS = ("val/clean_acc", "test/pgd_acc", "test/aa_acc")
 SHOW_NAMESPACES = ("val", "test", "final")
 #: ``study show`` keeps its lines to about this many characters.
 SHOW_WIDTH = 100
+#: The header line of an exported config that names its source (JSON after the prefix):
+#: ``# source: {"study": …, "trial": …, "run": …}``; ``study train --config`` reads it back.
+SOURCE_PREFIX = "# source: "
 
 
 def trial_runs(tracker: MlflowTracker, study: str) -> list[Any]:
@@ -137,6 +148,91 @@ def run_config(tracker: MlflowTracker, run_id: str) -> dict[str, Any]:
         return yaml.safe_load(tracker.download(run_id, CONFIG_FILE, tmp).read_text())
 
 
+def trial_checkpoint(tracker: MlflowTracker, run: Any) -> tuple[TrainConfig, dict[str, Tensor]]:
+    """A finished run's training config and best weights, read from MLflow (its
+    ``config.yaml`` and ``checkpoints/best.pt`` artifacts).
+
+    Args:
+        tracker: the tracker of the run's experiment.
+        run: the MLflow run (a study's trial, or ``study train``'s run).
+
+    Raises:
+        UserError: the run lacks either artifact (or the checkpoint is corrupt), or its
+            config is not a valid training config.
+    """
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from trainables.checkpoint import load_checkpoint
+    from trainables.config import TrainConfig
+
+    run_id, trial = run.info.run_id, run.data.tags.get(TAG_TRIAL, "?")
+    with tempfile.TemporaryDirectory(prefix="energy-study-weights-") as tmp:
+        try:
+            checkpoint = tracker.download(run_id, BEST_CHECKPOINT, tmp)
+        except (MlflowException, OSError):
+            raise UserError(
+                f"run {run_id} (trial {trial}) has no {BEST_CHECKPOINT} artifact to export"
+            ) from None
+        weights = load_checkpoint(checkpoint)["model"]
+    try:
+        cfg = TrainConfig.from_dict(run_config(tracker, run_id))
+    except (MlflowException, OSError):
+        raise UserError(f"run {run_id} (trial {trial}) has no {CONFIG_FILE} artifact") from None
+    return cfg, weights
+
+
+def source_line(study: str, trial: str, run_id: str) -> str:
+    """The header line of an exported config naming the trial it came from
+    (:data:`SOURCE_PREFIX`, then JSON)."""
+    return SOURCE_PREFIX + json.dumps({"study": study, "trial": trial, "run": run_id}) + "\n"
+
+
+#: The header lines ``study export`` wrote before it wrote :data:`SOURCE_PREFIX`.
+_OLD_STUDY_LINE = re.compile(r"# best config #\d+ of study (?P<study>'.*') by .*")
+_OLD_RUN_LINE = re.compile(r"# MLflow run (?P<run>\w+), trial (?P<trial>.+)")
+
+
+def read_source(path: str | Path) -> dict[str, str] | None:
+    """The study, trial and run (keys ``study``, ``trial``, ``run``) an exported config came
+    from, read from its header; ``None`` for a config that names none (written by hand).
+
+    The header of older exports (no :data:`SOURCE_PREFIX` line) is read too: its first
+    line names the study, its second the run and the trial.
+
+    Args:
+        path: a training config YAML file (a missing file reads as no source: the
+            config loader reports it).
+    """
+    import ast
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    header = [ln for ln in lines if ln.startswith("#")]
+    for line in header:
+        if line.startswith(SOURCE_PREFIX):
+            try:
+                found = json.loads(line[len(SOURCE_PREFIX) :])
+            except json.JSONDecodeError:
+                return None
+            keys = ("study", "trial", "run")
+            if isinstance(found, dict) and all(isinstance(found.get(k), str) for k in keys):
+                return {k: found[k] for k in keys}
+            return None
+    study = next((m for ln in header if (m := _OLD_STUDY_LINE.fullmatch(ln))), None)
+    run = next((m for ln in header if (m := _OLD_RUN_LINE.fullmatch(ln))), None)
+    if study is None or run is None:
+        return None
+    try:
+        name = ast.literal_eval(study["study"])
+    except (ValueError, SyntaxError):
+        return None
+    return {"study": str(name), "trial": run["trial"], "run": run["run"]}
+
+
 def export_best(
     tracker: MlflowTracker,
     study: str,
@@ -165,7 +261,8 @@ def export_best(
             f"# best config #{rank} of study {study!r} by {metric} ({mode}) = "
             f"{run.data.metrics[metric]:.4f}\n"
             f"# MLflow run {run.info.run_id}, trial {run.data.tags.get(TAG_TRIAL, '?')}\n"
-            f"# final training: study train --config {target.name} --set epochs=100\n"
+            + source_line(study, run.data.tags.get(TAG_TRIAL, "?"), run.info.run_id)
+            + f"# final training: study train --config {target.name} --set epochs=100\n"
             "# (autoattack is on again: the study's trials skipped it)\n"
         )
         target.write_text(header + yaml.safe_dump(cfg, sort_keys=False))

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reports.vocabulary import BEST_CHECKPOINT, CONFIG_FILE, TAG_TRIAL
+from reports.vocabulary import TAG_TRIAL
 from study import robustbench_models
 from trainables.errors import ConfigError, UserError
 from trainables.registry import Registry
@@ -439,13 +439,10 @@ def export_robustbench(
             trial, a run without its weights, a model that cannot be exported, a
             dataset that is not on disk. Nothing is written then.
     """
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from study.export import best_runs, run_config
+    from study.export import best_runs, trial_checkpoint
     from study.tracking import MlflowTracker, quiet_mlflow
-    from trainables.checkpoint import load_checkpoint
-    from trainables.config import TrainConfig
     from trainables.data import to_float
     from trainables.loop import accuracies_with_n, trained_model
 
@@ -460,18 +457,7 @@ def export_robustbench(
     tracker = MlflowTracker(tracking_uri, study)
     (run,) = best_runs(tracker, study, metric, mode, 1)
     run_id, trial = run.info.run_id, run.data.tags.get(TAG_TRIAL, "?")
-    with tempfile.TemporaryDirectory(prefix="energy-study-robustbench-") as tmp:
-        try:
-            checkpoint = tracker.download(run_id, BEST_CHECKPOINT, tmp)
-        except (MlflowException, OSError):
-            raise UserError(
-                f"run {run_id} (trial {trial}) has no {BEST_CHECKPOINT} artifact to export"
-            ) from None
-        weights = load_checkpoint(checkpoint)["model"]
-    try:
-        cfg = TrainConfig.from_dict(run_config(tracker, run_id))
-    except (MlflowException, OSError):
-        raise UserError(f"run {run_id} (trial {trial}) has no {CONFIG_FILE} artifact") from None
+    cfg, weights = trial_checkpoint(tracker, run)
     project, data = trained_model(cfg, weights, device="cpu")  # a missing dataset fails here
     plain = plain_model(cfg.model, cfg.model_kwargs, project.state_dict())
     exported = plain.build()
