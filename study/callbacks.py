@@ -30,6 +30,8 @@ from reports.vocabulary import (
     ENERGIES_FILE,
     ENERGY_HIST,
     FINAL_FILE,
+    GENERATION_DIR,
+    GENERATION_FILES,
     LAST_CHECKPOINT,
     METRICS_LOG,
     PARENT_TAG,
@@ -66,6 +68,8 @@ TRIAL_ARTIFACTS = (
     (CONFIG_FILE, None),
     (FINAL_FILE, None),
     (ENERGY_HIST, None),  # drawn on the worker (else here, from energies.npz)
+    # a study over training and generation: what the trial sampled after training
+    *((f"{GENERATION_DIR}/{name}", GENERATION_DIR) for name in GENERATION_FILES),
 )
 #: Metric points (and params, tags) a trial's run lacks because their ``log_batch`` still
 #: failed after the writer's retries: :meth:`study.tracking.LostWrites.describe`.
