@@ -316,8 +316,12 @@ class MlflowCallback(Callback):
         run_id = self.tracker.create_run(name, tags)
         self._runs[trial_id] = run_id
         self._epochs[run_id] = set()
-        # the params go with the run's first metrics, in one log_batch
-        self.writer.buffer(self.tracker, run_id, [], params=flatten(full))
+        # the params go with the run's first metrics, in one log_batch; a trial that
+        # samples after training has its sampler's too (generation.*)
+        params = flatten(full)
+        if (sampler := self.spec.template.sampler(config)) is not None:
+            params |= flatten({"generation": sampler})
+        self.writer.buffer(self.tracker, run_id, [], params=params)
         self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
         self._config_logged.add(run_id)
         return run_id
