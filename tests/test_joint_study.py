@@ -94,9 +94,10 @@ def test_each_trial_trains_samples_and_scores_in_one_run(tmp_path, ray_cluster) 
     for run in runs:
         m, params = run.data.metrics, run.data.params
         assert m["gen/fid"] >= 0 and m["gen/samples"] == 20 and "test/pgd_acc" in m
-        assert params["generation.steps"] == "3" and 0.01 <= float(
-            params["generation.step_size"]
-        ) <= 0.1
+        assert (
+            params["generation.steps"] == "3"
+            and 0.01 <= float(params["generation.step_size"]) <= 0.1
+        )
         files = {f.path for f in tracker.client.list_artifacts(run.info.run_id, "generation")}
         assert GRID_ARTIFACT in files, files
     study = optuna.load_study(study_name=None, storage=spec.optuna_storage)
