@@ -263,9 +263,15 @@ class Point:
 
 
 def pareto_points(
-    trials: Sequence[RunData], clean: str = "test/clean_acc", robust: str = "test/pgd_acc"
+    trials: Sequence[RunData],
+    clean: str = "test/clean_acc",
+    robust: str = "test/pgd_acc",
+    clean_mode: str = "max",
 ) -> list[Point]:
-    """Every trial with both metrics; ``pareto`` marks the non-dominated ones (both maximised)."""
+    """Every trial with both metrics; ``pareto`` marks the non-dominated ones (``robust``
+    maximised, ``clean`` as ``clean_mode`` says: ``min`` for a score such as ``gen/fid``
+    on that axis)."""
+    sign = -1.0 if clean_mode == "min" else 1.0
     points = [
         Point(r.trial_id, r.method, c, p)
         for r in trials
@@ -273,9 +279,9 @@ def pareto_points(
     ]
     for a in points:
         a.pareto = not any(
-            b.clean >= a.clean
+            sign * b.clean >= sign * a.clean
             and b.robust >= a.robust
-            and (b.clean > a.clean or b.robust > a.robust)
+            and (sign * b.clean > sign * a.clean or b.robust > a.robust)
             for b in points
         )
     return points

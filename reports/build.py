@@ -479,6 +479,57 @@ def pareto_section(ctx: Context) -> Section:
     return sec
 
 
+def quality_section(ctx: Context) -> Section | None:
+    """A study over training and generation: robust accuracy vs the FID of each trial's
+    samples, the Pareto front (max robust, min FID) and its trials' sample grids; None
+    (no section) for a study whose trials only train."""
+    if not any(r.metric("gen/fid") is not None for r in ctx.data.trials):
+        return None
+    sec = Section("quality", "Robustness vs sample quality")
+    robust = "test/pgd_acc"
+    points = analysis.pareto_points(ctx.data.trials, "gen/fid", robust, "min")
+    if not points:
+        robust = "val/pgd_acc"
+        points = analysis.pareto_points(ctx.data.trials, "gen/fid", robust, "min")
+    if not points:
+        sec.has_data, sec.empty = False, "no trial with an FID reported a PGD accuracy."
+        return sec
+    path, rel = ctx.figure("robust-vs-fid")
+    figures.pareto_figure(points, path, "gen/fid", robust, x_label="FID of its samples (gen/fid)")
+    frame = pd.DataFrame(
+        [{"trial": p.trial_id, "method": p.method, "gen/fid": p.clean, robust: p.robust,
+          "pareto": p.pareto} for p in points]
+    )  # fmt: skip
+    front = sorted((p for p in points if p.pareto), key=lambda p: p.clean)
+    rows = [
+        [Cell(p.trial_id), Cell(p.method), Cell(num(p.clean), p.clean),
+         Cell(num(p.robust), p.robust)]
+        for p in front
+    ]  # fmt: skip
+    sec.blocks += [
+        Image(rel, f"{robust} vs gen/fid of {len(points)} trials; Pareto points labelled"),
+        "Pareto-optimal trials (the most robust for their FID), by FID, with their samples:",
+        Table(
+            ["trial", "method", "gen/fid", robust], rows, "quality-table", ctx.csv(frame, "quality")
+        ),  # fmt: skip
+    ]
+    by_trial = {r.trial_id: r for r in ctx.data.trials}
+    for p in front:
+        run = by_trial[p.trial_id]
+        local = download(ctx.client, run.run_id, GRID_ARTIFACT, ctx.tmp / "quality" / run.run_id)
+        if local is None:
+            sec.blocks.append(f"trial {p.trial_id}: its run has no {GRID_ARTIFACT}.")
+            continue
+        path, rel = ctx.figure(f"samples-{p.trial_id}")
+        shutil.copyfile(local, path)
+        sec.blocks.append(
+            Image(
+                rel, f"samples of trial {p.trial_id} (FID {num(p.clean)}, {robust} {num(p.robust)})"
+            )  # fmt: skip
+        )
+    return sec
+
+
 def dynamics_section(ctx: Context) -> Section:
     """Per-epoch validation PGD accuracy, ΔE(x) (validation and training probe) and learning rate.
 
@@ -658,10 +709,11 @@ def generation_section(ctx: Context) -> Section:
     return sec
 
 
-SECTIONS: tuple[Callable[[Context], Section], ...] = (
+SECTIONS: tuple[Callable[[Context], Section | None], ...] = (
     header_section,
     leaderboard_section,
     pareto_section,
+    quality_section,
     dynamics_section,
     energy_section,
     importance_section,
@@ -697,7 +749,8 @@ def build_report(
         sections = []
         for builder in SECTIONS:
             try:
-                sections.append(builder(ctx))
+                if (section := builder(ctx)) is not None:  # None: not this kind of study
+                    sections.append(section)
             except ReportError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one broken section never hides the rest

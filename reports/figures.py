@@ -26,8 +26,11 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def pareto_figure(points: Sequence[Point], path: Path, clean: str, robust: str) -> Path:
-    """Clean vs robust accuracy of every trial; the Pareto front joined and labelled."""
+def pareto_figure(
+    points: Sequence[Point], path: Path, clean: str, robust: str, x_label: str | None = None
+) -> Path:
+    """Clean vs robust accuracy of every trial; the Pareto front joined and labelled
+    (``x_label``: another quantity on the x axis, e.g. FID)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     methods = sorted({p.method for p in points})
     colors = plt.cm.tab10(np.linspace(0, 1, 10))
@@ -45,7 +48,7 @@ def pareto_figure(points: Sequence[Point], path: Path, clean: str, robust: str) 
         ax.plot([p.clean for p in front], [p.robust for p in front], "k--", lw=1, label="Pareto")
         for p in front:
             ax.annotate(p.trial_id, (p.clean, p.robust), textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel(f"clean accuracy ({clean})")
+    ax.set_xlabel(x_label or f"clean accuracy ({clean})")
     ax.set_ylabel(f"robust accuracy ({robust})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -101,6 +101,8 @@ INIT_GRID_FILE = "init_vs_final.png"
 TRACE_FILE = "trace.npz"
 GEN_METRICS_FILE = "metrics.json"
 GRID_ARTIFACT = f"{GENERATION_DIR}/{GRID_FILE}"
+#: A sampling's files (in its run's ``generation/`` folder, or a trial's that sampled).
+GENERATION_FILES = (GRID_FILE, INIT_GRID_FILE, TRACE_FILE, GEN_METRICS_FILE)
 REPORT_ARTIFACT = "report"  #: ``study report``'s folder in the study's run
 REPORT_INDEX = "index.html"  #: the report's page (in the report's folder)
 REPORT_MARKDOWN = "index.md"

@@ -24,6 +24,15 @@ A space is a YAML mapping::
         when: {weight_fn: [softplus_t, exp]}  # exists only for these shapes
       normalize: {type: fixed, value: none}
 
+A training space may also sample images after each trial's training (one study
+over training and generation)::
+
+    generation:            # sampler settings (SamplerConfig keys); each trial samples
+      steps: 20            # with its best checkpoint once it ran every epoch
+      samples: 100
+    params:
+      generation.step_size: {type: float, low: 0.5, high: 2.0}   # searched sampler values
+
 Types: ``float`` (``low``, ``high``, optional ``log`` or ``step``), ``int``
 (``low``, ``high``, optional ``log`` or ``step``), ``categorical``
 (``choices``), ``fixed`` (``value``). ``when`` maps earlier parameters to the
@@ -64,7 +73,9 @@ _KEYS = {
     "categorical": {"choices"},
     "fixed": {"value"},
 }
-_TOP_KEYS = {"fixed", "params", "study", "description", "preset"}
+_TOP_KEYS = {"fixed", "params", "study", "description", "preset", "generation"}
+#: The head of a searched parameter of the sampler that runs after training.
+GENERATION_KEY = "generation"
 _PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 HERE = Path(__file__).resolve().parent
 
@@ -157,6 +168,9 @@ class SearchSpace:
         preset: name of the training preset every trial starts from (below the base
             config, ``fixed`` and the sampled values), or None; resolved by the study.
         preset_line: line of the ``preset`` key in its file (1-based), for messages.
+        generation: the sampler settings of a study over training and generation (its
+            ``generation:`` mapping; ``{}`` when only searched ``generation.*``
+            parameters ask for it), or None: the trials only train.
     """
 
     params: tuple[ParamSpec, ...]
@@ -165,6 +179,7 @@ class SearchSpace:
     source: str
     preset: str | None = None
     preset_line: int = field(default=0, compare=False)
+    generation: Mapping[str, Any] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -177,7 +192,7 @@ class SearchSpace:
         Args:
             allowed: valid top-level config keys; dotted names are checked by their head.
         """
-        allowed = set(allowed)
+        allowed = set(allowed) | ({GENERATION_KEY} if self.generation is not None else set())
         for p in self.params:
             if p.name.split(".", 1)[0] not in allowed:
                 raise SpaceError(
@@ -399,7 +414,19 @@ def parse_space(text: str, source: str = "<string>") -> SearchSpace:
             f"{source}:{preset_line}: preset = {_strip(preset)!r} must be the name of a "
             "training preset (e.g. cifar10-trades)"
         )
-    return SearchSpace(tuple(earlier.values()), fixed, study, source, preset, preset_line)
+    generation = data.get("generation")
+    if generation is not None:
+        generation = _strip(generation)
+        if not isinstance(generation, dict):
+            raise SpaceError(
+                f"{source}:{lines.get('generation', 1)}: 'generation' must be a mapping of "
+                "sampler settings"
+            )
+    elif any(name.split(".", 1)[0] == GENERATION_KEY for name in earlier):
+        generation = {}
+    return SearchSpace(
+        tuple(earlier.values()), fixed, study, source, preset, preset_line, generation
+    )
 
 
 def space_path(name_or_path: str | Path) -> Path:

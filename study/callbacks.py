@@ -30,6 +30,8 @@ from reports.vocabulary import (
     ENERGIES_FILE,
     ENERGY_HIST,
     FINAL_FILE,
+    GENERATION_DIR,
+    GENERATION_FILES,
     LAST_CHECKPOINT,
     METRICS_LOG,
     PARENT_TAG,
@@ -66,6 +68,8 @@ TRIAL_ARTIFACTS = (
     (CONFIG_FILE, None),
     (FINAL_FILE, None),
     (ENERGY_HIST, None),  # drawn on the worker (else here, from energies.npz)
+    # a study over training and generation: what the trial sampled after training
+    *((f"{GENERATION_DIR}/{name}", GENERATION_DIR) for name in GENERATION_FILES),
 )
 #: Metric points (and params, tags) a trial's run lacks because their ``log_batch`` still
 #: failed after the writer's retries: :meth:`study.tracking.LostWrites.describe`.
@@ -312,8 +316,12 @@ class MlflowCallback(Callback):
         run_id = self.tracker.create_run(name, tags)
         self._runs[trial_id] = run_id
         self._epochs[run_id] = set()
-        # the params go with the run's first metrics, in one log_batch
-        self.writer.buffer(self.tracker, run_id, [], params=flatten(full))
+        # the params go with the run's first metrics, in one log_batch; a trial that
+        # samples after training has its sampler's too (generation.*)
+        params = flatten(full)
+        if (sampler := self.spec.template.sampler(config)) is not None:
+            params |= flatten({"generation": sampler})
+        self.writer.buffer(self.tracker, run_id, [], params=params)
         self.tracker.log_text(run_id, yaml.safe_dump(full, sort_keys=False), CONFIG_FILE)
         self._config_logged.add(run_id)
         return run_id

@@ -370,6 +370,29 @@ def sample_and_score(
     return metrics
 
 
+def generate_after_training(
+    sampler: Mapping[str, Any], train_config: Mapping[str, Any], folder: Path
+) -> dict[str, float]:
+    """A trial of a study over training and generation, once it trained: sample from its
+    best checkpoint and score (:func:`sample_and_score`), in the trial's own process.
+
+    The files go to ``<folder>/generation/`` (``samples.png``, ``init_vs_final.png``,
+    ``trace.npz``, ``metrics.json``), so that the trial's last checkpoint carries them
+    to its MLflow run; the ``gen/*`` metrics join the trial's last result.
+
+    Args:
+        sampler: the trial's sampler settings (:meth:`TrialTemplate.sampler`).
+        train_config: the trial's training config (a :class:`TrainConfig` mapping).
+        folder: the trial's run folder (its ``checkpoints/best.pt`` is sampled from).
+    """
+    from trainables.generation import default_cache_dir
+
+    cfg = SamplerConfig.from_dict(dict(sampler))
+    load_plugin(cfg.extractor_plugin)
+    source = Source(folder / BEST_CHECKPOINT, dict(train_config), None, "")
+    return sample_and_score(cfg, source, folder / GENERATION_DIR, cache_dir=default_cache_dir())
+
+
 # --- MLflow ------------------------------------------------------------------------------------
 def log_sampling_run(
     tracker: Any,

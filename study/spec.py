@@ -37,8 +37,19 @@ SCHEDULERS = ("asha", "hyperband", "median", "none")
 SPEC_FILE = "study.yaml"
 
 
-def _trial_metric(metric: str) -> bool:
-    """Whether every trial reports ``metric`` (not ``final/*``: the finalists' only)."""
+#: What a trial of a study over training and generation reports once it has sampled
+#: (:func:`study.generate.sample_and_score`; ``gen/is``, ``gen/fid`` and ``gen/kid`` when
+#: the sampler scores).
+GEN_OBJECTIVES = ("gen/fid", "gen/is", "gen/kid", "gen/diversity")
+#: The dotted head of a trial's searched sampler values (``generation.step_size``).
+GEN_PREFIX = "generation."
+
+
+def _trial_metric(metric: str, generation: bool = False) -> bool:
+    """Whether every trial reports ``metric`` (not ``final/*``: the finalists' only;
+    ``gen/*`` when the trials also sample: ``generation``)."""
+    if generation and metric in GEN_OBJECTIVES:
+        return True
     return is_metric(metric) and not metric.startswith("final/")
 
 
@@ -57,18 +68,35 @@ class TrialTemplate:
             with the :data:`PATH_FIELDS` absolute.
         overrides: what wins over the sampled values: ``autoattack: false`` and the
             study's ``epochs`` when it sets one.
+        generation: the space's sampler settings when each trial also samples after
+            training (a :class:`~trainables.gen_config.SamplerConfig` mapping), else None.
     """
 
     values: dict[str, Any]
     overrides: dict[str, Any]
+    generation: dict[str, Any] | None = None
 
     def config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """One trial's validated config: the template < ``sampled`` < the overrides.
 
         Args:
-            sampled: the trial's Tune config (dotted keys address nested values).
+            sampled: the trial's Tune config (dotted keys address nested values; the
+                sampler's ``generation.*`` values are not the training's).
         """
-        return TrainConfig.from_dict({**_merge(self.values, nest(sampled)), **self.overrides})
+        training = {k: v for k, v in sampled.items() if not k.startswith(GEN_PREFIX)}
+        return TrainConfig.from_dict({**_merge(self.values, nest(training)), **self.overrides})
+
+    def sampler(self, sampled: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The sampler settings of one trial (the space's ``generation:`` < its sampled
+        ``generation.*`` values), or None when the trials only train.
+
+        Args:
+            sampled: the trial's Tune config.
+        """
+        if self.generation is None:
+            return None
+        chosen = {k[len(GEN_PREFIX) :]: v for k, v in sampled.items() if k.startswith(GEN_PREFIX)}
+        return {**self.generation, **chosen}
 
 
 @dataclass
@@ -293,7 +321,8 @@ class StudySpec(SearchSpec):
             if values.get(key):
                 values[key] = str(Path(values[key]).expanduser().resolve())
         epochs = {} if self.epochs is None else {"epochs": self.epochs}
-        return TrialTemplate(values, {**epochs, "autoattack": False})
+        generation = None if space.generation is None else dict(space.generation)
+        return TrialTemplate(values, {**epochs, "autoattack": False}, generation)
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
         """The validated training config of one trial: space preset < base < space
@@ -335,8 +364,9 @@ class StudySpec(SearchSpec):
                 f"'-', '_' or '.'), not this one ({self.name!r})"
             )
         space = self.load_space()
+        generation = space.generation is not None
         for metric in self.metrics:
-            if not _trial_metric(metric):
+            if not _trial_metric(metric, generation):
                 raise ConfigError(
                     f"metric {metric!r} is not one the trials report{_did_you_mean(metric)}; "
                     "objectives: "
@@ -352,21 +382,49 @@ class StudySpec(SearchSpec):
         # every categorical choice and both ends of every range must build a valid
         # config (bad base or fixed values, or a choice the config refuses, fail here)
         self.trial_config(space.sample_defaults())
+        if generation:
+            self._check_generation(space)
         for param, value, sampled in space.sample_each_value():
             try:
                 self.trial_config(sampled)
+                self._sampler_config(sampled)
             except ConfigError as exc:
                 raise ConfigError(
                     f"{space.source}:{param.line}: {param.name} = {value!r} does not give a "
                     f"valid training config: {exc}"
                 ) from None
 
+    def _sampler_config(self, sampled: Mapping[str, Any]) -> Any:
+        """One trial's validated sampler config (None when the trials only train)."""
+        settings = self.template.sampler(sampled)
+        if settings is None:
+            return None
+        from trainables.gen_config import SamplerConfig
+
+        return SamplerConfig.from_dict(settings)
+
+    def _check_generation(self, space: SearchSpace) -> None:
+        """A study over training and generation: valid sampler settings, and trials that
+        run in the Tune function (the ``direct`` backend: one CPU worker, no GPU), where
+        the sampling follows the training."""
+        try:
+            self._sampler_config(space.sample_defaults())
+        except ConfigError as exc:
+            raise ConfigError(f"{space.source}: generation: {exc}") from None
+        if self.backend == "train" or self.workers_per_trial > 1 or self.gpus_per_trial > 0:
+            raise ConfigError(
+                f"{space.source} samples after training (generation:): its trials run on "
+                "the direct backend (one CPU worker, no GPU); drop --backend train, "
+                "--workers-per-trial and --gpus-per-trial"
+            )
+
     def _check_constraints(self) -> None:
         """Each constraint parses and bounds a metric the trials report (not ``final/*``,
         which only the finalists get)."""
+        generation = self.load_space().generation is not None
         for constraint in self.constraint_list:
             metric = constraint.metric
-            if not _trial_metric(metric):
+            if not _trial_metric(metric, generation):
                 raise ConfigError(
                     f"constraint {constraint.text!r}: {metric!r} is not a metric the trials "
                     f"report{_did_you_mean(metric)}"

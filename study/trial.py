@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,13 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
     cfg = template.config(config)
     trial_id = tune.get_context().get_trial_id()
     if not uses_train_backend(spec):
-        train_in_trial(cfg, trial_id, spec.cpus_per_worker)
+        sampler = template.sampler(config)  # a study over training and generation
+        finish = None
+        if sampler is not None:
+            from study.generate import generate_after_training
+
+            finish = partial(generate_after_training, sampler, cfg.to_dict())
+        train_in_trial(cfg, trial_id, spec.cpus_per_worker, finish=finish)
         return
 
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig

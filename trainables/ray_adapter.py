@@ -202,15 +202,22 @@ class RayReporter:
         epochs: the run's epoch count (the last epoch waits for the test metrics).
         folder: the run's folder whose snapshot each report with a checkpoint carries
             (None: this worker sends no checkpoint, a DDP rank other than 0).
+        finish: run on ``folder`` before the last report (see :func:`train_in_trial`).
     """
 
     def __init__(
-        self, report: Callable[..., None], checkpoint_cls: Any, epochs: int, folder: Path | None
+        self,
+        report: Callable[..., None],
+        checkpoint_cls: Any,
+        epochs: int,
+        folder: Path | None,
+        finish: Callable[[Path], dict[str, float]] | None = None,
     ) -> None:
         self._report = report
         self._checkpoint_cls = checkpoint_cls
         self._epochs = epochs
         self._folder = folder
+        self._finish = finish
         self._held: tuple[int, dict[str, float], Path | None] | None = None
 
     def send(self, metrics: dict[str, Any], with_files: bool) -> None:
@@ -229,6 +236,8 @@ class RayReporter:
 
     def final(self, metrics: dict[str, float], artifacts: dict[str, Path]) -> None:
         epoch, last, checkpoint = self._held or (self._epochs, {}, None)
+        if self._finish is not None and self._folder is not None:
+            metrics = {**metrics, **self._finish(self._folder)}
         self.send({"epoch": epoch, **last, **metrics}, checkpoint is not None or bool(artifacts))
 
 
@@ -357,17 +366,26 @@ def train_worker(config: dict[str, Any]) -> None:
     _train(cfg, label, cpus, ray.train, Checkpoint, rank=rank, world=world, wrap=wrap, start=start)
 
 
-def train_in_trial(cfg: TrainConfig, label: str, cpus_per_worker: float) -> None:
+def train_in_trial(
+    cfg: TrainConfig,
+    label: str,
+    cpus_per_worker: float,
+    finish: Callable[[Path], dict[str, float]] | None = None,
+) -> None:
     """Run the loop directly in the Tune function (single CPU worker fast path).
 
     Args:
         cfg: the trial's training config.
         label: the trial id (names the node-local scratch folder).
         cpus_per_worker: CPUs the trial holds; torch threads are set to it.
+        finish: run on the run's folder once training and the test evaluation ended,
+            before the last report; its metrics join that report and the files it
+            writes into the folder go with its checkpoint (a study over training and
+            generation samples here: :func:`study.generate.generate_after_training`).
     """
     from ray import tune
 
-    _train(cfg, label, cpus_per_worker, tune, tune.Checkpoint, final_lookup=True)
+    _train(cfg, label, cpus_per_worker, tune, tune.Checkpoint, final_lookup=True, finish=finish)
 
 
 def _train(
@@ -382,6 +400,7 @@ def _train(
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     start: Path | None = None,
     final_lookup: bool = False,
+    finish: Callable[[Path], dict[str, float]] | None = None,
 ) -> None:
     """Train through ``ray.train`` or ``ray.tune`` (``ray_api``: its ``report`` and
     ``get_checkpoint``) in a node-local scratch folder removed at the end; a run whose
@@ -391,6 +410,7 @@ def _train(
         label: names the scratch folder (the trial id, and the rank).
         final_lookup: also look for a finished run's checkpoint in the Tune trial's
             storage (:func:`stored_final_checkpoint`) when Ray hands an older one.
+        finish: see :func:`train_in_trial` (rank 0 only).
     """
     torch.set_num_threads(max(1, int(cpus)))
     out = scratch_folder(label)
@@ -407,7 +427,11 @@ def _train(
             again.send(done, with_files=rank == 0)
             return
         reporter = RayReporter(
-            ray_api.report, checkpoint_cls, cfg.epochs, out if rank == 0 else None
+            ray_api.report,
+            checkpoint_cls,
+            cfg.epochs,
+            out if rank == 0 else None,
+            finish=finish if rank == 0 else None,
         )
         if resume is None and start is not None:  # continue another run, its best.pt beside
             resume = start / LEGACY_CHECKPOINT_FILE
