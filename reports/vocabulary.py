@@ -20,6 +20,8 @@ from trainables.files import (  # noqa: F401  (a trial's files, re-exported)
     CONFIG_FILE,
     ENERGIES_FILE,
     FINAL_FILE,
+    GEN_METRICS_FILE,
+    GENERATION_DIR,
     LAST_CHECKPOINT,
     METRICS_LOG,
 )
@@ -95,11 +97,9 @@ FINAL_ARTIFACT = "final_eval.npz"  #: a finalist's per point outcomes
 SPEC_DIR = "spec"  #: the parent run's spec, space file and command
 SPEC_ARTIFACT = "spec/study.yaml"
 COMMAND_ARTIFACT = "spec/command.txt"
-GENERATION_DIR = "generation"  #: a sampling run's files
 GRID_FILE = "samples.png"
 INIT_GRID_FILE = "init_vs_final.png"
 TRACE_FILE = "trace.npz"
-GEN_METRICS_FILE = "metrics.json"
 GRID_ARTIFACT = f"{GENERATION_DIR}/{GRID_FILE}"
 #: A sampling's files (in its run's ``generation/`` folder, or a trial's that sampled).
 GENERATION_FILES = (GRID_FILE, INIT_GRID_FILE, TRACE_FILE, GEN_METRICS_FILE)

@@ -114,3 +114,31 @@ def test_each_trial_trains_samples_and_scores_in_one_run(tmp_path, ray_cluster) 
     for tid in fids:
         shown = (tmp_path / "report" / "figures" / f"samples-{tid}.png").is_file()
         assert shown == any(tid in line for line in front)
+
+
+def test_a_trial_that_already_sampled_reports_its_scores_again(tmp_path) -> None:
+    """A finished trial started again by ``study resume`` is not trained again: its last
+    result comes back from its files, the sampler's scores included (else Optuna would
+    be told a trial without its FID)."""
+    import json
+
+    from trainables.files import (
+        CONFIG_FILE,
+        FINAL_FILE,
+        GEN_METRICS_FILE,
+        GENERATION_DIR,
+        METRICS_LOG,
+    )
+    from trainables.ray_adapter import finished_run
+
+    spec = make_spec(tmp_path, "f", epochs=1)
+    cfg = spec.trial_config(spec.load_space().sample_defaults())
+    out = tmp_path / "run"
+    (out / GENERATION_DIR).mkdir(parents=True)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict()))
+    (out / METRICS_LOG).write_text(json.dumps({"epoch": 1, "val/pgd_acc": 0.5}) + "\n")
+    (out / FINAL_FILE).write_text(json.dumps({"metrics": {"test/pgd_acc": 0.4}}))
+    assert "gen/fid" not in finished_run(out, cfg)
+    (out / GENERATION_DIR / GEN_METRICS_FILE).write_text(json.dumps({"gen/fid": 12.5}))
+    assert finished_run(out, cfg) == {"epoch": 1, "val/pgd_acc": 0.5, "test/pgd_acc": 0.4,
+                                      "gen/fid": 12.5}  # fmt: skip

@@ -13,6 +13,10 @@ LAST_CHECKPOINT = f"{CHECKPOINT_DIR}/last.pt"  #: the last epoch's full state (r
 ENERGIES_FILE = "energies.npz"  #: per test point energies, natural and adversarial
 METRICS_LOG = "metrics.jsonl"  #: one line of metrics per epoch
 FINAL_FILE = "final.json"  #: the test metrics, written once after the last epoch
+#: A trial that samples after training (a study over training and generation): the
+#: folder of its sampling's files and the scores file in it.
+GENERATION_DIR = "generation"
+GEN_METRICS_FILE = "metrics.json"
 
 #: What a run that trained all its epochs leaves (its final Ray checkpoint carries them).
 FINISHED_RUN_FILES = (

@@ -42,7 +42,15 @@ import torch
 
 from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig
-from trainables.files import CHECKPOINT_DIR, CONFIG_FILE, FINAL_FILE, LAST_CHECKPOINT, METRICS_LOG
+from trainables.files import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    FINAL_FILE,
+    GEN_METRICS_FILE,
+    GENERATION_DIR,
+    LAST_CHECKPOINT,
+    METRICS_LOG,
+)
 from trainables.loop import train
 from trainables.reporting import (
     EnergyHistogramReporter,
@@ -285,7 +293,12 @@ def finished_run(out: Path, cfg: TrainConfig) -> dict[str, float] | None:
         return None
     if not epochs or int(epochs[-1].get("epoch", 0)) != cfg.epochs or not test:
         return None
-    return {**epochs[-1], **test}
+    sampled = out / GENERATION_DIR / GEN_METRICS_FILE  # it also sampled: its scores
+    try:
+        scores = json.loads(sampled.read_text()) if sampled.is_file() else {}
+    except (OSError, ValueError):
+        scores = {}
+    return {**epochs[-1], **test, **scores}
 
 
 def stored_final_checkpoint(checkpoint_cls: Any) -> Any | None:
