@@ -56,7 +56,7 @@ from reports.vocabulary import (
     TAG_TRIAL,
 )
 from study.callbacks import MlflowCallback
-from study.spec import StudySpec
+from study.spec import GEN_PREFIX, StudySpec
 from study.tracking import MlflowTracker, flatten
 from trainables.errors import ConfigError, UserError
 
@@ -122,8 +122,11 @@ def source_config(
     keys = [k for k in run.data.tags.get(TAG_SEARCHED, "").split(",") if k and k != "seed"]
     if not keys:
         raise UserError(f"trial {trial} (run {run_id}) has no {TAG_SEARCHED} tag to re-train")
-    try:
-        config = {k: lookup(full, k) for k in keys}
+    try:  # a sampler value (a study over training and generation) is a param of the run
+        config = {
+            k: yaml.safe_load(run.data.params[k]) if k.startswith(GEN_PREFIX) else lookup(full, k)
+            for k in keys
+        }
     except KeyError as missing:
         raise UserError(f"trial {trial}'s {CONFIG_FILE} lacks {missing.args[0]!r}") from None
     return config, full
