@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -169,8 +170,15 @@ def _tracking(uri: str) -> Iterator[None]:
     URI from the process's global setting: this one for the block, the earlier after."""
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(uri):
-        yield
+    # MLflow puts the earlier URI back on exit, and drops MLFLOW_TRACKING_URI from the
+    # environment when the earlier one came from there: the variable is restored too
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _registered_model(client: Any, name: str) -> None:
@@ -412,6 +420,30 @@ def register_candidate(candidate: Candidate) -> Registered:
 
 
 # --- study train --register -----------------------------------------------------------------
+#: Training-config params whose values must agree for two final runs' test scores to be
+#: compared: the data, the threat model and the test evaluation.
+COMPARABLE_PARAMS = ("dataset", "eps", "eval_steps", "eval_step_size", "test_subset")
+
+
+def _not_comparable(
+    champion_tags: Mapping[str, str], old_run: Any, metric: str, mode: str, new_run: Any
+) -> list[str]:
+    """Why the champion's score and a new final run's cannot be compared (empty: they
+    can): another judged metric or mode on the champion's version, or another dataset,
+    ε or test evaluation in the two runs' params."""
+    why = []
+    judged = champion_tags.get(TAG_OBJECTIVE)
+    if judged and judged != metric:
+        why.append(f"on {judged}, not {metric}")
+    if (held := champion_tags.get(TAG_OBJECTIVE_MODE)) and held != mode:
+        why.append(f"mode {held}, not {mode}")
+    if old_run is not None:
+        old, new = old_run.data.params, new_run.data.params
+        why += [f"{k} {old.get(k)} vs {new.get(k)}" for k in COMPARABLE_PARAMS
+                if old.get(k) != new.get(k)]  # fmt: skip
+    return why
+
+
 def register_final(
     tracker: MlflowTracker,
     run_id: str,
@@ -457,8 +489,14 @@ def register_final(
     else:
         old_run = tracker.get_run(champion.run_id) if champion.run_id else None
         old = float(old_run.data.metrics.get(metric, math.nan)) if old_run else math.nan
-        wins = beats(value, old, mode)
-        if not math.isfinite(old):
+        differ = _not_comparable(champion.tags, old_run, metric, mode, run)
+        wins = beats(value, old, mode) and not differ
+        if differ:
+            reason = (
+                f"{ALIAS_CHAMPION} version {champion.version} was judged otherwise "
+                f"({'; '.join(differ)}): the two are not compared"
+            )
+        elif not math.isfinite(old):
             reason = f"{ALIAS_CHAMPION} version {champion.version} has no {metric} to compare"
         elif not math.isfinite(value):
             reason = f"the run has no {metric}"

@@ -124,7 +124,7 @@ def source_config(
         raise UserError(f"trial {trial} (run {run_id}) has no {TAG_SEARCHED} tag to re-train")
     try:  # a sampler value (a study over training and generation) is a param of the run
         config = {
-            k: yaml.safe_load(run.data.params[k]) if k.startswith(GEN_PREFIX) else lookup(full, k)
+            k: _typed(run.data.params[k]) if k.startswith(GEN_PREFIX) else lookup(full, k)
             for k in keys
         }
     except KeyError as missing:
@@ -132,7 +132,24 @@ def source_config(
     return config, full
 
 
-def config_drift(spec: StudySpec, config: Mapping[str, Any], full: Mapping[str, Any]) -> list[str]:
+def _typed(text: str) -> Any:
+    """A logged param's value: YAML's reading, and a number YAML leaves a string
+    (``1e-05``) as a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def config_drift(
+    spec: StudySpec,
+    config: Mapping[str, Any],
+    full: Mapping[str, Any],
+    params: Mapping[str, str] | None = None,
+) -> list[str]:
     """The training-config keys (dotted) whose value the study would give ``config`` now
     and the source trial's ``config.yaml`` differ on, ``seed`` and the data paths apart
     (a study may be replicated from another folder): a changed space, base config or
@@ -146,7 +163,14 @@ def config_drift(spec: StudySpec, config: Mapping[str, Any], full: Mapping[str, 
     now = flatten(spec.trial_config(config).to_dict())
     then = flatten(dict(full))
     skip = {"seed", *PATH_FIELDS}
-    return sorted(k for k in set(now) | set(then) if k not in skip and now.get(k) != then.get(k))
+    drift = {k for k in set(now) | set(then) if k not in skip and now.get(k) != then.get(k)}
+    sampler = spec.template.sampler(config)
+    if sampler is not None and params is not None:  # the sampler's, as the run logged them
+        now = flatten({"generation": sampler})
+        then = {k: v for k, v in params.items() if k.startswith(GEN_PREFIX)}
+        moved = {f"{GEN_PREFIX}extractor_plugin", f"{GEN_PREFIX}inception_weights"}  # paths
+        drift |= {k for k in (set(now) | set(then)) - moved if now.get(k) != then.get(k)}
+    return sorted(drift)
 
 
 def check_counts(top: int, seeds: int, first_seed: int | None) -> None:
@@ -225,7 +249,7 @@ def plan(
         for run in sources:
             trial = run.data.tags.get(TAG_TRIAL, run.info.run_id)
             config, full = source_config(tracker, run, Path(tmp))
-            if drift := config_drift(spec, config, full):
+            if drift := config_drift(spec, config, full, run.data.params):
                 raise UserError(
                     f"study {spec.name!r} would not train trial {trial}'s configuration again: "
                     f"{', '.join(drift[:6])} differ from the trial's {CONFIG_FILE} (the space, "

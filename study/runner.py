@@ -42,6 +42,7 @@ from study.tracking import MlflowTracker, flatten
 from study.trial import uses_train_backend
 from study.ui import describe_study, name_optuna_study
 from trainables.files import FINISHED_RUN_FILES, STOPPED_RUN_FILES
+from trainables.metrics import is_epoch_metric
 
 #: Ray Train V2 polls its workers this often (seconds); its default of 2 s adds
 #: several seconds to every TorchTrainer start and finish.
@@ -437,6 +438,11 @@ def study_tuner(
 
     trainable = tune.with_parameters(run_trial, spec=spec, template=spec.template)
     scheduler = make_scheduler(spec)
+    if not all(is_epoch_metric(m) for m in spec.metrics):
+        # an objective reported once, with the last epoch (test/*, gen/*): Tune's check
+        # that every result carries the searcher's metrics would stop the study at the
+        # first epoch; the spec has checked the names (StudySpec.validate)
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     callbacks = [
         MlflowCallback(spec, parent_run_id),
         ProgressCallback(spec.metrics, spec.trials),

@@ -322,6 +322,10 @@ class StudySpec(SearchSpec):
                 values[key] = str(Path(values[key]).expanduser().resolve())
         epochs = {} if self.epochs is None else {"epochs": self.epochs}
         generation = None if space.generation is None else dict(space.generation)
+        for key in ("extractor_plugin", "inception_weights"):  # trials run elsewhere
+            path = (generation or {}).get(key)
+            if path and (key == "inception_weights" or str(path).endswith(".py")):
+                generation[key] = str(Path(path).expanduser().resolve())
         return TrialTemplate(values, {**epochs, "autoattack": False}, generation)
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrainConfig:
@@ -408,9 +412,23 @@ class StudySpec(SearchSpec):
         run in the Tune function (the ``direct`` backend: one CPU worker, no GPU), where
         the sampling follows the training."""
         try:
-            self._sampler_config(space.sample_defaults())
+            cfg = self._sampler_config(space.sample_defaults())
         except ConfigError as exc:
             raise ConfigError(f"{space.source}: generation: {exc}") from None
+        scores = [m for m in (*self.metrics, *(c.metric for c in self.constraint_list))
+                  if m in GEN_OBJECTIVES and m != "gen/diversity"]  # fmt: skip
+        if scores and not cfg.score:
+            raise ConfigError(
+                f"{', '.join(scores)}: {space.source} samples without scores "
+                "(generation: score: false); score, or choose other objectives"
+            )
+        # the extractor's files, before any trial trains (trials only find them then)
+        from study.generate import load_plugin
+        from trainables.scores import INCEPTION, inception_weights
+
+        load_plugin(cfg.extractor_plugin)
+        if cfg.score and cfg.feature_extractor == INCEPTION:
+            inception_weights(cfg.inception_weights)
         if self.backend == "train" or self.workers_per_trial > 1 or self.gpus_per_trial > 0:
             raise ConfigError(
                 f"{space.source} samples after training (generation:): its trials run on "

@@ -66,10 +66,32 @@ def test_bad_sampler_settings_are_refused_naming_the_space(tmp_path) -> None:
     spec = make_spec(tmp_path, "j", space=str(joint_space(tmp_path, steps=-1)), scheduler="none")
     with pytest.raises(ConfigError, match="joint.yaml: generation: .*steps"):
         spec.validate()
+    unscored = joint_space(tmp_path, score=False)
+    spec = make_spec(tmp_path, "j", space=str(unscored), scheduler="none", metrics=["gen/fid"])
+    with pytest.raises(ConfigError, match="gen/fid: .* samples without scores"):
+        spec.validate()
+
+
+def test_the_extractor_plugin_is_found_before_any_trial_trains(tmp_path, monkeypatch) -> None:
+    """A relative plugin path is made absolute on the driver (trials run in folders of
+    their own); a plugin that is not there stops the study before it starts."""
+    from trainables.errors import UserError
+
+    local = tmp_path / "standin_extractor.py"
+    local.write_text(Path(PLUGIN).read_text())
+    monkeypatch.chdir(tmp_path)
+    spec = make_spec(tmp_path, "j", space=str(joint_space(tmp_path, extractor_plugin=local.name)),
+                     scheduler="none")  # fmt: skip
+    spec.validate()
+    assert spec.template.generation["extractor_plugin"] == str(local)
+    gone = joint_space(tmp_path, extractor_plugin=str(tmp_path / "gone.py"))
+    with pytest.raises(UserError, match="gone.py"):
+        make_spec(tmp_path, "k", space=str(gone), scheduler="none").validate()
 
 
 def test_each_trial_trains_samples_and_scores_in_one_run(tmp_path, ray_cluster) -> None:
-    """Two trials of a multi-objective study (val/pgd_acc max, gen/fid min): each child
+    """Two trials of two epochs of a multi-objective study (val/pgd_acc max, gen/fid min;
+    gen/fid comes with the last result only, which Tune must accept): each child
     run holds its training, its sampler's parameters, gen/* scores and sample grids;
     Optuna has both values of each trial; the report's robustness-vs-FID section shows
     the front's trials with their samples."""
@@ -82,7 +104,7 @@ def test_each_trial_trains_samples_and_scores_in_one_run(tmp_path, ray_cluster) 
     from study.tracking import MlflowTracker
 
     spec = make_spec(
-        tmp_path, "joint", space=str(joint_space(tmp_path)), trials=2, epochs=1,
+        tmp_path, "joint", space=str(joint_space(tmp_path)), trials=2, epochs=2,
         metrics=["val/pgd_acc", "gen/fid"], modes=["max", "min"], scheduler="none",
         max_concurrent=1, optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}",
     )  # fmt: skip

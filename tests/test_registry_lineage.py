@@ -266,3 +266,34 @@ def test_a_final_training_on_ray_train_records_its_source_and_registers(tmp_path
     assert champion.tags[TAG_OBJECTIVE] == "test/pgd_acc"
     assert champion.tags[TAG_SOURCE_STUDY] == "elsewhere"
     assert "as champion: no earlier champion" in printed
+
+
+def test_a_champion_judged_otherwise_is_not_compared() -> None:
+    """Another judged metric or mode on the champion's version, or another dataset or ε
+    in its run, makes the two scores incomparable; equal settings do not."""
+    from types import SimpleNamespace
+
+    from study.registry import _not_comparable
+
+    def run(**params: str) -> SimpleNamespace:
+        base = {"dataset": "digits", "eps": "0.1", "eval_steps": "20",
+                "eval_step_size": "0.01", "test_subset": "None"}  # fmt: skip
+        return SimpleNamespace(data=SimpleNamespace(params={**base, **params}))
+
+    tags = {"energy_study.objective": "test/pgd_acc", "energy_study.objective_mode": "max"}
+    assert _not_comparable(tags, run(), "test/pgd_acc", "max", run()) == []
+    assert _not_comparable(tags, run(), "test/clean_acc", "max", run()) == [
+        "on test/pgd_acc, not test/clean_acc"
+    ]
+    assert _not_comparable(tags, run(), "test/pgd_acc", "max", run(eps="0.2")) == ["eps 0.1 vs 0.2"]
+
+
+def test_the_tracking_uri_of_the_environment_survives_a_registration(monkeypatch) -> None:
+    import os
+
+    from study.registry import _tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/env-store.db")
+    with _tracking("sqlite:////tmp/other-store.db"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/env-store.db"
