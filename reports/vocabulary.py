@@ -45,6 +45,11 @@ TAG_CONSTRAINT_OK = "energy_study.constraint_ok"
 TAG_CONSTRAINTS = "energy_study.constraints"  #: how a trial fared on each constraint
 TAG_WARM_START = "energy_study.warm_start"  #: on a parent run: the study it was seeded from
 TAG_WARM_START_TRIALS = "energy_study.warm_start_trials"  #: how many trials were seeded
+#: the epoch on whose result the ΔE stopper (``--stop-on-energy-divergence``) stopped a trial
+TAG_STOP_EPOCH = "energy_study.stop_epoch"
+TAG_STOP_REASON = "energy_study.stop_reason"  #: why the ΔE stopper stopped it (peak, fall)
+#: the epoch of the ``best.pt`` a ΔE-stopped trial keeps (before the fall; empty: none)
+TAG_KEPT_EPOCH = "energy_study.kept_epoch"
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI
