@@ -173,7 +173,8 @@ def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp
     rule = DivergenceRule(window=2, threshold=0.2, min_epoch=3, min_drop=0.05)
     argv = ["run", "--space", "smoke", "--name", "de-stop", "--storage", str(tmp_path / "s"),
             "--tracking-uri", tracking, "--trials", "2", "--epochs", "5", "--max-concurrent", "2",
-            "--finalists", "0", "--stop-on-energy-divergence",
+            "--finalists", "0", "--set", "train_subset=400", "--set", "val_subset=128",
+            "--set", "probe_n=128", "--set", "test_subset=100", "--stop-on-energy-divergence",
             "--divergence-window", str(rule.window),
             "--divergence-threshold", str(rule.threshold),
             "--divergence-min-epoch", str(rule.min_epoch),
