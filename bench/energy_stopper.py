@@ -158,6 +158,41 @@ def run_one(seed: int, epochs: int, threads: int, data_root: str) -> list[dict[s
     return curve.rows
 
 
+def table(result: dict[str, Any]) -> str:
+    """The README's table (Markdown) from a results JSON's content: one row per run and
+    rule setting, then the means per rule setting."""
+    head = (
+        "| seed | rule | stop epoch (peak) | peak test PGD epoch | kept epoch | test PGD: kept "
+        "| last epoch | best val PGD (epoch) | epochs saved | seconds saved |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines, by_rule = [], {}
+    for run in result["runs"]:
+        for name, r in run["by_rule"].items():
+            by_rule.setdefault(name, []).append(r)
+            stop = "–" if r["stop_epoch"] is None else f"{r['stop_epoch']} ({r['peak_epoch']})"
+            lines.append(
+                f"| {run['seed']} | {name} | {stop} | {r['peak_test_epoch']} "
+                f"({r['peak_test_pgd']:.3f}) | {r['kept_epoch']} | {r['kept_test_pgd']:.3f} "
+                f"| {r['last_test_pgd']:.3f} | {r['best_val_test_pgd']:.3f} "
+                f"({r['best_val_epoch']}) | {r['epochs_saved']}/{r['epochs']} "
+                f"| {r['saved_s']:.0f} of {r['total_s']:.0f} |"
+            )
+    for name, rows in by_rule.items():
+        n = len(rows)
+
+        def mean(key: str, rows: list[dict[str, Any]] = rows, n: int = n) -> float:
+            return sum(r[key] for r in rows) / n
+
+        lines.append(
+            f"| mean of {n} | {name} | | | | {mean('kept_test_pgd'):.3f} "
+            f"| {mean('last_test_pgd'):.3f} | {mean('best_val_test_pgd'):.3f} "
+            f"| {mean('epochs_saved') / mean('epochs'):.0%} "
+            f"| {mean('saved_s') / mean('total_s'):.0%} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.energy_stopper", description=__doc__)
     parser.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated")
@@ -165,7 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--data", default=str(CIFAR_JPEG), help="the CIFAR-10 JPEG folder")
     parser.add_argument("--out", help="results JSON (default: bench/results/<date>-…)")
+    parser.add_argument("--table-from", metavar="FILE", help="print the table of a results "
+                        "JSON; runs nothing")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.table_from:
+        print(table(json.loads(Path(args.table_from).read_text())), end="")
+        return 0
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(
         args.out
@@ -200,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1) + "\n")  # after every run
         for name, row in run["by_rule"].items():
             print(f"  {name}: {row}", flush=True)
+    print(table(result), end="")
     print(f"results in {out}")
     return 0
 
