@@ -160,6 +160,50 @@ def test_checkpoints_kept_cover_the_window() -> None:
     assert checkpoints_to_keep(spec) == 5
 
 
+def _checkpoint(folder: Path, deltas: list[float], best_epoch: int | None) -> Path:
+    """A trial checkpoint folder as Tune stores it: ``metrics.jsonl`` with one row per
+    epoch of ``deltas`` and, unless ``best_epoch`` is None, ``checkpoints/best.pt``."""
+    import json
+
+    from trainables.checkpoint import save_checkpoint
+    from trainables.files import METRICS_LOG
+
+    folder.mkdir(parents=True)
+    rows = [{"epoch": e, DELTA_ENERGY: v} for e, v in enumerate(deltas, start=1)]
+    (folder / METRICS_LOG).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if best_epoch is not None:
+        save_checkpoint(folder / BEST_CHECKPOINT, {"model": {}, "epoch": best_epoch})
+    return folder
+
+
+def test_energy_stop_keeps_the_best_pt_of_the_peaks_checkpoint(tmp_path) -> None:
+    from study.stopper import energy_stop
+
+    spec = StudySpec(name="k", space="smoke", storage=str(tmp_path), divergence_window=2)
+    spec.stop_on_energy_divergence = True
+    spec.divergence_min_epoch = 2
+    deltas = [-1.0, -1.05, -1.02, -1.9]  # the fall at epoch 4, from the peak at epoch 3
+    trial = tmp_path / "k" / "tune" / "run_trial_abcde_00000_0_x"
+    _checkpoint(trial / "checkpoint_000002", deltas[:3], best_epoch=2)
+    last = _checkpoint(trial / "checkpoint_000003", deltas, best_epoch=4)
+    stop = energy_stop(spec, "abcde_00000", last, tmp_path / "kept")
+    assert (stop.found.epoch, stop.found.peak_epoch, stop.kept_epoch) == (4, 3, 2)
+    assert torch.load(stop.best, weights_only=True)["epoch"] == 2  # not the last one's 4
+    # a trial the rule did not stop (its last epoch is no onset): nothing
+    calm = _checkpoint(tmp_path / "calm", deltas[:3], best_epoch=2)
+    assert energy_stop(spec, "abcde_00000", calm, tmp_path / "kept") is None
+    # the peak's checkpoint is gone: said, and no best.pt from the fall instead
+    (trial / "checkpoint_000002" / "metrics.jsonl").unlink()
+    lost = energy_stop(spec, "abcde_00000", last, tmp_path / "kept")
+    assert lost.best is None and "epoch 3" in lost.error
+    # no epoch up to the peak was eligible for best.pt: none kept
+    other = tmp_path / "k" / "tune" / "run_trial_fghij_00001_1_x"
+    _checkpoint(other / "checkpoint_000002", deltas[:3], best_epoch=None)
+    last = _checkpoint(other / "checkpoint_000003", deltas, best_epoch=4)
+    none = energy_stop(spec, "fghij_00001", last, tmp_path / "kept")
+    assert none.best is None and none.kept_epoch is None and none.error is None
+
+
 # --- a real study ----------------------------------------------------------------------
 
 
