@@ -153,6 +153,20 @@ def test_the_spec_refuses_bad_stopper_settings_before_ray_starts(tmp_path, capsy
     assert not (tmp_path / "s").exists()  # nothing was created
 
 
+def test_the_stopper_and_its_callback_stay_one_object_in_a_saved_run_config() -> None:
+    """``study resume``: Tune pickles the Tuner's RunConfig as one object, so the stopper
+    (``stop``) and the callback that carries its saved history are still one."""
+    import pickle
+
+    from ray import tune
+
+    stopper = EnergyDivergenceStopper(DivergenceRule())
+    stopper("t1", {"epoch": 1, DELTA_ENERGY: -0.5})
+    config = pickle.loads(pickle.dumps(tune.RunConfig(stop=stopper, callbacks=[stopper])))
+    assert config.stop is config.callbacks[0]
+    assert config.stop.history == {"t1": {1: -0.5}}
+
+
 def test_checkpoints_kept_cover_the_window() -> None:
     spec = StudySpec(name="k", space="smoke", divergence_window=4)
     assert checkpoints_to_keep(spec) == 2
@@ -217,7 +231,8 @@ def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp
     rule = DivergenceRule(window=2, threshold=0.2, min_epoch=3, min_drop=0.05)
     argv = ["run", "--space", "smoke", "--name", "de-stop", "--storage", str(tmp_path / "s"),
             "--tracking-uri", tracking, "--trials", "2", "--epochs", "5", "--max-concurrent", "2",
-            "--finalists", "0", "--set", "train_subset=400", "--set", "val_subset=128",
+            "--finalists", "0", "--scheduler", "asha", "--grace-period", "2",
+            "--set", "train_subset=400", "--set", "val_subset=128",
             "--set", "probe_n=128", "--set", "test_subset=100", "--stop-on-energy-divergence",
             "--divergence-window", str(rule.window),
             "--divergence-threshold", str(rule.threshold),
