@@ -62,6 +62,11 @@ TAG_MODEL_RUN = "energy_study.model_run"
 TAG_OBJECTIVE = "energy_study.objective"
 TAG_OBJECTIVE_MODE = "energy_study.objective_mode"
 TAG_OBJECTIVE_VALUE = "energy_study.objective_value"
+#: the epoch on whose result the ΔE stopper (``--stop-on-energy-divergence``) stopped a trial
+TAG_STOP_EPOCH = "energy_study.stop_epoch"
+TAG_STOP_REASON = "energy_study.stop_reason"  #: why the ΔE stopper stopped it (peak, fall)
+#: the epoch of the ``best.pt`` a ΔE-stopped trial keeps (before the fall; empty: none)
+TAG_KEPT_EPOCH = "energy_study.kept_epoch"
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI

@@ -52,6 +52,8 @@ from reports.vocabulary import (
 )
 from study.credentials import redact
 from study.spec import StudySpec
+from study.stopper import energy_stop
+from study.stopper import stop_tags as energy_stop_tags
 from study.tracking import BackgroundWriter, LostWrites, MlflowTracker, flatten
 from study.trial import checkpoint_files, trial_checkpoint
 from study.ui import energy_histogram, searched_values, trial_run_name
@@ -393,8 +395,9 @@ class MlflowCallback(Callback):
         if trial_id in self._complete:
             return
         done = self.spec.ran_full_budget(config, last)
-        missing = self._upload_files(run_id, trial_id, checkpoint, last, done)
-        tags = {TAG_EARLY: str(not done).lower(), **constraint_tags(self.spec, last)}
+        stop_tags: dict[str, str] = {}
+        missing = self._upload_files(run_id, trial_id, checkpoint, last, done, stop_tags)
+        tags = {TAG_EARLY: str(not done).lower(), **constraint_tags(self.spec, last), **stop_tags}
         if missing:
             tags[TAG_ARTIFACT_ERROR] = "; ".join(f"{k}: {v}" for k, v in missing.items())
             print(
@@ -406,10 +409,20 @@ class MlflowCallback(Callback):
         self.tracker.end_run(run_id, "FINISHED")
 
     def _upload_files(
-        self, run_id: str, trial_id: str, checkpoint: Any, last: dict[str, Any], done: bool
+        self,
+        run_id: str,
+        trial_id: str,
+        checkpoint: Any,
+        last: dict[str, Any],
+        done: bool,
+        stop_tags: dict[str, str] | None = None,
     ) -> dict[str, str]:
         """Log the files of the trial's last checkpoint (in storage) into its run;
-        returns ``{file: reason}`` for each file it must have and could not log."""
+        returns ``{file: reason}`` for each file it must have and could not log.
+
+        A trial the ΔE stopper stopped (:func:`study.stopper.energy_stop`) gets the
+        ``best.pt`` of its epoch before the fall instead of its last checkpoint's, and
+        its stop tags go into ``stop_tags``."""
         required = FINISHED_RUN_FILES if done else STOPPED_RUN_FILES
         missing: dict[str, str] = {}
         try:
@@ -419,13 +432,23 @@ class MlflowCallback(Callback):
             with (
                 checkpoint_files(stored) as folder,
                 tempfile.TemporaryDirectory(prefix="energy-study-upload-") as tmp,
+                tempfile.TemporaryDirectory(prefix="energy-study-kept-") as kept,
             ):
                 self._backfill_epochs(run_id, folder / METRICS_LOG)
+                stopped = None if done else energy_stop(self.spec, trial_id, folder, Path(kept))
+                if stopped is not None and stop_tags is not None:
+                    stop_tags.update(energy_stop_tags(stopped.found, stopped.kept_epoch))
+                if stopped is not None and stopped.error:
+                    missing[BEST_CHECKPOINT] = stopped.error
                 staged: list[tuple[str, str | None]] = []
                 for rel, artifact_dir in TRIAL_ARTIFACTS:
                     if rel == CONFIG_FILE and run_id in self._config_logged:
                         continue  # logged when the run was made
                     path, into = folder / rel, Path(tmp, artifact_dir or "", Path(rel).name)
+                    if rel == BEST_CHECKPOINT and stopped is not None:
+                        if stopped.best is None:
+                            continue  # never a best.pt from the fall itself
+                        path = stopped.best
                     if rel == ENERGY_HIST and not path.is_file():
                         # a checkpoint from before the worker drew it: drawn here
                         into.parent.mkdir(parents=True, exist_ok=True)

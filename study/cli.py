@@ -281,6 +281,11 @@ def _spec_from_args(args: argparse.Namespace) -> StudySpec:
         address=args.address,
         constraints=list(args.constraint or []),
         warm_start=args.warm_start,
+        stop_on_energy_divergence=args.stop_on_energy_divergence,
+        divergence_window=args.divergence_window,
+        divergence_threshold=args.divergence_threshold,
+        divergence_min_epoch=args.divergence_min_epoch,
+        divergence_min_drop=args.divergence_min_drop,
         **{key: value for key, value in values.items() if value is not None},
     )
     if len(spec.modes) == 1 and len(spec.metrics) > 1:
@@ -896,6 +901,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a bound a trial must meet to count as best, e.g. "
                    "'val/clean_acc>=0.80' (operators >=, <=, >, <; repeatable); Optuna's "
                    "TPE learns it, export/show/report pass violating trials over")  # fmt: skip
+    p.add_argument("--stop-on-energy-divergence", action="store_true",
+                   help="stop a trial when its training-probe ΔE (train_probe/delta_energy) "
+                   "falls by --divergence-threshold of its peak over the --divergence-window "
+                   "epochs before (and by --divergence-min-drop at least), from epoch "
+                   "--divergence-min-epoch on; the trial keeps its "
+                   "best checkpoint before the fall (study/stopper.py)")  # fmt: skip
+    p.add_argument("--divergence-window", type=int, default=StudySpec.divergence_window,
+                   help="epochs over which the ΔE peak is taken "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--divergence-threshold", type=float,
+                   default=StudySpec.divergence_threshold, help="least relative fall of ΔE "
+                   "from that peak that stops (default: %(default)s)")  # fmt: skip
+    p.add_argument("--divergence-min-epoch", type=int, default=StudySpec.divergence_min_epoch,
+                   help="first epoch at which the ΔE rule may stop a trial, >= 2 "
+                   "(default: %(default)s)")  # fmt: skip
+    p.add_argument("--divergence-min-drop", type=float,
+                   default=StudySpec.divergence_min_drop, help="least fall of ΔE from that "
+                   "peak that stops, in energy units (default: %(default)s)")  # fmt: skip
     p.add_argument("--backend", choices=BACKENDS, default=StudySpec.backend,
                    help="train: TorchTrainer per trial; direct: loop in the trial; auto: "
                    "direct for one CPU worker, else train (default: %(default)s)")  # fmt: skip

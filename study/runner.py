@@ -336,6 +336,7 @@ def build_tuner(
     resume: bool = False,
     verbose: bool = False,
     seeds: Sequence[Any] = (),
+    stopper: Any = None,
 ) -> Any:
     """A Tuner searching ``spec``'s space with Optuna (TPE), new or restored from its folder.
 
@@ -356,6 +357,8 @@ def build_tuner(
         seeds: finished trials (``optuna.trial.FrozenTrial``) added to a new search's
             Optuna study before its first trial (a warm start, :mod:`study.warmstart`);
             unused on ``resume``.
+        stopper: a Tune stopper (the ΔE stopper, :mod:`study.stopper`) or None; unused
+            on ``resume`` (it comes back with the Tuner).
     """
     import optuna
     from ray import tune
@@ -367,6 +370,7 @@ def build_tuner(
         set_saved_save_period,
     )
     from study.search import make_searcher
+    from study.stopper import checkpoints_to_keep
 
     # Tune's state goes to <storage>/<name>/tune: a folder, or a URI Ray writes through
     # pyarrow.fs. The state backup guards a local file that Tune rewrites in place; on
@@ -404,7 +408,8 @@ def build_tuner(
             name=TUNE_DIR,
             storage_path=spec.location(),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(spec)),
+            stop=stopper,
             callbacks=[
                 *callbacks,
                 *([StateBackup(local_tune_dir, max(1.0, period))] if local_tune_dir else []),
@@ -434,6 +439,7 @@ def study_tuner(
         SchedulerState,
     )
     from study.search import make_scheduler
+    from study.stopper import make_stopper
     from study.trial import run_trial, trial_resources
 
     trainable = tune.with_parameters(run_trial, spec=spec, template=spec.template)
@@ -443,10 +449,12 @@ def study_tuner(
         # that every result carries the searcher's metrics would stop the study at the
         # first epoch; the spec has checked the names (StudySpec.validate)
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    stopper = make_stopper(spec)  # also a callback: its history is saved with Tune's state
     callbacks = [
         MlflowCallback(spec, parent_run_id),
         ProgressCallback(spec.metrics, spec.trials),
         SchedulerState(scheduler),
+        *([stopper] if stopper is not None else []),
     ]
     if uses_train_backend(spec):
         callbacks.append(PlacementGroupSweeper())
@@ -458,6 +466,7 @@ def study_tuner(
         resume=resume,
         verbose=verbose,
         seeds=seeds,
+        stopper=stopper,
     )
     if resume:  # the callbacks come back from Tune's state (private fields of Ray's Tuner)
         local = getattr(tuner, "_local_tuner", None)

@@ -274,6 +274,16 @@ class StudySpec(SearchSpec):
         warm_start: the name of another study, recorded in the same MLflow store, whose
             finished trials seed this study's Optuna search before its first trial
             (:mod:`study.warmstart`); None: a cold start.
+        stop_on_energy_divergence: stop a trial when its training-probe ΔE
+            (``train_probe/delta_energy``) falls steeply, keeping the best checkpoint
+            before the fall (:mod:`study.stopper`).
+        divergence_window: epochs before the current one over which the ΔE peak is taken.
+        divergence_threshold: the least relative fall of ΔE from that peak that stops
+            (a fraction of the peak's magnitude).
+        divergence_min_epoch: the first epoch (from 1, at least 2) at which the ΔE
+            stopper may stop a trial.
+        divergence_min_drop: the least fall of ΔE from that peak that stops, in energy
+            units (0: the relative fall alone decides).
     """
 
     config_keys: ClassVar[tuple[str, ...]] = tuple(TrainConfig.field_names())
@@ -296,6 +306,11 @@ class StudySpec(SearchSpec):
     start_from: str | None = None
     constraints: list[str] = field(default_factory=list)
     warm_start: str | None = None
+    stop_on_energy_divergence: bool = False
+    divergence_window: int = 5
+    divergence_threshold: float = 0.25
+    divergence_min_epoch: int = 5
+    divergence_min_drop: float = 0.1
 
     @property
     def constraint_list(self) -> list[Constraint]:
@@ -359,6 +374,7 @@ class StudySpec(SearchSpec):
         if self.grace_period < 1:
             raise ConfigError(f"grace_period = {self.grace_period}; must be >= 1")
         self._check_constraints()
+        self._check_energy_stop()
         name = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
         if self.warm_start is not None and (
             self.warm_start == self.name or not re.fullmatch(name, self.warm_start)
@@ -434,6 +450,26 @@ class StudySpec(SearchSpec):
                 f"{space.source} samples after training (generation:): its trials run on "
                 "the direct backend (one CPU worker, no GPU); drop --backend train, "
                 "--workers-per-trial and --gpus-per-trial"
+            )
+
+    def _check_energy_stop(self) -> None:
+        """The ΔE stopper's parameters (:class:`study.stopper.DivergenceRule`), and a ΔE
+        probe in the trials' config to watch (``probe_n > 0``)."""
+        from study.stopper import DivergenceRule
+
+        if not self.stop_on_energy_divergence:
+            return
+        rule = DivergenceRule(
+            self.divergence_window,
+            self.divergence_threshold,
+            self.divergence_min_epoch,
+            self.divergence_min_drop,
+        )
+        rule.check()
+        if self.trial_config(self.load_space().sample_defaults()).probe_n < 1:
+            raise ConfigError(
+                "--stop-on-energy-divergence watches train_probe/delta_energy, which the "
+                "trials do not report with probe_n = 0; set probe_n >= 1"
             )
 
     def _check_constraints(self) -> None:

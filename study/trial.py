@@ -171,6 +171,8 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from study.stopper import checkpoints_to_keep
+
     workers = spec.workers_per_trial
     per_worker: dict[str, float] = {"CPU": spec.cpus_per_worker}
     if spec.gpus_per_trial > 0:
@@ -193,6 +195,7 @@ def run_trial(config: dict[str, Any], spec: StudySpec, template: TrialTemplate) 
             # file of the run, are where the driver reads them for MLflow
             storage_path=spec.location("train"),
             callbacks=[TuneReportCallback()],
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # the ΔE stopper needs the checkpoint of the peak before the fall
+            checkpoint_config=CheckpointConfig(num_to_keep=checkpoints_to_keep(spec)),
         ),
     ).fit()
