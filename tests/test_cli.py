@@ -20,6 +20,7 @@ SHARED = {  # sub-command: the shared options it takes
     "run": ["--address", "--set", "--metric", "--mode", "--tracking-uri", "--storage"],
     "resume": ["--address", "--tracking-uri", "--storage"],
     "extend": ["--address", "--tracking-uri", "--storage"],
+    "replicate": ["--address", "--tracking-uri", "--storage"],
     "export": ["--metric", "--mode", "--tracking-uri", "--storage"],
     "list": ["--tracking-uri", "--storage"],
     "show": ["--tracking-uri", "--storage"],
@@ -53,7 +54,7 @@ def test_every_sub_command_lists_its_shared_options_once_and_parses_them() -> No
         text = parsers[command].format_help()
         for option in options:
             assert text.count(f"  {option} ") == 1, (command, option, text)
-        named = ("resume", "extend", "export", "show", "report")
+        named = ("resume", "extend", "replicate", "export", "show", "report")
         argv = [command, *(["name"] if command in named else [])]
         argv += ["--from", "RUN"] if command == "generate" else []
         argv += ["--trials", "1"] if command == "extend" else []
