@@ -435,7 +435,13 @@ class MlflowCallback(Callback):
                 tempfile.TemporaryDirectory(prefix="energy-study-kept-") as kept,
             ):
                 self._backfill_epochs(run_id, folder / METRICS_LOG)
-                stopped = None if done else energy_stop(self.spec, trial_id, folder, Path(kept))
+                try:
+                    stopped = None if done else energy_stop(self.spec, trial_id, folder, Path(kept))
+                except Exception as exc:  # noqa: BLE001 - its other files still go up
+                    stopped = None
+                    missing[BEST_CHECKPOINT] = f"the ΔE stop could not be read: {exc}"
+                    print(f"warning: trial {trial_id}: {missing[BEST_CHECKPOINT]}",
+                          file=sys.stderr, flush=True)  # fmt: skip
                 if stopped is not None and stop_tags is not None:
                     stop_tags.update(energy_stop_tags(stopped.found, stopped.kept_epoch))
                 if stopped is not None and stopped.error:

@@ -459,6 +459,13 @@ class StudySpec(SearchSpec):
 
         if not self.stop_on_energy_divergence:
             return
+        if late := [m for m in self.metrics if not is_epoch_metric(m)]:
+            raise ConfigError(
+                f"metric {late[0]!r} is reported once, after a trial's last epoch; a trial "
+                "the ΔE stopper ends never reports it (Optuna would learn nothing from "
+                "it): choose objectives reported every epoch (val/..., train/...) or drop "
+                "--stop-on-energy-divergence"
+            )
         rule = DivergenceRule(
             self.divergence_window,
             self.divergence_threshold,

@@ -23,7 +23,7 @@ so replaying the rule on a finished run's history gives exactly the epoch where 
 would have fired. The trial's result is the checkpoint of the best epoch before the
 fall: the ``best.pt`` that the loop had written when epoch ``p`` ended (its
 selection rule, the highest ``val/pgd_acc`` from ``select_from`` on, over epochs
-``≤ p``), never one from the fall itself (:func:`kept_checkpoint`).
+``≤ p``), never one from the fall itself (:func:`energy_stop`).
 
 A ΔE-stopped trial is an early-stopped trial like one ASHA stops: its run is tagged
 ``energy_study.early_stopped = true``, and Optuna is told PRUNED with its
@@ -161,14 +161,19 @@ def history_from_rows(rows: list[Mapping[str, Any]]) -> dict[int, float]:
 
 def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``metrics.jsonl`` (unreadable lines skipped; none for no file)."""
-    if not path.is_file():
-        return []
+    return _json_rows(path.read_text()) if path.is_file() else []
+
+
+def _json_rows(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a ``metrics.jsonl`` text (other lines skipped)."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -200,7 +205,10 @@ class EnergyDivergenceStopper(Stopper, Callback):
         epoch = int(epoch)
         history = self.history.setdefault(str(trial_id), {})
         history[epoch] = float(value)
-        found = divergence_at(history, epoch, self.rule)
+        # the first onset up to this epoch: a history that came back shorter than the
+        # trial's (restored past its onset) still stops it, as the replay at its end
+        # (:func:`energy_stop`) reads it
+        found = divergence_onset({e: v for e, v in history.items() if e <= epoch}, self.rule)
         if found is not None:
             self.stopped[str(trial_id)] = found
         return found is not None
@@ -242,7 +250,14 @@ def checkpoints_to_keep(spec: Any, default: int = 2) -> int:
     enough that the checkpoint of the window's peak is still there when it fires
     (``window + 1``: the stop epoch's and the ``window`` before it)."""
     rule = rule_of(spec)
-    return default if rule is None else max(default, rule.window + 1)
+    if rule is None:
+        return default
+    from study.trial import uses_train_backend
+
+    # Train's workers do not wait for Tune's decision: one more epoch may be saved
+    # before the trial is stopped
+    extra = 2 if uses_train_backend(spec) else 1
+    return max(default, rule.window + extra)
 
 
 def stop_tags(found: Divergence, kept_epoch: int | None) -> dict[str, str]:
@@ -301,8 +316,8 @@ def energy_stop(spec: Any, trial_id: str, folder: Path, into: Path) -> EnergySto
     if rule is None:
         return None
     history = history_from_rows(read_metrics_log(folder / METRICS_LOG))
-    found = divergence_onset(history, rule)
-    if found is None or found.epoch != max(history):
+    found = divergence_onset(history, rule)  # a trial that did not run its budget and
+    if found is None:  # holds an onset was stopped by it (Tune asks the stopper first)
         return None
     try:
         best = _kept_best(spec, trial_id, found.peak_epoch, into)
@@ -345,8 +360,8 @@ def _kept_best(spec: Any, trial_id: str, epoch: int, into: Path) -> Path | None:
             if fs.get_file_info(log).type != FileType.File:
                 continue
             with fs.open_input_stream(log) as stream:
-                rows = [json.loads(x) for x in stream.read().decode().splitlines() if x.strip()]
-            if not rows or int(rows[-1].get("epoch", 0)) != epoch:
+                rows = history_from_rows(_json_rows(stream.read().decode()))
+            if not rows or max(rows) != epoch:
                 continue
             best = f"{item.path}/{BEST_CHECKPOINT}"
             if fs.get_file_info(best).type != FileType.File:

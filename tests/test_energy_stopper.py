@@ -133,6 +133,15 @@ def test_the_stopper_replays_the_rule_and_its_history_survives_a_save() -> None:
     assert again.stopped["t1"].epoch == divergence_onset(history, rule).epoch
     assert not again("t2", {"epoch": 3})  # a result without ΔE: never stops
     assert not again.stop_all()
+    # a history that came back without the onset's epochs (restored past it): the next
+    # result stops the trial, as the replay of its metrics.jsonl would have
+    short = EnergyDivergenceStopper(rule)
+    onset = divergence_onset(history, rule).epoch
+    for e in range(1, onset - 1):
+        short("t3", {"epoch": e, DELTA_ENERGY: history[e]})
+    short.history["t3"][onset] = history[onset]  # known, but never decided on
+    assert short("t3", {"epoch": onset + 1, DELTA_ENERGY: -2.6})
+    assert short.stopped["t3"].epoch == onset
 
 
 def test_history_from_metrics_rows_skips_rows_without_delta_energy() -> None:
@@ -150,6 +159,8 @@ def test_the_spec_refuses_bad_stopper_settings_before_ray_starts(tmp_path, capsy
     assert "divergence_window = 0" in capsys.readouterr().err
     assert cli.main([*base, "--set", "probe_n=0"]) == 2
     assert "probe_n" in capsys.readouterr().err
+    assert cli.main([*base, "--metric", "test/pgd_acc", "--scheduler", "none"]) == 2
+    assert "or drop --stop-on-energy-divergence" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()  # nothing was created
 
 
@@ -172,6 +183,8 @@ def test_checkpoints_kept_cover_the_window() -> None:
     assert checkpoints_to_keep(spec) == 2
     spec.stop_on_energy_divergence = True
     assert checkpoints_to_keep(spec) == 5
+    spec.backend = "train"  # its workers may save one more epoch before the stop lands
+    assert checkpoints_to_keep(spec) == 6
 
 
 def _checkpoint(folder: Path, deltas: list[float], best_epoch: int | None) -> Path:
@@ -224,13 +237,15 @@ def test_energy_stop_keeps_the_best_pt_of_the_peaks_checkpoint(tmp_path) -> None
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp_path) -> None:
+    """One trial at a time (ASHA's cuts then follow from the seeded sampler and training,
+    never from which trial reached a rung first)."""
     from study.export import trial_runs
     from study.tracking import MlflowTracker
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rule = DivergenceRule(window=2, threshold=0.2, min_epoch=3, min_drop=0.05)
     argv = ["run", "--space", "smoke", "--name", "de-stop", "--storage", str(tmp_path / "s"),
-            "--tracking-uri", tracking, "--trials", "2", "--epochs", "5", "--max-concurrent", "2",
+            "--tracking-uri", tracking, "--trials", "2", "--epochs", "5", "--max-concurrent", "1",
             "--finalists", "0", "--scheduler", "asha", "--grace-period", "2",
             "--set", "train_subset=400", "--set", "val_subset=128",
             "--set", "probe_n=128", "--set", "test_subset=100", "--stop-on-energy-divergence",
