@@ -147,6 +147,8 @@ def one_study(arm: str, seed: int, settings: dict[str, Any], at: list[int]) -> d
     ot_study = searcher._ot_study
     frozen = {t.number: t for t in ot_study.get_trials(deepcopy=False)}
     numbers = {tid: t.number for tid, t in searcher._ot_trials.items()}
+    starts = [t.datetime_start for t in frozen.values() if t.datetime_start is not None]
+    t_ask = min(starts) if starts else None
     trials = []
     for t in outcome.trials:
         number = numbers.get(t.trial_id)
@@ -162,6 +164,9 @@ def one_study(arm: str, seed: int, settings: dict[str, Any], at: list[int]) -> d
                 "optuna_state": ft.state.name if ft is not None else None,
                 "optuna_value": ft.value if ft is not None and ft.values else None,
                 "params": dict(ft.params) if ft is not None else None,
+                # when Optuna was asked for it and told its end, seconds after the first ask
+                "asked_s": _since(ft.datetime_start, t_ask) if ft is not None else None,
+                "told_s": _since(ft.datetime_complete, t_ask) if ft is not None else None,
                 "error": t.error,
             }
         )
@@ -185,6 +190,13 @@ def one_study(arm: str, seed: int, settings: dict[str, Any], at: list[int]) -> d
     }
     rec.update(best_after(trials, at))
     return rec
+
+
+def _since(when: Any, origin: Any) -> float | None:
+    """Seconds from ``origin`` to ``when`` (datetimes), rounded; None if either is None."""
+    if when is None or origin is None:
+        return None
+    return round((when - origin).total_seconds(), 1)
 
 
 def best_after(trials: list[dict[str, Any]], at: list[int]) -> dict[str, Any]:
@@ -214,15 +226,87 @@ def _f(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> int | None:
+    """The first Optuna trial number at which studies ``a`` and ``b`` (the two arms of one
+    seed, as :func:`one_study` records them) sampled different parameters; None when
+    every trial of both had the same ones. Before it, the arms ran the same trials."""
+    pa = {t["number"]: t["params"] for t in a["trials"]}
+    pb = {t["number"]: t["params"] for t in b["trials"]}
+    for number in sorted(set(pa) | set(pb), key=lambda n: (n is None, n or 0)):
+        if pa.get(number) != pb.get(number):
+            return number
+    return None
+
+
+def replayed_split_differs(trials: list[dict[str, Any]], startup: int = 10) -> list[int]:
+    """The trial counts ``k`` at which TPE's split of trials ``0 .. k-1`` into its "good"
+    (below) and "bad" (above) groups differs between telling the stopped ones PRUNED (new)
+    and COMPLETE with their last value (old): a replay of one study's recorded trials as
+    if they had run one at a time and had all ended by the time trial ``k`` was asked
+    for, through Optuna's own split (``optuna.samplers._tpe.sampler._split_trials``, a
+    private function of Optuna 5.1, with the default gamma ``ceil(0.1 k)``). Where the
+    groups are the same, TPE's Parzen estimators and so its proposal are the same in both
+    arms (only the parameters of each group enter them, and the sampler's random state
+    is the seed's). Running trials (constant liar) are not replayed.
+
+    Args:
+        trials: one study's trials, as :func:`one_study` records them, in number order.
+        startup: TPE's random start-up trials (``n_startup_trials``, Optuna's default 10).
+    """
+    import optuna
+    from optuna.samplers._tpe.sampler import _split_trials, default_gamma
+    from optuna.trial import TrialState, create_trial
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "study created" line
+    try:
+        study = optuna.create_study(direction="maximize", study_name="replay")
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+    def told(history: list[dict[str, Any]], arm: str) -> list[Any]:
+        out = []
+        for t in history:
+            value, epoch = t[METRIC], int(t["epochs"] or 0)
+            pruned = arm == "new" and t["status"] != "FINISHED"
+            frozen = create_trial(
+                state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
+                value=None if pruned else value,
+                intermediate_values={epoch: value},
+            )
+            frozen.number = t["number"]
+            out.append(frozen)
+        return out
+
+    ended = [t for t in trials if t["number"] is not None and t[METRIC] is not None]
+    differs = []
+    for k in range(startup, len(ended)):
+        history = [t for t in ended if t["number"] < k]
+        groups = [
+            [t.number for t in _split_trials(study, told(history, arm), default_gamma(k))[0]]
+            for arm in ARMS
+        ]
+        if groups[0] != groups[1]:
+            differs.append(k)
+    return differs
+
+
 def table(studies: list[dict[str, Any]], at: list[int]) -> list[list[str]]:
-    """Rows ``seed | arm | best after k … | full-budget trials after k … | wall``; a mean
-    row per arm over the seeds that both arms finished."""
+    """Rows ``seed | arm | best after k … | full-budget trials after k … | first trial
+    whose parameters differ from the other arm's (:func:`first_difference`) | trial counts
+    where the replayed split differs (:func:`replayed_split_differs`) | wall``; a mean row
+    per arm over the seeds that both arms finished."""
     rows = []
+    by = {(s["seed"], s["arm"]): s for s in studies}
     for s in studies:
+        other = by.get((s["seed"], "old" if s["arm"] == "new" else "new"))
+        differ = first_difference(s, other) if other is not None else None
         rows.append(
             [str(s["seed"]), s["arm"]]
             + [_f(s["best"].get(str(k))) for k in at]
             + [str(s["full_budget"].get(str(k))) for k in at]
+            + ["n/a" if other is None else "none" if differ is None else f"#{differ}"]
+            + [", ".join(map(str, replayed_split_differs(s["trials"]))) or "never"]
             + [f"{s['wall_s']:.0f}"]
         )
     both = sorted(
@@ -237,6 +321,7 @@ def table(studies: list[dict[str, Any]], at: list[int]) -> list[list[str]]:
             [f"mean ({len(mine)} seeds)", arm]
             + [_f(_mean([s["best"].get(str(k)) for s in mine])) for k in at]
             + [_f(_mean([s["full_budget"].get(str(k)) for s in mine]), 1) for k in at]
+            + ["", ""]
             + [f"{_mean([s['wall_s'] for s in mine]):.0f}"]
         )
     return rows
@@ -247,6 +332,7 @@ def head(at: list[int]) -> list[str]:
         ["seed", "arm"]
         + [f"best {METRIC} after {k}" for k in at]
         + [f"full-budget trials of first {k}" for k in at]
+        + ["first trial # unlike the other arm's", "replayed TPE split differs at k"]
         + ["wall (s)"]
     )
 
