@@ -238,21 +238,32 @@ def first_difference(a: dict[str, Any], b: dict[str, Any]) -> int | None:
     return None
 
 
-def replayed_split_differs(trials: list[dict[str, Any]], startup: int = 10) -> list[int]:
-    """The trial counts ``k`` at which TPE's split of trials ``0 .. k-1`` into its "good"
-    (below) and "bad" (above) groups differs between telling the stopped ones PRUNED (new)
-    and COMPLETE with their last value (old): a replay of one study's recorded trials as
-    if they had run one at a time and had all ended by the time trial ``k`` was asked
-    for, through Optuna's own split (``optuna.samplers._tpe.sampler._split_trials``, a
-    private function of Optuna 5.1, with the default gamma ``ceil(0.1 k)``). Where the
-    groups are the same, TPE's Parzen estimators and so its proposal are the same in both
-    arms (only the parameters of each group enter them, and the sampler's random state
-    is the seed's). Running trials (constant liar) are not replayed.
+def replayed_split_differs(
+    trials: list[dict[str, Any]], startup: int = 10, running: int = 2
+) -> list[int]:
+    """The trial numbers ``k`` at whose ask TPE's split of the ended trials into its
+    "good" (below) and "bad" (above) groups could differ between telling the stopped ones
+    PRUNED (new) and COMPLETE with their last value (old).
+
+    A replay of one study's recorded trials through Optuna's own split
+    (``optuna.samplers._tpe.sampler._split_trials``, a private function of Optuna 5.1,
+    with the default gamma ``ceil(0.1 n)`` of the ``n`` ended trials): when trial ``k`` is
+    asked for, trials ``0 .. k-1`` have ended except at most ``running`` of them (two run
+    at once in the default study, and Tune asks for the next trial while two run), so
+    every such history is replayed (the full one, and each with one or two of the trials
+    left out); a history of fewer than ``startup`` ended trials is TPE's random start-up,
+    the same in both arms. Where the groups are the same, TPE's proposal is the same in
+    both arms: its Parzen estimators see only the parameters of each group (running
+    trials join the bad group alike in both, constant liar), and the sampler's random
+    state is the seed's.
 
     Args:
         trials: one study's trials, as :func:`one_study` records them, in number order.
         startup: TPE's random start-up trials (``n_startup_trials``, Optuna's default 10).
+        running: at most this many earlier trials may still run at an ask.
     """
+    import itertools
+
     import optuna
     from optuna.samplers._tpe.sampler import _split_trials, default_gamma
     from optuna.trial import TrialState, create_trial
@@ -264,30 +275,43 @@ def replayed_split_differs(trials: list[dict[str, Any]], startup: int = 10) -> l
     finally:
         optuna.logging.set_verbosity(verbosity)
 
-    def told(history: list[dict[str, Any]], arm: str) -> list[Any]:
-        out = []
-        for t in history:
-            value, epoch = t[METRIC], int(t["epochs"] or 0)
-            pruned = arm == "new" and t["status"] != "FINISHED"
-            frozen = create_trial(
-                state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
-                value=None if pruned else value,
-                intermediate_values={epoch: value},
-            )
-            frozen.number = t["number"]
-            out.append(frozen)
-        return out
+    def told(t: dict[str, Any], arm: str) -> Any:
+        value, epoch = t[METRIC], int(t["epochs"] or 0)
+        pruned = arm == "new" and t["status"] != "FINISHED"
+        frozen = create_trial(
+            state=TrialState.PRUNED if pruned else TrialState.COMPLETE,
+            value=None if pruned else value,
+            intermediate_values={epoch: value},
+        )
+        frozen.number = t["number"]
+        return frozen
 
     ended = [t for t in trials if t["number"] is not None and t[METRIC] is not None]
+    frozen = {arm: {t["number"]: told(t, arm) for t in ended} for arm in ARMS}
     differs = []
     for k in range(startup, len(ended)):
-        history = [t for t in ended if t["number"] < k]
-        groups = [
-            [t.number for t in _split_trials(study, told(history, arm), default_gamma(k))[0]]
-            for arm in ARMS
-        ]
-        if groups[0] != groups[1]:
-            differs.append(k)
+        before = [t["number"] for t in ended if t["number"] < k]
+        for r in range(running + 1):
+            if any(
+                len(before) - r >= startup
+                and len(
+                    {
+                        tuple(
+                            f.number
+                            for f in _split_trials(
+                                study,
+                                [frozen[arm][n] for n in before if n not in out],
+                                default_gamma(len(before) - r),
+                            )[0]
+                        )
+                        for arm in ARMS
+                    }
+                )
+                > 1
+                for out in itertools.combinations(before, r)
+            ):
+                differs.append(k)
+                break
     return differs
 
 
