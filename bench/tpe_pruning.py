@@ -44,7 +44,11 @@ created (Optuna trial number), after the first 12 (``--at``) and after all 24; a
 many trials ran their full budget. The arms alternate (seed 0 new, seed 0 old, seed 1
 new, …) so that a drift of the machine hits both. The JSON is written after every
 study, so a run cut short keeps what finished; every trial's number, Tune id, status,
-epochs, Optuna state, objective and sampled parameters are in it.
+epochs, Optuna state, objective, sampled parameters and the seconds (from the study's
+first ask) at which Optuna asked for it and was told its end are in it. The table adds
+two diagnostics: the first trial whose parameters differ between the arms of a seed
+(:func:`first_difference`), and where TPE's good/bad split of the recorded trials could
+differ between the two tellings (:func:`replayed_split_differs`).
 
 Trials run two at once, so which trial reaches ASHA's rung first depends on timing: a
 study is not reproducible from its seed alone, in either arm.
