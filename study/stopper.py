@@ -338,39 +338,28 @@ def _kept_best(spec: Any, trial_id: str, epoch: int, into: Path) -> Path | None:
     Raises:
         FileNotFoundError: the study's storage holds no checkpoint of that epoch.
     """
-    from pyarrow.fs import FileSelector, FileType
-    from ray.train._internal.storage import get_fs_and_path
+    from pyarrow.fs import FileType
 
+    from study.trial import stored_checkpoint_folders
     from trainables.files import BEST_CHECKPOINT, METRICS_LOG
 
-    fs, root = get_fs_and_path(spec.location())
-    root = root.rstrip("/")
-
-    def folders(path: str) -> list[Any]:
-        found = fs.get_file_info(FileSelector(path, allow_not_found=True))
-        return [i for i in found if i.type == FileType.Directory]
-
-    places = [f"{root}/train/{trial_id}"]
-    places += [i.path for i in folders(f"{root}/tune") if f"_{trial_id}_" in i.base_name]
-    for place in places:
-        for item in folders(place):
-            if not item.base_name.startswith("checkpoint_"):
-                continue
-            log = f"{item.path}/{METRICS_LOG}"
-            if fs.get_file_info(log).type != FileType.File:
-                continue
-            with fs.open_input_stream(log) as stream:
-                rows = history_from_rows(_json_rows(stream.read().decode()))
-            if not rows or max(rows) != epoch:
-                continue
-            best = f"{item.path}/{BEST_CHECKPOINT}"
-            if fs.get_file_info(best).type != FileType.File:
-                return None
-            target = into / f"kept-{Path(BEST_CHECKPOINT).name}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(best) as stream:
-                target.write_bytes(stream.read())
-            return target
+    fs, places = stored_checkpoint_folders(spec, trial_id)
+    for path in (folder for kept in places for folder in kept):
+        log = f"{path}/{METRICS_LOG}"
+        if fs.get_file_info(log).type != FileType.File:
+            continue
+        with fs.open_input_stream(log) as stream:
+            rows = history_from_rows(_json_rows(stream.read().decode()))
+        if not rows or max(rows) != epoch:
+            continue
+        best = f"{path}/{BEST_CHECKPOINT}"
+        if fs.get_file_info(best).type != FileType.File:
+            return None
+        target = into / f"kept-{Path(BEST_CHECKPOINT).name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(best) as stream:
+            target.write_bytes(stream.read())
+        return target
     raise FileNotFoundError(
         f"no stored checkpoint of trial {trial_id} at epoch {epoch} (the peak before the "
         f"ΔE fall) in {spec.location()}"

@@ -83,17 +83,18 @@ def checkpoint_files(checkpoint: Any) -> Iterator[Path]:
         yield Path(folder)
 
 
-def latest_stored_checkpoint(spec: SearchSpec, trial_id: str) -> Any | None:
-    """The newest checkpoint of trial ``trial_id`` in the study's storage: in its Train
-    run (``<study>/train/<id>``, ``train`` backend) or its Tune trial folder
-    (``<study>/tune/<trainable>_<id>_…``); None when it has none.
+def stored_checkpoint_folders(spec: SearchSpec, trial_id: str) -> tuple[Any, list[list[str]]]:
+    """The checkpoint folders of trial ``trial_id`` in the study's storage, oldest first:
+    ``(file system, [folders of its Train run, folders of its Tune trial folder])`` (the
+    Train run ``<study>/train/<id>`` of the ``train`` backend first, then each Tune trial
+    folder ``<study>/tune/<trainable>_<id>_…``).
 
-    For a caller that holds only the trial's id (``study train --workers N -o DIR``,
-    benchmarks); the driver's callbacks use :func:`trial_checkpoint`.
+    Args:
+        spec: the study (its storage, a folder or a URI).
+        trial_id: the Tune trial id.
     """
     from pyarrow.fs import FileSelector, FileType
     from ray.train._internal.storage import get_fs_and_path
-    from ray.tune import Checkpoint
 
     fs, root = get_fs_and_path(spec.location())
     root = root.rstrip("/")
@@ -102,10 +103,26 @@ def latest_stored_checkpoint(spec: SearchSpec, trial_id: str) -> Any | None:
         found = fs.get_file_info(FileSelector(path, allow_not_found=True))
         return [i for i in found if i.type == FileType.Directory]
 
-    candidates = [f"{root}/train/{trial_id}"]
-    candidates += [i.path for i in folders(f"{root}/tune") if f"_{trial_id}_" in i.base_name]
-    for place in candidates:
-        kept = sorted(i.path for i in folders(place) if i.base_name.startswith("checkpoint_"))
+    places = [f"{root}/train/{trial_id}"]
+    places += [i.path for i in folders(f"{root}/tune") if f"_{trial_id}_" in i.base_name]
+    return fs, [
+        sorted(i.path for i in folders(place) if i.base_name.startswith("checkpoint_"))
+        for place in places
+    ]
+
+
+def latest_stored_checkpoint(spec: SearchSpec, trial_id: str) -> Any | None:
+    """The newest checkpoint of trial ``trial_id`` in the study's storage: in its Train
+    run (``<study>/train/<id>``, ``train`` backend) or its Tune trial folder
+    (``<study>/tune/<trainable>_<id>_…``); None when it has none.
+
+    For a caller that holds only the trial's id (``study train --workers N -o DIR``,
+    benchmarks); the driver's callbacks use :func:`trial_checkpoint`.
+    """
+    from ray.tune import Checkpoint
+
+    fs, places = stored_checkpoint_folders(spec, trial_id)
+    for kept in places:
         if kept:
             return Checkpoint(path=kept[-1], filesystem=fs)
     return None
