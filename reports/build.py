@@ -56,8 +56,10 @@ from reports.vocabulary import (
     TAG_CONSTRAINTS,
     TAG_EARLY,
     TAG_FAILURE,
+    TAG_KEPT_EPOCH,
     TAG_PROCESS,
     TAG_ROLE,
+    TAG_STOP_EPOCH,
     TAG_STUDY,
     TAG_WARM_START,
     TAG_WARM_START_TRIALS,
@@ -286,7 +288,11 @@ def trials_blocks(ctx: Context) -> list[object]:
     for run in data.trials:
         searched = ", ".join(f"{k}={run.params.get(k, '-')}" for k in run.searched if k != "method")
         note = run.tags.get(TAG_FAILURE, "")
-        if not note and run.tags.get(TAG_EARLY) == "true":
+        if not note and run.tags.get(TAG_STOP_EPOCH):
+            kept = run.tags.get(TAG_KEPT_EPOCH)
+            note = f"ΔE stop at epoch {run.tags[TAG_STOP_EPOCH]}"
+            note += f"; epoch {kept} kept" if kept else "; no epoch kept"
+        elif not note and run.tags.get(TAG_EARLY) == "true":
             note = "stopped early"
         if not is_feasible(run):
             why = run.tags.get(TAG_CONSTRAINTS, "")

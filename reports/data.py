@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from reports.ranking import result_metrics
 from reports.vocabulary import (
     COMMAND_ARTIFACT,
     PARENT_TAG,
@@ -57,7 +58,8 @@ class RunData:
         status: FINISHED, FAILED, KILLED or RUNNING.
         start_ms: start time (ms since the epoch); end_ms likewise (None while running).
         params: params as logged (strings).
-        metrics: the latest value of every metric.
+        metrics: the latest value of every metric; a ΔE-stopped trial's kept epoch's
+            (:func:`reports.ranking.result_metrics`).
         tags: every tag.
     """
 
@@ -137,7 +139,7 @@ def _to_run(run: Any) -> RunData:
         start_ms=info.start_time,
         end_ms=info.end_time,
         params=dict(data.params),
-        metrics={k: float(v) for k, v in data.metrics.items()},
+        metrics={k: float(v) for k, v in result_metrics(data.metrics).items()},
         tags=dict(data.tags),
     )
 

@@ -21,6 +21,9 @@ before it:
    deterministic. Ids without an index come after those with one; last the
    MLflow run id, so that two runs are never tied.
 
+A trial the ΔE stopper stopped is ranked by the epoch it kept (its ``kept/``
+metrics, :func:`result_metrics`), not by the epoch of the fall.
+
 A trial without a finite value of a rule's metric (missing, NaN) comes after
 every trial that has one, for that rule. Values are compared exactly: two
 accuracies of 13/16 = 0.8125 tie, and rule 2 decides.
@@ -44,7 +47,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from reports.vocabulary import TAG_CONSTRAINT_OK, TAG_TRIAL
+from reports.vocabulary import KEPT_PREFIX, TAG_CONSTRAINT_OK, TAG_EARLY, TAG_TRIAL
 
 #: The tie-break metric after the objectives (maximised).
 TIE_METRIC = "val/clean_acc"
@@ -129,12 +132,37 @@ def rank_key(
     )
 
 
+def result_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's metrics as its result: ``metrics`` with each ``kept/<name>`` value
+    (:data:`~reports.vocabulary.KEPT_PREFIX`: the epoch a ΔE-stopped trial keeps) in
+    place of ``<name>``'s latest one; the ``kept/`` keys stay.
+
+    >>> result_metrics({"val/pgd_acc": 0.2, "kept/val/pgd_acc": 0.4})["val/pgd_acc"]
+    0.4
+    """
+    kept = {k[len(KEPT_PREFIX) :]: v for k, v in metrics.items() if k.startswith(KEPT_PREFIX)}
+    return {**metrics, **kept} if kept else dict(metrics)
+
+
 def run_metrics(run: Any) -> Mapping[str, Any]:
-    """The metrics of an MLflow run (``run.data.metrics``) or of an object with ``.metrics``."""
+    """The metrics of an MLflow run (``run.data.metrics``) or of an object with
+    ``.metrics``, as the trial's result (:func:`result_metrics`)."""
     data = getattr(run, "data", None)
     if data is not None and hasattr(data, "metrics"):
-        return data.metrics
-    return getattr(run, "metrics", None) or {}
+        return result_metrics(data.metrics)
+    return result_metrics(getattr(run, "metrics", None) or {})
+
+
+def is_result(run: Any) -> bool:
+    """Whether a finished trial run stands for a trained configuration: it ran its full
+    budget (not tagged :data:`~reports.vocabulary.TAG_EARLY` ``"true"``), or the ΔE
+    stopper stopped it and kept an epoch before the fall (its ``kept/`` metrics); a
+    trial a scheduler stopped early is not one."""
+    if run_tags(run).get(TAG_EARLY, "false") != "true":
+        return True
+    data = getattr(run, "data", None)
+    metrics = data.metrics if data is not None else getattr(run, "metrics", None) or {}
+    return any(k.startswith(KEPT_PREFIX) for k in metrics)
 
 
 def run_tags(run: Any) -> Mapping[str, str]:

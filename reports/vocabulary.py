@@ -67,6 +67,10 @@ TAG_STOP_EPOCH = "energy_study.stop_epoch"
 TAG_STOP_REASON = "energy_study.stop_reason"  #: why the ΔE stopper stopped it (peak, fall)
 #: the epoch of the ``best.pt`` a ΔE-stopped trial keeps (before the fall; empty: none)
 TAG_KEPT_EPOCH = "energy_study.kept_epoch"
+#: A ΔE-stopped trial's run logs its kept epoch's per-epoch metrics again under this
+#: prefix (``kept/val/pgd_acc``, at that epoch's step): the values that stand for the
+#: trial wherever trials are ranked (:func:`reports.ranking.result_metrics`).
+KEPT_PREFIX = "kept/"
 
 # --- MLflow's own tags -------------------------------------------------------------------
 PARENT_TAG = "mlflow.parentRunId"  #: nests a run under another in the UI

@@ -32,6 +32,7 @@ from reports.vocabulary import (
     FINAL_FILE,
     GENERATION_DIR,
     GENERATION_FILES,
+    KEPT_PREFIX,
     LAST_CHECKPOINT,
     METRICS_LOG,
     PARENT_TAG,
@@ -52,7 +53,7 @@ from reports.vocabulary import (
 )
 from study.credentials import redact
 from study.spec import StudySpec
-from study.stopper import energy_stop
+from study.stopper import energy_stop, read_metrics_log
 from study.stopper import stop_tags as energy_stop_tags
 from study.tracking import BackgroundWriter, LostWrites, MlflowTracker, flatten
 from study.trial import checkpoint_files, trial_checkpoint
@@ -444,6 +445,8 @@ class MlflowCallback(Callback):
                           file=sys.stderr, flush=True)  # fmt: skip
                 if stopped is not None and stop_tags is not None:
                     stop_tags.update(energy_stop_tags(stopped.found, stopped.kept_epoch))
+                if stopped is not None and stopped.kept_epoch is not None:
+                    self._log_kept(run_id, folder / METRICS_LOG, stopped.kept_epoch)
                 if stopped is not None and stopped.error:
                     missing[BEST_CHECKPOINT] = stopped.error
                 staged: list[tuple[str, str | None]] = []
@@ -471,6 +474,27 @@ class MlflowCallback(Callback):
         except Exception as exc:  # noqa: BLE001 - recorded on the run, the study goes on
             missing["checkpoint"] = f"could not be read from storage: {exc}"
         return missing
+
+    def _log_kept(self, run_id: str, log: Path, epoch: int) -> None:
+        """Log the kept epoch of a ΔE-stopped trial as its result: that epoch's metrics
+        again under ``kept/`` (:data:`~reports.vocabulary.KEPT_PREFIX`), with
+        ``best_epoch`` and ``best/val_pgd_acc`` as a finished trial has them, all at
+        step ``epoch``.
+
+        Args:
+            run_id: the trial's MLflow run.
+            log: the ``metrics.jsonl`` of its last checkpoint.
+            epoch: the kept epoch (from 1).
+        """
+        rows = [r for r in read_metrics_log(log) if r.get("epoch") == epoch]
+        if not rows:
+            return
+        metrics = {k: v for k, v in our_metrics(rows[-1]).items() if not k.startswith("test/")}
+        points = [(KEPT_PREFIX + k, float(v), epoch) for k, v in metrics.items()]
+        points.append(("best_epoch", float(epoch), epoch))
+        if "val/pgd_acc" in metrics:
+            points.append(("best/val_pgd_acc", float(metrics["val/pgd_acc"]), epoch))
+        self.tracker.log_points(run_id, points)
 
     def _backfill_epochs(self, run_id: str, log: Path) -> list[int]:
         """Log the epochs of the trial's ``metrics.jsonl`` (from its checkpoint in storage)

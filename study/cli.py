@@ -322,8 +322,11 @@ def _print_outcome(outcome) -> None:
     counts = {}
     for t in outcome.trials:
         counts[t.status] = counts.get(t.status, 0) + 1
+    kept = sum(t.kept_epoch is not None for t in outcome.trials)
     print(
-        f"\nstudy {spec.name}: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        f"\nstudy {spec.name}: "
+        + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        + (f" ({kept} by the ΔE stopper, each with an epoch kept as its result)" if kept else "")
     )
     columns = [*spec.metrics]
     for extra in ("val/clean_acc", "test/clean_acc", "test/pgd_acc"):  # AutoAttack: finalists
@@ -332,13 +335,13 @@ def _print_outcome(outcome) -> None:
     if spec.multi_objective:  # the front of the trials that count: the finalists' rule
         from study.runner import pareto_front
 
-        kept = [t for t in outcome.trials if t.status == "FINISHED" and t.feasible]
+        kept = [t for t in outcome.trials if t.is_result and t.feasible]
         front = {t.trial_id for t in pareto_front(kept, spec.metrics, spec.modes)}
         rows = [t for t in outcome.ranked() if t.trial_id in front]
         objectives = " & ".join(f"{m} {o}" for m, o in zip(spec.metrics, spec.modes))
         title = f"Pareto-optimal finished trials ({objectives})"
     else:
-        rows = [t for t in outcome.ranked() if t.status == "FINISHED" and t.feasible][:5]
+        rows = [t for t in outcome.ranked() if t.is_result and t.feasible][:5]
         title = f"best trials by {spec.metrics[0]} ({spec.modes[0]})"
     if spec.constraints:
         violating = [t.trial_id for t in outcome.trials if not t.feasible]
@@ -470,12 +473,13 @@ def _saved_spec(storage: str, name: str, args: argparse.Namespace) -> StudySpec:
 
 
 def _finish(outcome: StudyOutcome | int) -> int:
-    """Print the outcome of ``study run``/``resume``; 1 if no trial finished. An int is
+    """Print the outcome of ``study run``/``resume``; 1 if no trial has a result (ran to
+    its end, or kept an epoch when the ΔE stopper stopped it). An int is
     the exit status of an interrupted study (128 + the signal: 130 Ctrl-C, 143 SIGTERM)."""
     if isinstance(outcome, int):
         return outcome
     _print_outcome(outcome)
-    return 0 if any(t.status == "FINISHED" for t in outcome.trials) else 1
+    return 0 if any(t.is_result for t in outcome.trials) else 1
 
 
 def _run_or_interrupted(spec, *, resume: bool, verbose: bool, working_dir: str | None = None):
@@ -486,7 +490,7 @@ def _run_or_interrupted(spec, *, resume: bool, verbose: bool, working_dir: str |
     try:
         return run_study(spec, resume=resume, verbose=verbose, working_dir=working_dir)
     except StudyInterrupted as stop:
-        done = sum(t.status == "FINISHED" for t in stop.outcome.trials)
+        done = sum(t.is_result for t in stop.outcome.trials)
         print(
             f"\nstudy {spec.name} interrupted ({stop.stopped_by}): {done} trial(s) finished, "
             f"the rest saved; continue with:\n  {resume_command(spec)}",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from reports.intervals import Measured, accuracies, sample_size
-from reports.ranking import is_feasible, rank_runs, ranking_rules
+from reports.ranking import is_feasible, is_result, rank_runs, ranking_rules, run_metrics
 from reports.vocabulary import (
     BEST_CHECKPOINT,
     CONFIG_FILE,
@@ -29,11 +29,12 @@ from reports.vocabulary import (
     ROLE_TRIAL,
     TAG_ARTIFACT_ERROR,
     TAG_CONSTRAINTS,
-    TAG_EARLY,
     TAG_FAILURE,
     TAG_FINALIST,
+    TAG_KEPT_EPOCH,
     TAG_METRICS_ERROR,
     TAG_ROLE,
+    TAG_STOP_EPOCH,
     TAG_STUDY,
     TAG_TRIAL,
 )
@@ -112,7 +113,9 @@ def best_runs(
     objectives: Sequence[str] | None = None,
     modes: Sequence[str] | None = None,
 ) -> list[Any]:
-    """The ``top`` finished, fully trained trial runs that meet the study's constraints,
+    """The ``top`` finished trial runs that stand for a trained configuration (a full
+    budget, or the epoch a ΔE-stopped trial kept: :func:`reports.ranking.is_result`)
+    and meet the study's constraints,
     best first: ranked as this module's docstring says, ``metric`` deciding first.
 
     Args:
@@ -125,8 +128,8 @@ def best_runs(
         modes: their modes (with ``objectives``).
     """
     finished = [r for r in trial_runs(tracker, study) if r.info.status == "FINISHED"]
-    trained = [r for r in finished if r.data.tags.get(TAG_EARLY, "false") != "true"]
-    scored = [r for r in trained if math.isfinite(r.data.metrics.get(metric, math.nan))]
+    trained = [r for r in finished if is_result(r)]  # a ΔE-stopped trial: its kept epoch
+    scored = [r for r in trained if math.isfinite(run_metrics(r).get(metric, math.nan))]
     runs = [r for r in scored if is_feasible(r)]
     if not runs:
         violating = f" that meets the study's constraints ({len(scored)} violate one)"
@@ -347,7 +350,7 @@ def show_lines(
     any_final = False
     place = 0
     for run in ranked:
-        m, tags = run.data.metrics, run.data.tags
+        m, tags = run_metrics(run), run.data.tags  # a ΔE-stopped trial: its kept epoch's
         scored = objectives[0] in m and math.isfinite(m[objectives[0]])
         place += scored and is_feasible(run)
         finalist = finalist_rank(tags)
@@ -367,6 +370,12 @@ def show_lines(
             lines += _namespace_lines(m, namespace, finalist, 6, width)
         if not feasible:
             lines.append(f"    violates a constraint: {tags.get(TAG_CONSTRAINTS, '?')}")
+        if stop := tags.get(TAG_STOP_EPOCH):
+            kept = tags.get(TAG_KEPT_EPOCH) or ""
+            lines.append(
+                f"    ΔE stop at epoch {stop}; "
+                + (f"its values are those of epoch {kept} (kept)" if kept else "no epoch kept")
+            )
         reason = tags.get(TAG_FAILURE)
         if reason:
             lines.append(f"    failure: {reason}")

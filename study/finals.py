@@ -26,7 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from reports.vocabulary import BEST_CHECKPOINT, FINAL_ARTIFACT, TAG_FINALIST, TAG_STUDY, TAG_TRIAL
+from reports.vocabulary import (
+    BEST_CHECKPOINT,
+    ENERGY_HIST,
+    FINAL_ARTIFACT,
+    TAG_FINALIST,
+    TAG_STUDY,
+    TAG_TRIAL,
+)
 from study.spec import StudySpec
 from study.tracking import MlflowTracker
 
@@ -68,6 +75,99 @@ def _evaluate_task(
     metrics, samples = evaluate_weights(config, weights, n=n)
     keep = ("index", "y", "pred_nat", "pgd_correct", "aa_robust")
     return metrics, {k: samples[k] for k in keep if k in samples}, time.perf_counter() - t0
+
+
+def _test_task(
+    cfg: dict[str, Any], state: bytes, threads: int
+) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
+    """Ray task body: a kept checkpoint's test metrics, as the loop's final evaluation
+    measures them (:func:`trainables.loop.measure_test_set`), with its per-point arrays."""
+    import torch
+
+    from trainables.config import TrainConfig
+    from trainables.loop import measure_test_set, resolve_device, trained_model
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, threads))
+    config = TrainConfig.from_dict(cfg)
+    weights = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)["model"]
+    device = resolve_device(config.device)
+    model, data = trained_model(config, weights, device=device)
+    metrics, samples = measure_test_set(config, model, data, device=device)
+    return metrics, samples, time.perf_counter() - t0
+
+
+def evaluate_kept(
+    spec: StudySpec,
+    tracker: MlflowTracker,
+    kept: list[tuple[str, int, dict[str, Any]]],
+    *,
+    echo: Any = print,
+) -> dict[str, dict[str, float]]:
+    """Test the checkpoints that ΔE-stopped trials kept, as a finished trial's last
+    epoch tests its ``best.pt``: ``test/*`` (its ``test_subset`` points; AutoAttack when
+    its config asks for it), ``energies.npz`` and ``energy_hist.png`` go into the trial's
+    run, the metrics at the kept epoch's step. One Ray task per trial, with a trial's
+    CPUs (and GPUs); a run that has its ``test/clean_acc`` already (a resumed study) is
+    not tested again. Ray must be initialised.
+
+    Args:
+        spec: the study (resources).
+        tracker: its MLflow tracker.
+        kept: ``(trial id, kept epoch, training config)`` of each such trial.
+        echo: where progress lines go.
+
+    Returns:
+        The ``test/*`` metrics of each trial tested now or before, by trial id.
+    """
+    import ray
+
+    from reports.vocabulary import ENERGIES_FILE
+    from trainables.reporting import energy_histogram
+
+    gpus = {"num_gpus": spec.gpus_per_trial} if spec.gpus_per_trial > 0 else {}
+    task = ray.remote(num_cpus=spec.cpus_per_worker, **gpus)(_test_task)
+    threads = max(1, int(spec.cpus_per_worker))
+    pending: dict[str, tuple[str, int, Any]] = {}
+    out: dict[str, dict[str, float]] = {}
+    for trial_id, epoch, cfg in kept:
+        found = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_TRIAL: trial_id})
+        if not found:
+            echo(f"ΔE-stopped trial {trial_id}: no MLflow run found; its kept checkpoint untested")
+            continue
+        run = found[0]
+        if "test/clean_acc" in run.data.metrics:
+            out[trial_id] = {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}
+            continue
+        with tempfile.TemporaryDirectory(prefix="energy-study-kept-") as tmp:
+            try:
+                state = tracker.download(run.info.run_id, BEST_CHECKPOINT, tmp).read_bytes()
+            except Exception as exc:  # noqa: BLE001 - said; the others are still tested
+                echo(f"ΔE-stopped trial {trial_id}: its kept {BEST_CHECKPOINT} is missing ({exc})")
+                continue
+        pending[trial_id] = (run.info.run_id, epoch, task.remote(cfg, ray.put(state), threads))
+    if not pending:
+        return out
+    echo(
+        f"testing the checkpoints kept by {len(pending)} ΔE-stopped trial(s) as a finished "
+        f"trial's best.pt is tested ({len(pending)} Ray task(s))"
+    )
+    for trial_id, (run_id, epoch, ref) in pending.items():
+        metrics, samples, seconds = ray.get(ref)
+        tracker.log_metrics(run_id, metrics, step=epoch)
+        with tempfile.TemporaryDirectory(prefix="energy-study-kept-") as tmp:
+            path = Path(tmp) / ENERGIES_FILE
+            np.savez_compressed(path, **samples)
+            tracker.log_artifact(run_id, path)
+            if energy_histogram(path, Path(tmp) / ENERGY_HIST, f"trial {trial_id}"):
+                tracker.log_artifact(run_id, Path(tmp) / ENERGY_HIST)
+        out[trial_id] = dict(metrics)
+        echo(
+            f"  trial {trial_id} (epoch {epoch} kept): test clean "
+            f"{metrics.get('test/clean_acc', float('nan')):.4f}, PGD "
+            f"{metrics.get('test/pgd_acc', float('nan')):.4f} ({seconds:.1f} s)"
+        )
+    return out
 
 
 def evaluate_finalists(

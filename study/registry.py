@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from reports.data import retry
+from reports.ranking import run_metrics
 from reports.vocabulary import (
     ALIAS_CANDIDATE,
     ALIAS_CHAMPION,
@@ -401,7 +402,7 @@ def register_candidate(candidate: Candidate) -> Registered:
     run_id, trial = run.info.run_id, run.data.tags.get(TAG_TRIAL, "?")
     source = {"study": candidate.study, "trial": trial, "run": run_id}
     info = log_model(candidate.tracker, candidate.built, model_name=TRIAL_MODEL, source=source)
-    value = float(run.data.metrics.get(candidate.metric, math.nan))
+    value = float(run_metrics(run).get(candidate.metric, math.nan))  # ΔE stop: kept epoch's
     tags = {
         **source_tags(source),
         TAG_MODEL_RUN: run_id,

@@ -77,6 +77,17 @@ class TrialOutcome:
     error: str | None
     run_id: str | None = None  # its MLflow run (study generate sets it)
     feasible: bool = True  # it met the study's constraints (reports.ranking.is_feasible)
+    # STOPPED by the ΔE stopper: the epoch it keeps as its result (``metrics`` are then
+    # that epoch's); None otherwise, or when no epoch before the fall was eligible
+    kept_epoch: int | None = None
+
+    @property
+    def is_result(self) -> bool:
+        """Whether it stands for a trained configuration: FINISHED, or ΔE-stopped with a
+        kept epoch (:func:`reports.ranking.is_result` for its MLflow run)."""
+        return self.status == "FINISHED" or (
+            self.status == "STOPPED" and self.kept_epoch is not None
+        )
 
 
 @dataclass
@@ -504,6 +515,7 @@ def trial_outcomes(
     grid: Any,
     finished: Callable[[dict[str, Any], dict[str, float]], bool],
     feasible: Callable[[dict[str, float]], bool] | None = None,
+    kept: Callable[[dict[str, Any], list[dict[str, Any]]], Any] | None = None,
 ) -> list[TrialOutcome]:
     """Every started trial of a Tune result grid, as the search ended it.
 
@@ -513,6 +525,9 @@ def trial_outcomes(
             to its end (FINISHED) rather than being stopped early (STOPPED).
         feasible: ``metrics -> bool``: whether a trial's last result meets the study's
             constraints (:meth:`StudySpec.meets_constraints`); None: every trial does.
+        kept: ``(config, per-epoch results) -> KeptResult | None``
+            (:meth:`StudySpec.kept_result`): the epoch a STOPPED trial keeps when the
+            ΔE stopper stopped it; its metrics (and feasibility) are then that epoch's.
     """
     outcomes = []
     for result in grid:
@@ -525,11 +540,32 @@ def trial_outcomes(
         else:
             status = "FINISHED" if finished(result.config, metrics) else "STOPPED"
         error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
+        stop = _kept_of(result, kept) if status == "STOPPED" else None
+        if stop is not None and stop.epoch is not None:
+            metrics = {**metrics, **stop.metrics}
         ok = feasible is None or status == "FAILED" or feasible(metrics)
-        outcomes.append(
-            TrialOutcome(str(trial_id), status, dict(result.config), metrics, error, feasible=ok)
+        outcome = TrialOutcome(
+            str(trial_id), status, dict(result.config), metrics, error, feasible=ok
         )
+        outcome.kept_epoch = None if stop is None else stop.epoch
+        outcomes.append(outcome)
     return outcomes
+
+
+def _kept_of(result: Any, kept: Callable[..., Any] | None) -> Any:
+    """The ΔE stopper's kept result of a stopped trial (``kept`` on every epoch Tune
+    recorded for it), or None."""
+    if kept is None:
+        return None
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is None or "epoch" not in getattr(frame, "columns", ()):
+        return None
+    rows = [{k: v for k, v in row.items() if v == v} for row in frame.to_dict("records")]
+    try:
+        return kept(result.config, rows)
+    except Exception as exc:  # noqa: BLE001 - the trial counts as stopped, as before
+        print(f"warning: a trial's ΔE stop could not be read: {exc}", file=sys.stderr)
+        return None
 
 
 def ended_trials(grid: Any) -> dict[str, EndedTrial]:
@@ -711,7 +747,8 @@ def _fit_and_finish(
         # placement groups behind; the study is over, so every one of them goes
         remove_orphaned_placement_groups(all_of_this_job=True)
     # the rules the searcher and the MLflow callback use
-    outcomes = trial_outcomes(grid, spec.ran_full_budget, spec.meets_constraints)
+    kept = spec.kept_result if spec.stop_on_energy_divergence else None
+    outcomes = trial_outcomes(grid, spec.ran_full_budget, spec.meets_constraints, kept)
     outcome = StudyOutcome(spec, outcomes, parent, search_s=search_s)
     if not interrupted and len(grid) < spec.trials:  # never silently short
         print(
@@ -729,6 +766,7 @@ def _fit_and_finish(
         raise StudyInterrupted(spec, outcome, sigint.signum)
     _reconcile(tracker, spec, parent, outcomes, ended, fit_started_ms)
     t1 = time.perf_counter()
+    test_kept(spec, tracker, outcome)
     outcome.finals = run_finals(spec, tracker, outcome)
     outcome.final_s = time.perf_counter() - t1
     describe_study(tracker, spec, parent, ended=True)  # best trials; the UI's runs view
@@ -748,11 +786,28 @@ def finalists(outcome: StudyOutcome) -> list[TrialOutcome]:
     spec = outcome.spec
     if spec.finalists <= 0:
         return []
-    finished = [t for t in outcome.trials if t.status == "FINISHED" and t.feasible]
+    finished = [t for t in outcome.trials if t.is_result and t.feasible]
     if spec.multi_objective:
         front = {t.trial_id for t in pareto_front(finished, spec.metrics, spec.modes)}
         return [t for t in outcome.ranked() if t.trial_id in front]
-    return [t for t in outcome.ranked() if t.status == "FINISHED" and t.feasible][: spec.finalists]
+    return [t for t in outcome.ranked() if t.is_result and t.feasible][: spec.finalists]
+
+
+def test_kept(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> None:
+    """Test the checkpoints the ΔE-stopped trials kept (:func:`study.finals.evaluate_kept`)
+    and add their ``test/*`` metrics to the trials' outcomes."""
+    from study.finals import evaluate_kept
+
+    kept = [t for t in outcome.trials if t.status == "STOPPED" and t.kept_epoch is not None]
+    if not kept:
+        return
+    tested = evaluate_kept(
+        spec,
+        tracker,
+        [(t.trial_id, t.kept_epoch, spec.trial_config(t.config).to_dict()) for t in kept],
+    )
+    for t in kept:
+        t.metrics.update(tested.get(t.trial_id, {}))
 
 
 def run_finals(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> list[Any]:

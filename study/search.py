@@ -5,7 +5,8 @@ scheduler stopped early is COMPLETE, with the value of the epoch it reached, so 
 takes an epoch-3 score for a final one. :class:`StudySearch` tells Optuna what
 happened instead: every epoch is an intermediate value at step = ``epoch``, a trial
 stopped before its full budget is PRUNED, a failed one FAIL, and only a trial that
-ran its full budget is COMPLETE, with its final value(s). A study with constraints
+ran its full budget is COMPLETE, with its final value(s), or one the ΔE stopper
+stopped, with the values of the epoch it kept (:mod:`study.stopper`). A study with constraints
 (``--constraint``) gives every COMPLETE or PRUNED trial one value per constraint
 (:meth:`optuna.trial.Trial.set_constraint`, the API of Optuna 5 that replaces the
 sampler's deprecated ``constraints_func``), computed from the trial's last result;
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: ``(config, metrics) -> bool``: whether a trial ran its full budget.
 Finished = Callable[[dict[str, Any], dict[str, Any]], bool]
+#: ``(config, per-epoch results) -> study.stopper.KeptResult | None``: the result the ΔE
+#: stopper kept of a trial it stopped.
+Kept = Callable[[dict[str, Any], list[dict[str, Any]]], Any]
 
 
 class StudySearch(OptunaSearch):
@@ -52,6 +56,11 @@ class StudySearch(OptunaSearch):
         constraints: the study's constraints (:mod:`reports.constraints`): each ended
             trial but a failed one gets their values from its last result, under the
             constraint's text (``val/clean_acc>=0.8``) as Optuna's key.
+        kept: with the ΔE stopper on (:meth:`study.spec.StudySpec.kept_result`): the
+            epoch a trial it stopped keeps as its result. Such a trial is COMPLETE with
+            that epoch's values (and constraint values), its kept and stop epochs in the
+            trial's user attributes; one with no eligible epoch before the fall is
+            PRUNED. None: no stopper. It must pickle like ``finished``.
         **kwargs: the arguments of :class:`~ray.tune.search.optuna.OptunaSearch`.
     """
 
@@ -60,10 +69,15 @@ class StudySearch(OptunaSearch):
         *,
         finished: Finished | None = None,
         constraints: Sequence[Constraint] = (),
+        kept: Kept | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._finished = finished
+        self._kept = kept
+        # running trial -> its epochs' numbers (only with ``kept``: what the ΔE rule,
+        # the kept epoch's selection, the objectives and the constraints read)
+        self._rows: dict[str, dict[int, dict[str, float]]] = {}
         self._constraints = tuple(constraints)
         self._configs: dict[str, dict[str, Any]] = {}  # Tune trial id -> its config
         self._last_step: dict[str, int] = {}  # Tune trial id -> last epoch told to Optuna
@@ -82,7 +96,21 @@ class StudySearch(OptunaSearch):
         if trial_id in self._completed_trials:
             return
         self._last[trial_id] = {k: v for k, v in result.items() if isinstance(v, int | float)}
+        self._keep_row(trial_id, result)
         self._report(trial_id, result)
+
+    def _keep_row(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Keep the numbers of one epoch that a ΔE-stopped trial's end reads (``kept``)."""
+        epoch = result.get("epoch")
+        if getattr(self, "_kept", None) is None or not isinstance(epoch, int | float):
+            return
+        from study.stopper import DELTA_ENERGY
+
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        wanted = {"epoch", "val/pgd_acc", DELTA_ENERGY, *metrics}
+        wanted.update(c.metric for c in getattr(self, "_constraints", ()))
+        row = {k: float(result[k]) for k in wanted if isinstance(result.get(k), int | float)}
+        self._rows.setdefault(trial_id, {})[int(epoch)] = row
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -97,8 +125,13 @@ class StudySearch(OptunaSearch):
             return
         result = result or self._last.get(trial_id) or {}
         if not error:
+            self._keep_row(trial_id, result)
             self._report(trial_id, result)
         state, values = self._ending(trial_id, result, error)
+        kept = self._kept_of(trial_id, result) if state == TrialState.PRUNED else None
+        if kept is not None:
+            result = kept  # its constraints are the kept epoch's
+            state, values = self._ending(trial_id, kept, error, kept=True)
         if isinstance(self.metric, list) and result.get("epoch") is not None:
             # no intermediate values with several objectives: the epochs it ran, told apart
             self._ot_trials[trial_id].set_user_attr("epochs_run", int(result["epoch"]))
@@ -111,6 +144,29 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         self._last.pop(trial_id, None)
         self._last_step.pop(trial_id, None)
+        getattr(self, "_rows", {}).pop(trial_id, None)
+
+    def _kept_of(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any] | None:
+        """The kept epoch's numbers of a trial the ΔE stopper stopped (None: it did not,
+        or no epoch before the fall was eligible); the stop and kept epochs go into the
+        Optuna trial's user attributes."""
+        if getattr(self, "_kept", None) is None or trial_id not in self._rows:
+            return None
+        config = self._configs.get(trial_id) or result.get("config") or {}
+        rows = [self._rows[trial_id][e] for e in sorted(self._rows[trial_id])]
+        try:
+            kept = self._kept(config, rows)
+        except Exception as exc:  # noqa: BLE001 - told PRUNED as before; Tune goes on
+            logger.warning("trial %s: its ΔE stop could not be read: %s", trial_id, exc)
+            return None
+        if kept is None:
+            return None
+        trial = self._ot_trials[trial_id]
+        trial.set_user_attr("stop_epoch", kept.found.epoch)
+        if kept.epoch is None:
+            return None
+        trial.set_user_attr("kept_epoch", kept.epoch)
+        return dict(kept.metrics)
 
     def _tell_constraints(self, trial_id: str, result: dict[str, Any]) -> None:
         """Give the trial each constraint's value (:meth:`Constraint.violation` of its last
@@ -138,9 +194,10 @@ class StudySearch(OptunaSearch):
             self._last_step[trial_id] = int(epoch)
 
     def _ending(
-        self, trial_id: str, result: dict[str, Any], error: bool
+        self, trial_id: str, result: dict[str, Any], error: bool, *, kept: bool = False
     ) -> tuple[TrialState, float | list[float] | None]:
-        """The Optuna state of an ended trial and the values to tell with it."""
+        """The Optuna state of an ended trial and the values to tell with it (``kept``:
+        ``result`` is the epoch the ΔE stopper kept, a complete result)."""
         if error:
             return TrialState.FAIL, None
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -148,7 +205,7 @@ class StudySearch(OptunaSearch):
         config = self._configs.get(trial_id) or result.get("config") or {}
         if any(v is None for v in values):
             return TrialState.PRUNED, None
-        if self._finished is not None and not self._finished(config, result):
+        if not kept and self._finished is not None and not self._finished(config, result):
             return TrialState.PRUNED, None  # Optuna keeps its last intermediate value
         floats = [float(v) for v in values]
         return TrialState.COMPLETE, floats if len(floats) > 1 else floats[0]
@@ -480,9 +537,11 @@ def make_searcher(spec: SearchSpec, space: Any, storage: Any = None) -> StudySea
     multi = spec.multi_objective
     finished = spec.ran_full_budget if isinstance(spec, StudySpec) else None
     constraints = spec.constraint_list if isinstance(spec, StudySpec) else []
+    stopper = isinstance(spec, StudySpec) and spec.stop_on_energy_divergence
     return StudySearch(
         finished=finished,
         constraints=constraints,
+        kept=spec.kept_result if stopper else None,
         space=space,
         metric=spec.metrics if multi else spec.metrics[0],
         mode=spec.modes if multi else spec.modes[0],

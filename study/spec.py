@@ -527,6 +527,23 @@ class StudySpec(SearchSpec):
         epochs = self.trial_config(config).epochs
         return metrics.get("epoch", 0) >= epochs and "test/clean_acc" in metrics
 
+    def kept_result(self, config: Mapping[str, Any], rows: list[Mapping[str, Any]]) -> Any:
+        """The result of a trial the ΔE stopper stopped (:func:`study.stopper.kept_result`:
+        its kept epoch and that epoch's metrics), or None: the stopper is off, or it did
+        not stop this trial.
+
+        Args:
+            config: the trial's Tune config.
+            rows: its per-epoch results (each with ``epoch``).
+        """
+        from study.stopper import kept_result, rule_of
+
+        rule = rule_of(self)
+        if rule is None:
+            return None
+        cfg = self.trial_config(config)
+        return kept_result(rule, rows, cfg.select_from, cfg.epochs)
+
     def check_new(self) -> None:
         """Refuse a name that a study in the storage already has (its ``study.yaml``):
         ``study run`` starts new studies only (``--resume`` continues one)."""

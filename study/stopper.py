@@ -25,12 +25,14 @@ fall: the ``best.pt`` that the loop had written when epoch ``p`` ended (its
 selection rule, the highest ``val/pgd_acc`` from ``select_from`` on, over epochs
 ``≤ p``), never one from the fall itself (:func:`energy_stop`).
 
-A ΔE-stopped trial is an early-stopped trial like one ASHA stops: its run is tagged
-``energy_study.early_stopped = true``, and Optuna is told PRUNED with its
-intermediate values (:class:`study.search.StudySearch`): the study's objective is a
-trial's result after its full budget, which this trial did not run, and TPE ranks
-pruned trials below complete ones, so the search moves away from settings that
-overfit within the budget. Its run records the stop (:func:`stop_tags`).
+A ΔE-stopped trial's result is its kept epoch (:func:`kept_result`, the same
+replay on the epochs Tune recorded): Optuna is told COMPLETE with that epoch's
+objective values (:class:`study.search.StudySearch`); its run is tagged
+``energy_study.early_stopped = true`` with the stop (:func:`stop_tags`), logs the kept
+epoch's metrics again under ``kept/`` (what ranking reads for it,
+:func:`reports.ranking.result_metrics`), and after the search its kept ``best.pt`` is
+tested like a finished trial's (:func:`study.finals.evaluate_kept`). A stopped trial
+with no eligible epoch before the fall keeps nothing and is PRUNED.
 """
 
 from __future__ import annotations
@@ -157,6 +159,77 @@ def history_from_rows(rows: list[Mapping[str, Any]]) -> dict[int, float]:
         if isinstance(epoch, int | float) and isinstance(value, int | float):
             out[int(epoch)] = float(value)
     return out
+
+
+def kept_epoch(
+    rows: Mapping[int, Mapping[str, Any]], peak_epoch: int, select_from: int, epochs: int
+) -> int | None:
+    """The epoch of the ``best.pt`` the loop had written when epoch ``peak_epoch`` ended:
+    the highest ``val/pgd_acc`` from epoch ``min(select_from, epochs)`` on, the first
+    one on ties (the rule of :meth:`trainables.loop._Progress.record`); None when no
+    epoch up to the peak was eligible (or the run has no validation set: then only the
+    last epoch, never reached before a fall, is).
+
+    Args:
+        rows: each epoch's metrics by epoch (from 1).
+        peak_epoch: the last epoch looked at (the peak before the ΔE fall).
+        select_from: the run's ``select_from`` (first epoch eligible for ``best.pt``).
+        epochs: the run's epochs (its budget).
+    """
+    best, best_score = None, -math.inf
+    first = min(select_from, epochs)
+    for epoch in sorted(e for e in rows if e <= peak_epoch):
+        score = rows[epoch].get("val/pgd_acc")
+        if isinstance(score, int | float) and epoch >= first and score > best_score:
+            best, best_score = epoch, float(score)
+    return best
+
+
+@dataclass(frozen=True)
+class KeptResult:
+    """The result of a trial the ΔE rule stopped: its kept epoch and that epoch's metrics.
+
+    Attributes:
+        found: where the rule held.
+        epoch: the kept epoch (:func:`kept_epoch`), None when none was eligible (the
+            trial then has no result).
+        metrics: the kept epoch's per-epoch metrics (empty with ``epoch`` None).
+    """
+
+    found: Divergence
+    epoch: int | None
+    metrics: Mapping[str, float]
+
+
+def kept_result(
+    rule: DivergenceRule | None,
+    rows: list[Mapping[str, Any]],
+    select_from: int,
+    epochs: int,
+) -> KeptResult | None:
+    """Whether the ΔE rule stopped a trial with per-epoch results ``rows`` (it holds
+    somewhere in their ΔE history: the stopper would have stopped it there), and the
+    epoch and metrics kept as its result; None when it did not (or ``rule`` is None).
+
+    Args:
+        rule: the study's rule (:func:`rule_of`).
+        rows: the trial's per-epoch results (dicts with ``epoch``), any order.
+        select_from: the trial's ``select_from``.
+        epochs: the trial's epochs.
+    """
+    if rule is None:
+        return None
+    found = divergence_onset(history_from_rows(rows), rule)
+    if found is None:
+        return None
+    by_epoch: dict[int, dict[str, float]] = {}
+    for row in rows:
+        epoch = row.get("epoch")
+        if isinstance(epoch, int | float):
+            numbers = {k: float(v) for k, v in row.items() if isinstance(v, int | float)}
+            by_epoch.setdefault(int(epoch), {}).update(numbers)
+    kept = kept_epoch(by_epoch, found.peak_epoch, select_from, epochs)
+    return KeptResult(found, kept, by_epoch.get(kept, {}) if kept is not None else {})
 
 
 def read_metrics_log(path: Path) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from reports.ranking import run_metrics
 from reports.vocabulary import (
     DESCRIPTION_TAG,
     EXPERIMENT_KIND_TAG,
@@ -371,7 +372,7 @@ def study_description(
         name = run.info.run_name or run.info.run_id
         if experiment_id is not None:
             name = f"[{name}](#/experiments/{experiment_id}/runs/{run.info.run_id})"
-        cells = [_cell(run.data.metrics.get(c)) for c in columns]
+        cells = [_cell(run_metrics(run).get(c)) for c in columns]  # ΔE stop: the kept epoch
         trial = run.data.tags.get(TAG_TRIAL, "?")
         lines.append(f"| {rank} | {name} | {trial} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -385,7 +386,7 @@ def best_trial_runs(tracker: Any, study: str, top: int = TOP_TRIALS) -> list[Any
 
     objectives, modes = study_objectives(tracker, study)
     finished = [r for r in trial_runs(tracker, study) if r.info.status == "FINISHED"]
-    scored = [r for r in finished if math.isfinite(r.data.metrics.get(objectives[0], math.nan))]
+    scored = [r for r in finished if math.isfinite(run_metrics(r).get(objectives[0], math.nan))]
     return rank_runs(scored, objectives, modes)[:top]
 
 

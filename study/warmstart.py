@@ -34,8 +34,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from reports.ranking import is_result, run_metrics
 from reports.vocabulary import (
-    TAG_EARLY,
     TAG_ROLE,
     TAG_SEARCHED,
     TAG_STUDY,
@@ -54,7 +54,9 @@ SOURCE_ATTR = "warm_start_from"
 TRIAL_ATTR = "warm_start_trial"
 
 # why a run of the other study is not seeded (the printed summary counts each)
-NOT_COMPLETE = "did not run their full budget (stopped early, failed or unfinished)"
+NOT_COMPLETE = (
+    "did not run their full budget (stopped early without a kept ΔE result, failed or unfinished)"
+)
 NO_OBJECTIVE = "lack a finite value of the objective"
 NOT_IN_SPACE = "have a parameter the new space does not search (for these values)"
 MISSING = "lack a parameter the new space searches"
@@ -165,16 +167,17 @@ def seed_trial(
         Skip: the run cannot seed the new study (the reason says why).
     """
     data = run.data
-    if run.info.status != "FINISHED" or data.tags.get(TAG_EARLY, "false") == "true":
+    if run.info.status != "FINISHED" or not is_result(run):
         raise Skip(NOT_COMPLETE)
-    values = [data.metrics.get(m, math.nan) for m in spec.metrics]
+    metrics = run_metrics(run)  # a ΔE-stopped trial: the epoch it kept
+    values = [metrics.get(m, math.nan) for m in spec.metrics]
     if not all(math.isfinite(v) for v in values):
         raise Skip(NO_OBJECTIVE)
     searched = [k for k in data.tags.get(TAG_SEARCHED, "").split(",") if k]
     known = old_names if old_names is not None else set(space.names)
     sampled = {k: data.params[k] for k in searched if k in known and k in data.params}
     params, distributions = fit_params(space, sampled)
-    constraints = {c.text: c.violation(data.metrics) for c in spec.constraint_list}
+    constraints = {c.text: c.violation(metrics) for c in spec.constraint_list}
     return optuna.trial.create_trial(
         state=TrialState.COMPLETE,
         values=values,

@@ -231,6 +231,70 @@ def test_energy_stop_keeps_the_best_pt_of_the_peaks_checkpoint(tmp_path) -> None
     assert none.best is None and none.kept_epoch is None and none.error is None
 
 
+# --- the result a stopped trial keeps ---------------------------------------------------
+
+
+def test_the_kept_epoch_follows_the_loops_best_pt_rule() -> None:
+    from study.stopper import kept_epoch
+
+    rows = {1: {"val/pgd_acc": 0.5}, 2: {"val/pgd_acc": 0.3}, 3: {"val/pgd_acc": 0.5},
+            4: {"val/pgd_acc": 0.4}, 5: {"val/pgd_acc": 0.9}}  # fmt: skip
+    assert kept_epoch(rows, peak_epoch=4, select_from=1, epochs=10) == 1  # ties: the first
+    assert kept_epoch(rows, peak_epoch=4, select_from=2, epochs=10) == 3
+    assert kept_epoch(rows, peak_epoch=5, select_from=2, epochs=10) == 5
+    assert kept_epoch(rows, peak_epoch=2, select_from=3, epochs=10) is None  # none eligible
+    assert kept_epoch(rows, peak_epoch=4, select_from=30, epochs=4) == 4  # min(30, epochs)
+    no_val = {1: {"val/clean_acc": 0.5}, 2: {"val/clean_acc": 0.6}}
+    assert kept_epoch(no_val, peak_epoch=2, select_from=1, epochs=5) is None
+
+
+def test_kept_result_names_the_stop_and_the_kept_epochs_metrics() -> None:
+    from study.stopper import kept_result
+
+    rule = DivergenceRule(window=2, threshold=0.25, min_epoch=2, min_drop=0.1)
+    deltas, accs = [1.0, 1.5, 1.6, 0.5], [0.30, 0.45, 0.40, 0.20]
+    rows = [{"epoch": e, DELTA_ENERGY: d, "val/pgd_acc": a, "val/clean_acc": a + 0.3}
+            for e, (d, a) in enumerate(zip(deltas, accs), start=1)]  # fmt: skip
+    kept = kept_result(rule, rows, select_from=1, epochs=10)
+    assert (kept.found.epoch, kept.found.peak_epoch, kept.epoch) == (4, 3, 2)
+    assert kept.metrics["val/pgd_acc"] == 0.45 and kept.metrics["val/clean_acc"] == 0.75
+    assert kept_result(rule, rows[:3], select_from=1, epochs=10) is None  # no fall yet
+    assert kept_result(None, rows, select_from=1, epochs=10) is None  # stopper off
+    none = kept_result(rule, rows, select_from=4, epochs=10)
+    assert none.epoch is None and none.metrics == {}
+
+
+def test_the_searcher_tells_a_stopped_trial_complete_with_its_kept_epochs_value(
+    tmp_path,
+) -> None:
+    from optuna.trial import TrialState
+    from test_search import _searcher
+
+    spec, searcher = _searcher(tmp_path, epochs=8, stop_on_energy_divergence=True,
+                               divergence_window=2, divergence_min_epoch=2)  # fmt: skip
+    for trial_id in ("kept", "none", "asha"):
+        assert searcher.suggest(trial_id)
+    deltas, accs = [1.0, 1.5, 1.6, 0.5], [0.30, 0.45, 0.40, 0.20]
+    for trial_id in ("kept", "none"):
+        for epoch, (d, a) in enumerate(zip(deltas, accs), start=1):
+            result = {"epoch": epoch, DELTA_ENERGY: d, "val/pgd_acc": a}
+            if epoch < 4:
+                searcher.on_trial_result(trial_id, result)
+        if trial_id == "none":  # nothing up to the peak could become best.pt
+            searcher._configs[trial_id] = {**searcher._configs[trial_id], "select_from": 4}
+        searcher.on_trial_complete(trial_id, result)  # the stop epoch's result
+    searcher.on_trial_result("asha", {"epoch": 1, DELTA_ENERGY: 1.0, "val/pgd_acc": 0.1})
+    searcher.on_trial_complete("asha", {"epoch": 2, DELTA_ENERGY: 1.1, "val/pgd_acc": 0.2})
+
+    kept, none, asha = searcher._ot_study.get_trials(deepcopy=False)
+    assert kept.state == TrialState.COMPLETE and kept.value == pytest.approx(0.45)
+    assert kept.user_attrs == {"stop_epoch": 4, "kept_epoch": 2}
+    assert kept.intermediate_values == pytest.approx(dict(enumerate(accs, start=1)))
+    assert none.state == TrialState.PRUNED and none.user_attrs == {"stop_epoch": 4}
+    assert asha.state == TrialState.PRUNED and asha.user_attrs == {}  # no fall: ASHA's stop
+    assert searcher._rows == {}  # nothing kept after the ends
+
+
 # --- a real study ----------------------------------------------------------------------
 
 
@@ -239,7 +303,7 @@ def test_energy_stop_keeps_the_best_pt_of_the_peaks_checkpoint(tmp_path) -> None
 def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp_path) -> None:
     """One trial at a time (ASHA's cuts then follow from the seeded sampler and training,
     never from which trial reached a rung first)."""
-    from study.export import trial_runs
+    from study.export import best_runs, trial_runs
     from study.tracking import MlflowTracker
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -257,6 +321,7 @@ def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp
 
     tracker = MlflowTracker(tracking, "de-stop")
     stopped = finished = 0
+    results: set[str] = set()
     for run in trial_runs(tracker, "de-stop"):
         points = tracker.client.get_metric_history(run.info.run_id, DELTA_ENERGY)
         history = {int(m.step): m.value for m in points}
@@ -276,5 +341,26 @@ def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp
         assert 1 <= kept <= onset.peak_epoch < onset.epoch
         weights = tracker.download(run.info.run_id, BEST_CHECKPOINT, tmp_path / run.info.run_id)
         assert torch.load(Path(weights), weights_only=True)["epoch"] == kept
-    assert stopped >= 1
-    assert code == (0 if finished else 1)  # `study run` fails when no trial ran to its end
+        # the kept epoch is the trial's result: its metrics again under kept/, the
+        # best.pt selection's record, and its checkpoint tested like a finished trial's
+        metrics, run_id = run.data.metrics, run.info.run_id
+        val = {
+            int(m.step): m.value for m in tracker.client.get_metric_history(run_id, "val/pgd_acc")
+        }
+        assert (
+            metrics["kept/val/pgd_acc"]
+            == val[kept]
+            == max(v for e, v in val.items() if e <= onset.peak_epoch)
+        )
+        assert metrics["best_epoch"] == kept and metrics["best/val_pgd_acc"] == val[kept]
+        assert (
+            metrics["test/n"] == 100 and 0 <= metrics["test/pgd_acc"] <= metrics["test/clean_acc"]
+        )
+        files = {f.path for f in tracker.client.list_artifacts(run_id)}
+        assert {"energies.npz", "energy_hist.png"} <= files
+        results.add(run.data.tags[TAG_TRIAL])
+    assert stopped >= 1 and results
+    # export, finals, warm start and the report take them as results, by the kept epoch
+    ranked = best_runs(tracker, "de-stop", "val/pgd_acc", top=10)
+    assert results <= {r.data.tags[TAG_TRIAL] for r in ranked}
+    assert code == 0  # a kept result counts as a trial that ran to its end

@@ -728,13 +728,30 @@ def final_evaluation(
     """
     best = load_checkpoint(out / BEST_CHECKPOINT, map_location=device)
     model.load_state_dict(best["model"])
+    metrics, samples = measure_test_set(cfg, model, data, device=device, view=view)
+    energies = out / ENERGIES_FILE
+    np.savez_compressed(energies, **samples)
+    return metrics, {"energies": energies}
+
+
+def measure_test_set(
+    cfg: TrainConfig,
+    model: nn.Module,
+    data: DataBundle,
+    *,
+    device: torch.device,
+    view: nn.Module | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A run's test metrics of ``model`` (weights loaded): :func:`measure` on its
+    ``test_subset`` test points, AutoAttack when ``cfg.autoattack``, as ``test/*`` with
+    n and 95 % Wilson bounds; and the per-point arrays (what ``energies.npz`` holds).
+    The final evaluation of a run, and of the checkpoint a ΔE-stopped trial kept
+    (:func:`study.finals.evaluate_kept`)."""
     test = data.test.subset(cfg.test_subset, seed=cfg.split_seed)
     metrics, samples = measure(
         cfg, model, test, device=device, view=view, autoattack=cfg.autoattack
     )
-    energies = out / ENERGIES_FILE
-    np.savez_compressed(energies, **samples)
-    return accuracies_with_n("test", metrics, len(test)), {"energies": energies}
+    return accuracies_with_n("test", metrics, len(test)), samples
 
 
 def trained_model(
