@@ -257,6 +257,22 @@ def test_show_prints_the_metric_points_a_run_lost_under_its_trial() -> None:
     assert sum("metrics missing" in ln for ln in lines) == 1
 
 
+def test_a_stopped_trial_with_a_kept_epoch_ranks_and_shows_by_that_epoch() -> None:
+    from reports.ranking import is_result
+    from reports.vocabulary import TAG_EARLY, TAG_KEPT_EPOCH, TAG_STOP_EPOCH
+
+    stop = {TAG_EARLY: "true", TAG_STOP_EPOCH: "9", TAG_KEPT_EPOCH: "6"}
+    kept = mlflow_like("abc12_00000", tags=stop, **{PGD: 0.30, "kept/" + PGD: 0.62})
+    asha = mlflow_like("abc12_00001", tags={TAG_EARLY: "true"}, **{PGD: 0.70})
+    full = mlflow_like("abc12_00002", tags={TAG_EARLY: "false"}, **{PGD: 0.60})
+    assert [is_result(r) for r in (kept, asha, full)] == [True, False, True]
+    assert ids(rank_runs([full, kept], [PGD], ["max"])) == ["abc12_00000", "abc12_00002"]
+    lines = show_lines([full, kept], [PGD], ["max"])
+    at = next(i for i, ln in enumerate(lines) if "abc12_00000" in ln)
+    assert "0.6200" in lines[at] and "0.3000" not in lines[at]
+    assert lines[at + 1] == "    ΔE stop at epoch 9; its values are those of epoch 6 (kept)"
+
+
 # --- a real MLflow store --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
