@@ -104,8 +104,9 @@ def constraint_tags(spec: StudySpec, last: dict[str, Any]) -> dict[str, str]:
 
     Args:
         spec: the study.
-        last: the trial's last result (the values the constraints are judged on, the same
-            that Optuna is given: :class:`study.search.StudySearch`).
+        last: the trial's result (the values the constraints are judged on, the same
+            that Optuna is given: :class:`study.search.StudySearch`): its last result,
+            or the metrics of a ΔE-stopped trial's kept epoch.
     """
     constraints = spec.constraint_list
     if not constraints:
@@ -397,8 +398,12 @@ class MlflowCallback(Callback):
             return
         done = self.spec.ran_full_budget(config, last)
         stop_tags: dict[str, str] = {}
-        missing = self._upload_files(run_id, trial_id, checkpoint, last, done, stop_tags)
-        tags = {TAG_EARLY: str(not done).lower(), **constraint_tags(self.spec, last), **stop_tags}
+        kept: dict[str, Any] = {}
+        missing = self._upload_files(run_id, trial_id, checkpoint, last, done, stop_tags, kept)
+        # a ΔE-stopped trial's result is its kept epoch: its constraints are judged there,
+        # as Optuna is told (study.search.StudySearch)
+        judged = kept or last
+        tags = {TAG_EARLY: str(not done).lower(), **constraint_tags(self.spec, judged), **stop_tags}
         if missing:
             tags[TAG_ARTIFACT_ERROR] = "; ".join(f"{k}: {v}" for k, v in missing.items())
             print(
@@ -417,13 +422,15 @@ class MlflowCallback(Callback):
         last: dict[str, Any],
         done: bool,
         stop_tags: dict[str, str] | None = None,
+        kept_row: dict[str, Any] | None = None,
     ) -> dict[str, str]:
         """Log the files of the trial's last checkpoint (in storage) into its run;
         returns ``{file: reason}`` for each file it must have and could not log.
 
         A trial the ΔE stopper stopped (:func:`study.stopper.energy_stop`) gets the
-        ``best.pt`` of its epoch before the fall instead of its last checkpoint's, and
-        its stop tags go into ``stop_tags``."""
+        ``best.pt`` of its epoch before the fall instead of its last checkpoint's, its
+        stop tags go into ``stop_tags``, and the metrics of its kept epoch (its result)
+        into ``kept_row``."""
         required = FINISHED_RUN_FILES if done else STOPPED_RUN_FILES
         missing: dict[str, str] = {}
         try:
@@ -446,7 +453,13 @@ class MlflowCallback(Callback):
                 if stopped is not None and stop_tags is not None:
                     stop_tags.update(energy_stop_tags(stopped.found, stopped.kept_epoch))
                 if stopped is not None and stopped.kept_epoch is not None:
-                    self._log_kept(run_id, folder / METRICS_LOG, stopped.kept_epoch)
+                    try:
+                        row = self._log_kept(run_id, folder / METRICS_LOG, stopped.kept_epoch)
+                    except Exception as exc:  # noqa: BLE001 - its files still go up
+                        row = {}
+                        missing["kept"] = f"the kept epoch's metrics could not be logged: {exc}"
+                    if kept_row is not None:
+                        kept_row.update(row)
                 if stopped is not None and stopped.error:
                     missing[BEST_CHECKPOINT] = stopped.error
                 staged: list[tuple[str, str | None]] = []
@@ -475,11 +488,12 @@ class MlflowCallback(Callback):
             missing["checkpoint"] = f"could not be read from storage: {exc}"
         return missing
 
-    def _log_kept(self, run_id: str, log: Path, epoch: int) -> None:
+    def _log_kept(self, run_id: str, log: Path, epoch: int) -> dict[str, float]:
         """Log the kept epoch of a ΔE-stopped trial as its result: that epoch's metrics
         again under ``kept/`` (:data:`~reports.vocabulary.KEPT_PREFIX`), with
         ``best_epoch`` and ``best/val_pgd_acc`` as a finished trial has them, all at
-        step ``epoch``.
+        step ``epoch``; returns that epoch's metrics (without ``kept/``), empty when the
+        log lacks the epoch.
 
         Args:
             run_id: the trial's MLflow run.
@@ -488,13 +502,14 @@ class MlflowCallback(Callback):
         """
         rows = [r for r in read_metrics_log(log) if r.get("epoch") == epoch]
         if not rows:
-            return
+            return {}
         metrics = {k: v for k, v in our_metrics(rows[-1]).items() if not k.startswith("test/")}
         points = [(KEPT_PREFIX + k, float(v), epoch) for k, v in metrics.items()]
         points.append(("best_epoch", float(epoch), epoch))
         if "val/pgd_acc" in metrics:
             points.append(("best/val_pgd_acc", float(metrics["val/pgd_acc"]), epoch))
         self.tracker.log_points(run_id, points)
+        return metrics
 
     def _backfill_epochs(self, run_id: str, log: Path) -> list[int]:
         """Log the epochs of the trial's ``metrics.jsonl`` (from its checkpoint in storage)

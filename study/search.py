@@ -9,8 +9,9 @@ ran its full budget is COMPLETE, with its final value(s), or one the ΔE stopper
 stopped, with the values of the epoch it kept (:mod:`study.stopper`). A study with constraints
 (``--constraint``) gives every COMPLETE or PRUNED trial one value per constraint
 (:meth:`optuna.trial.Trial.set_constraint`, the API of Optuna 5 that replaces the
-sampler's deprecated ``constraints_func``), computed from the trial's last result;
-TPE then keeps violating trials apart from the feasible ones.
+sampler's deprecated ``constraints_func``), computed from the trial's last result (a
+ΔE-stopped trial's: from its kept epoch); TPE then keeps violating trials apart from
+the feasible ones.
 """
 
 from __future__ import annotations
@@ -128,13 +129,14 @@ class StudySearch(OptunaSearch):
             self._keep_row(trial_id, result)
             self._report(trial_id, result)
         state, values = self._ending(trial_id, result, error)
+        ran = result.get("epoch")
         kept = self._kept_of(trial_id, result) if state == TrialState.PRUNED else None
         if kept is not None:
             result = kept  # its constraints are the kept epoch's
             state, values = self._ending(trial_id, kept, error, kept=True)
-        if isinstance(self.metric, list) and result.get("epoch") is not None:
+        if isinstance(self.metric, list) and ran is not None:
             # no intermediate values with several objectives: the epochs it ran, told apart
-            self._ot_trials[trial_id].set_user_attr("epochs_run", int(result["epoch"]))
+            self._ot_trials[trial_id].set_user_attr("epochs_run", int(ran))
         if state != TrialState.FAIL:
             self._tell_constraints(trial_id, result)
         try:

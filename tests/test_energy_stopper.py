@@ -16,6 +16,7 @@ import torch
 
 from reports.vocabulary import (
     BEST_CHECKPOINT,
+    TAG_CONSTRAINTS,
     TAG_EARLY,
     TAG_KEPT_EPOCH,
     TAG_STOP_EPOCH,
@@ -316,7 +317,8 @@ def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp
             "--divergence-window", str(rule.window),
             "--divergence-threshold", str(rule.threshold),
             "--divergence-min-epoch", str(rule.min_epoch),
-            "--divergence-min-drop", str(rule.min_drop)]  # fmt: skip
+            "--divergence-min-drop", str(rule.min_drop),
+            "--constraint", "val/pgd_acc>=0"]  # fmt: skip
     code = cli.main(argv)
 
     tracker = MlflowTracker(tracking, "de-stop")
@@ -353,6 +355,8 @@ def test_a_study_stops_a_trial_at_the_onset_and_keeps_a_checkpoint_before_it(tmp
             == max(v for e, v in val.items() if e <= onset.peak_epoch)
         )
         assert metrics["best_epoch"] == kept and metrics["best/val_pgd_acc"] == val[kept]
+        # its constraints are judged on the kept epoch, as Optuna is told
+        assert tags[TAG_CONSTRAINTS] == f"val/pgd_acc>=0: {val[kept]:.4f} met"
         assert (
             metrics["test/n"] == 100 and 0 <= metrics["test/pgd_acc"] <= metrics["test/clean_acc"]
         )
