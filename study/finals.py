@@ -103,6 +103,7 @@ def evaluate_kept(
     kept: list[tuple[str, int, dict[str, Any]]],
     *,
     echo: Any = print,
+    untestable: set[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Test the checkpoints that ΔE-stopped trials kept, as a finished trial's last
     epoch tests its ``best.pt``: ``test/*`` (its ``test_subset`` points; AutoAttack when
@@ -116,6 +117,8 @@ def evaluate_kept(
         tracker: its MLflow tracker.
         kept: ``(trial id, kept epoch, training config)`` of each such trial.
         echo: where progress lines go.
+        untestable: where the ids of the trials without a run or a kept ``best.pt`` go
+            (they have no checkpoint to stand for them).
 
     Returns:
         The ``test/*`` metrics of each trial tested now or before, by trial id.
@@ -134,6 +137,8 @@ def evaluate_kept(
         found = tracker.find_runs(**{TAG_STUDY: spec.name, TAG_TRIAL: trial_id})
         if not found:
             echo(f"ΔE-stopped trial {trial_id}: no MLflow run found; its kept checkpoint untested")
+            if untestable is not None:
+                untestable.add(trial_id)
             continue
         run = found[0]
         if "test/clean_acc" in run.data.metrics:
@@ -144,6 +149,8 @@ def evaluate_kept(
                 state = tracker.download(run.info.run_id, BEST_CHECKPOINT, tmp).read_bytes()
             except Exception as exc:  # noqa: BLE001 - said; the others are still tested
                 echo(f"ΔE-stopped trial {trial_id}: its kept {BEST_CHECKPOINT} is missing ({exc})")
+                if untestable is not None:
+                    untestable.add(trial_id)
                 continue
         pending[trial_id] = (run.info.run_id, epoch, task.remote(cfg, ray.put(state), threads))
     if not pending:
@@ -153,14 +160,20 @@ def evaluate_kept(
         f"trial's best.pt is tested ({len(pending)} Ray task(s))"
     )
     for trial_id, (run_id, epoch, ref) in pending.items():
-        metrics, samples, seconds = ray.get(ref)
-        tracker.log_metrics(run_id, metrics, step=epoch)
-        with tempfile.TemporaryDirectory(prefix="energy-study-kept-") as tmp:
-            path = Path(tmp) / ENERGIES_FILE
-            np.savez_compressed(path, **samples)
-            tracker.log_artifact(run_id, path)
-            if energy_histogram(path, Path(tmp) / ENERGY_HIST, f"trial {trial_id}"):
-                tracker.log_artifact(run_id, Path(tmp) / ENERGY_HIST)
+        try:
+            metrics, samples, seconds = ray.get(ref)
+            # the files first, the metrics last: a run with test/clean_acc has them all,
+            # so a resumed study that finds it does not test it again
+            with tempfile.TemporaryDirectory(prefix="energy-study-kept-") as tmp:
+                path = Path(tmp) / ENERGIES_FILE
+                np.savez_compressed(path, **samples)
+                tracker.log_artifact(run_id, path)
+                if energy_histogram(path, Path(tmp) / ENERGY_HIST, f"trial {trial_id}"):
+                    tracker.log_artifact(run_id, Path(tmp) / ENERGY_HIST)
+            tracker.log_metrics(run_id, metrics, step=epoch)
+        except Exception as exc:  # noqa: BLE001 - said; the others are still tested
+            echo(f"ΔE-stopped trial {trial_id}: its kept checkpoint could not be tested ({exc})")
+            continue
         out[trial_id] = dict(metrics)
         echo(
             f"  trial {trial_id} (epoch {epoch} kept): test clean "
@@ -208,7 +221,11 @@ def evaluate_finalists(
             done[trial_id] = dict(found[0].data.metrics)  # a resumed study: evaluated already
             continue
         with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
-            state = tracker.download(runs[trial_id], BEST_CHECKPOINT, tmp).read_bytes()
+            try:
+                state = tracker.download(runs[trial_id], BEST_CHECKPOINT, tmp).read_bytes()
+            except Exception as exc:  # noqa: BLE001 - said; the other finalists go on
+                echo(f"finalist {trial_id}: its {BEST_CHECKPOINT} is missing ({exc}); skipped")
+                continue
         pending[trial_id] = task.remote(cfg, ray.put(state), spec.final_n, threads)
     n_text = "the whole test set" if spec.final_n is None else f"{spec.final_n} test points"
     echo(

@@ -795,19 +795,24 @@ def finalists(outcome: StudyOutcome) -> list[TrialOutcome]:
 
 def test_kept(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> None:
     """Test the checkpoints the ΔE-stopped trials kept (:func:`study.finals.evaluate_kept`)
-    and add their ``test/*`` metrics to the trials' outcomes."""
+    and add their ``test/*`` metrics to the trials' outcomes; a trial whose run or kept
+    ``best.pt`` is missing loses its kept epoch (it is no result then)."""
     from study.finals import evaluate_kept
 
     kept = [t for t in outcome.trials if t.status == "STOPPED" and t.kept_epoch is not None]
     if not kept:
         return
+    untestable: set[str] = set()
     tested = evaluate_kept(
         spec,
         tracker,
         [(t.trial_id, t.kept_epoch, spec.trial_config(t.config).to_dict()) for t in kept],
+        untestable=untestable,
     )
     for t in kept:
         t.metrics.update(tested.get(t.trial_id, {}))
+        if t.trial_id in untestable:
+            t.kept_epoch = None  # no checkpoint stands for it: not a result, not a finalist
 
 
 def run_finals(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> list[Any]:
