@@ -42,6 +42,7 @@ from typing import Any
 import yaml
 from ray.tune.search import Searcher
 
+from reports.ranking import run_metrics
 from reports.vocabulary import (
     CONFIG_FILE,
     PARENT_TAG,
@@ -410,12 +411,12 @@ def summarise(tracker: MlflowTracker, study: str, metric: str) -> list[Replicate
     by_source: dict[str, dict[int, float]] = {}
     for run in tracker.find_runs(**{TAG_STUDY: study, TAG_ROLE: ROLE_REPLICATE}):
         source, seed = run.data.tags.get(TAG_REPLICATE_OF), run.data.tags.get(TAG_REPLICATE_SEED)
-        value = run.data.metrics.get(metric)
+        value = run_metrics(run).get(metric)
         if run.info.status != "FINISHED" or source is None or seed is None or value is None:
             continue
         by_source.setdefault(source, {}).setdefault(int(seed), value)  # newest first
     sources = {
-        r.data.tags.get(TAG_TRIAL): r.data.metrics.get(metric, math.nan)
+        r.data.tags.get(TAG_TRIAL): run_metrics(r).get(metric, math.nan)
         for r in tracker.find_runs(**{TAG_STUDY: study})
         if r.data.tags.get(TAG_TRIAL) in by_source and r.data.tags.get(TAG_ROLE) != ROLE_REPLICATE
     }
