@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -262,15 +263,38 @@ def export_best(
         target.parent.mkdir(parents=True, exist_ok=True)
         header = (
             f"# best config #{rank} of study {study!r} by {metric} ({mode}) = "
-            f"{run.data.metrics[metric]:.4f}\n"
+            f"{run_metrics(run)[metric]:.4f}\n"
             f"# MLflow run {run.info.run_id}, trial {run.data.tags.get(TAG_TRIAL, '?')}\n"
             + source_line(study, run.data.tags.get(TAG_TRIAL, "?"), run.info.run_id)
             + f"# final training: study train --config {target.name} --set epochs=100\n"
             "# (autoattack is on again: the study's trials skipped it)\n"
+            + sampler_lines(run.data.params)
         )
         target.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
         written.append(target)
     return written
+
+
+def sampler_lines(params: Mapping[str, str]) -> str:
+    """The header lines of an exported config whose trial also sampled (a study over
+    training and generation): its sampler settings (the run's ``generation.*`` params)
+    as the ``study generate`` command that samples the same way from the final model;
+    nothing for a trial that only trained.
+
+    Args:
+        params: the trial run's params (MLflow strings).
+    """
+    from study.spec import GEN_PREFIX
+
+    chosen = {k[len(GEN_PREFIX) :]: v for k, v in sorted(params.items())
+              if k.startswith(GEN_PREFIX)}  # fmt: skip
+    if not chosen:
+        return ""
+    sets = " ".join(f"--set {k}={shlex.quote(str(v))}" for k, v in chosen.items())
+    return (
+        "# this trial also sampled; the same sampler on the final model:\n"
+        f"#   study generate --from <final run id> {sets}\n"
+    )
 
 
 # --- study show ------------------------------------------------------------------------------

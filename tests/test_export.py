@@ -41,6 +41,7 @@ from study.export import (
     best_runs,
     export_best,
     ranking_of,
+    sampler_lines,
     show_lines,
     study_objectives,
 )
@@ -271,6 +272,22 @@ def test_a_stopped_trial_with_a_kept_epoch_ranks_and_shows_by_that_epoch() -> No
     at = next(i for i, ln in enumerate(lines) if "abc12_00000" in ln)
     assert "0.6200" in lines[at] and "0.3000" not in lines[at]
     assert lines[at + 1] == "    ΔE stop at epoch 9; its values are those of epoch 6 (kept)"
+
+
+def test_a_joint_trials_export_says_how_to_sample_the_same_way_from_the_final_model() -> None:
+    import shlex
+
+    from trainables.config import parse_overrides
+
+    params = {"beta": "6.0", "generation.step_size": "0.05", "generation.steps": "50",
+              "generation.classes": "[0, 3]"}  # fmt: skip
+    text = sampler_lines(params)
+    command = next(ln for ln in text.splitlines() if "study generate" in ln)
+    words = shlex.split(command.lstrip("# "))
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    # the line parses as `study generate` reads its --set items, sampler keys only
+    assert parse_overrides(sets) == {"classes": [0, 3], "step_size": 0.05, "steps": 50}
+    assert sampler_lines({"beta": "6.0", "method": "weat_adv"}) == ""
 
 
 # --- a real MLflow store --------------------------------------------------------------------
