@@ -115,6 +115,22 @@ def constraint_tags(spec: StudySpec, last: dict[str, Any]) -> dict[str, str]:
     return {TAG_CONSTRAINT_OK: str(ok).lower(), TAG_CONSTRAINTS: text}
 
 
+def kept_metrics(log: Path, epoch: int) -> dict[str, float]:
+    """The metrics of epoch ``epoch`` in a trial's ``metrics.jsonl`` (its last row for
+    that epoch), without ``test/*`` (a checkpoint's test comes after the search: the
+    kept one is tested by :func:`study.finals.evaluate_kept`); empty when the log lacks
+    the epoch.
+
+    Args:
+        log: the ``metrics.jsonl`` of the trial's last checkpoint.
+        epoch: the kept epoch (from 1).
+    """
+    rows = [r for r in read_metrics_log(log) if r.get("epoch") == epoch]
+    if not rows:
+        return {}
+    return {k: v for k, v in our_metrics(rows[-1]).items() if not k.startswith("test/")}
+
+
 def trial_error_text(trial: Any) -> str:
     """The last lines of a failed trial's error (what to tell the user)."""
     path = getattr(trial, "error_file", None) or ""
@@ -452,12 +468,9 @@ class MlflowCallback(Callback):
                           file=sys.stderr, flush=True)  # fmt: skip
                 if stopped is not None and stop_tags is not None:
                     stop_tags.update(energy_stop_tags(stopped.found, stopped.kept_epoch))
+                row: dict[str, float] = {}
                 if stopped is not None and stopped.kept_epoch is not None:
-                    try:
-                        row = self._log_kept(run_id, folder / METRICS_LOG, stopped.kept_epoch)
-                    except Exception as exc:  # noqa: BLE001 - its files still go up
-                        row = {}
-                        missing["kept"] = f"the kept epoch's metrics could not be logged: {exc}"
+                    row = kept_metrics(folder / METRICS_LOG, stopped.kept_epoch)
                     if kept_row is not None:
                         kept_row.update(row)
                 if stopped is not None and stopped.error:
@@ -484,32 +497,35 @@ class MlflowCallback(Callback):
                     _stage(path, into)
                     staged.append((rel, artifact_dir))
                 missing.update(_upload_all(self.tracker, run_id, Path(tmp), staged))
+                kept_up = stopped is not None and stopped.best is not None
+                if row and kept_up and BEST_CHECKPOINT not in missing:
+                    # the kept epoch stands for the trial (kept/*) only with its best.pt
+                    try:
+                        self._log_kept(run_id, row, stopped.kept_epoch)
+                    except Exception as exc:  # noqa: BLE001 - recorded on the run
+                        missing["kept"] = f"the kept epoch's metrics could not be logged: {exc}"
         except Exception as exc:  # noqa: BLE001 - recorded on the run, the study goes on
             missing["checkpoint"] = f"could not be read from storage: {exc}"
         return missing
 
-    def _log_kept(self, run_id: str, log: Path, epoch: int) -> dict[str, float]:
+    def _log_kept(self, run_id: str, metrics: dict[str, float], epoch: int) -> None:
         """Log the kept epoch of a ΔE-stopped trial as its result: that epoch's metrics
         again under ``kept/`` (:data:`~reports.vocabulary.KEPT_PREFIX`), with
         ``best_epoch`` and ``best/val_pgd_acc`` as a finished trial has them, all at
-        step ``epoch``; returns that epoch's metrics (without ``kept/``), empty when the
-        log lacks the epoch.
+        step ``epoch``. Called once the kept ``best.pt`` is in the run: a run with
+        ``kept/`` metrics has the checkpoint that stands for it
+        (:func:`reports.ranking.is_result`).
 
         Args:
             run_id: the trial's MLflow run.
-            log: the ``metrics.jsonl`` of its last checkpoint.
+            metrics: the kept epoch's metrics (:func:`kept_metrics`).
             epoch: the kept epoch (from 1).
         """
-        rows = [r for r in read_metrics_log(log) if r.get("epoch") == epoch]
-        if not rows:
-            return {}
-        metrics = {k: v for k, v in our_metrics(rows[-1]).items() if not k.startswith("test/")}
         points = [(KEPT_PREFIX + k, float(v), epoch) for k, v in metrics.items()]
         points.append(("best_epoch", float(epoch), epoch))
         if "val/pgd_acc" in metrics:
             points.append(("best/val_pgd_acc", float(metrics["val/pgd_acc"]), epoch))
         self.tracker.log_points(run_id, points)
-        return metrics
 
     def _backfill_epochs(self, run_id: str, log: Path) -> list[int]:
         """Log the epochs of the trial's ``metrics.jsonl`` (from its checkpoint in storage)

@@ -286,8 +286,9 @@ def sampler_lines(params: Mapping[str, str]) -> str:
     """
     from study.spec import GEN_PREFIX
 
+    # a setting left unset in the space (None, "None" as a param) is the sampler's default
     chosen = {k[len(GEN_PREFIX) :]: v for k, v in sorted(params.items())
-              if k.startswith(GEN_PREFIX)}  # fmt: skip
+              if k.startswith(GEN_PREFIX) and v not in (None, "None")}  # fmt: skip
     if not chosen:
         return ""
     sets = " ".join(f"--set {k}={shlex.quote(str(v))}" for k, v in chosen.items())

@@ -238,14 +238,19 @@ def evaluate_finalists(
             final = {k: v for k, v in done[trial_id].items() if k.startswith("final/")}
             results.append(FinalResult(trial_id, rank, runs[trial_id], final, 0.0))
         elif trial_id in pending:
-            metrics, samples, seconds = ray.get(pending[trial_id])
-            final = {f"final/{k}": float(v) for k, v in metrics.items()}
             run_id = runs[trial_id]
-            tracker.log_metrics(run_id, final, step=0)
-            tracker.set_tags(run_id, {TAG_FINALIST: str(rank)})
-            with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
-                path = Path(tmp) / FINAL_ARTIFACT
-                np.savez_compressed(path, **samples)
-                tracker.log_artifact(run_id, path)
+            try:
+                metrics, samples, seconds = ray.get(pending[trial_id])
+                final = {f"final/{k}": float(v) for k, v in metrics.items()}
+                # the file first, the metrics last: a run with final/robust_acc has both
+                with tempfile.TemporaryDirectory(prefix="energy-study-final-") as tmp:
+                    path = Path(tmp) / FINAL_ARTIFACT
+                    np.savez_compressed(path, **samples)
+                    tracker.log_artifact(run_id, path)
+                tracker.set_tags(run_id, {TAG_FINALIST: str(rank)})
+                tracker.log_metrics(run_id, final, step=0)
+            except Exception as exc:  # noqa: BLE001 - said; the other finalists stand
+                echo(f"finalist {trial_id}: its final evaluation failed ({exc})")
+                continue
             results.append(FinalResult(trial_id, rank, run_id, final, seconds))
     return results

@@ -280,7 +280,7 @@ def test_a_joint_trials_export_says_how_to_sample_the_same_way_from_the_final_mo
     from trainables.config import parse_overrides
 
     params = {"beta": "6.0", "generation.step_size": "0.05", "generation.steps": "50",
-              "generation.classes": "[0, 3]"}  # fmt: skip
+              "generation.classes": "[0, 3]", "generation.reference_n": "None"}  # fmt: skip
     text = sampler_lines(params)
     command = next(ln for ln in text.splitlines() if "study generate" in ln)
     words = shlex.split(command.lstrip("# "))
