@@ -796,7 +796,8 @@ def finalists(outcome: StudyOutcome) -> list[TrialOutcome]:
 def test_kept(spec: StudySpec, tracker: MlflowTracker, outcome: StudyOutcome) -> None:
     """Test the checkpoints the ΔE-stopped trials kept (:func:`study.finals.evaluate_kept`)
     and add their ``test/*`` metrics to the trials' outcomes; a trial whose run or kept
-    ``best.pt`` is missing loses its kept epoch (it is no result then)."""
+    ``best.pt`` is missing loses its kept epoch in the outcome (no finalist; its run has
+    no ``kept/`` metrics then either: :meth:`study.callbacks.MlflowCallback._log_kept`)."""
     from study.finals import evaluate_kept
 
     kept = [t for t in outcome.trials if t.status == "STOPPED" and t.kept_epoch is not None]
