@@ -135,6 +135,10 @@ def test_pgd_and_autoattack_on_the_same_points(tmp_path) -> None:
     assert metrics["n"] == 40 and len(samples["aa_robust"]) == 40
     assert metrics["clean_acc"] == pytest.approx(m["test/clean_acc"])
     assert metrics["aa_acc"] == pytest.approx(m["test/aa_acc"])
+    # the PGD's random start is seeded: the same checkpoint, the same PGD outcome per
+    # point, whatever the RNG went through before (here a whole training run)
+    assert metrics["pgd_acc"] == pytest.approx(m["test/pgd_acc"])
+    assert np.array_equal(samples["pgd_correct"], saved["pgd_correct"])
 
 
 def test_a_space_preset_is_the_base_of_every_trial(tmp_path) -> None:

@@ -676,6 +676,11 @@ def measure(
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Clean, PGD-``eval_steps`` and (optionally) AutoAttack accuracy on the same points.
 
+    The PGD's random start is drawn from ``cfg.seed`` in a forked RNG (the caller's RNG
+    state is left as it was), and AutoAttack seeds itself: a checkpoint gets the same
+    numbers wherever it is measured (a run's final test, a ΔE-stopped trial's kept
+    checkpoint tested after the search, a finalist's evaluation), on the CPU exactly.
+
     Args:
         cfg: the run's config (threat model, evaluation attack, AutoAttack version).
         model: the classifier, weights loaded.
@@ -691,14 +696,17 @@ def measure(
         the points that survive both attacks) and per-point arrays (energies,
         predictions, ``pgd_correct``, and ``aa_robust`` with AutoAttack).
     """
-    metrics, samples = evaluate(
-        view if view is not None else model,
-        points,
-        eval_attack(cfg, cfg.eval_steps),
-        batch_size=cfg.batch_size,
-        device=device,
-        keep_samples=True,
-    )
+    cuda = {"devices": [device], "device_type": "cuda"} if device.type == "cuda" else {}
+    with torch.random.fork_rng(**({"devices": []} | cuda)):
+        torch.manual_seed(cfg.seed)
+        metrics, samples = evaluate(
+            view if view is not None else model,
+            points,
+            eval_attack(cfg, cfg.eval_steps),
+            batch_size=cfg.batch_size,
+            device=device,
+            keep_samples=True,
+        )
     assert samples is not None
     pgd_correct = samples["pred_adv"] == samples["y"]
     samples["pgd_correct"] = pgd_correct
